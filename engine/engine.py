@@ -1,0 +1,120 @@
+"""The engine: requests in, token ids out, one step at a time.
+
+Owns the wiring of model runner, block pool, KV cache manager, scheduler and sampler, and the checks a
+request must pass before it is queued. Not thread-safe: one caller drives `step()`; the worker services
+wrap it in their own loop. Knows nothing about tokenization or networking.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.errors import InvalidRequest
+from splitserve.engine.kv_cache_manager import KVCacheManager, cdiv
+from splitserve.engine.model_config import ModelConfig, checkpoint_identity
+from splitserve.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
+from splitserve.engine.outputs import StepOutput
+from splitserve.engine.sampler import Sampler
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_pretrained(config.model)
+        cfg = self.model_config
+        max_len = cfg.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or max_len, max_len)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, cfg, self.device)
+        self.model_id = config.model_id or checkpoint_identity(config.model)
+        self.runner = ModelRunner(
+            cfg, config.model, config.cache, self.device, self.dtype,
+            self.max_model_len, config.scheduler.max_num_seqs,
+        )
+        self.block_pool = BlockPool(self.runner.num_blocks, config.cache.enable_prefix_caching)
+        self.kv = KVCacheManager(self.block_pool, config.cache.block_size, self.model_id)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, cfg.eos_token_ids)
+        self.sampler = Sampler(self.device, config.seed)
+        self._sequences: dict[str, Sequence] = {}
+        log.info(
+            "engine ready: %s %s on %s, %d KV blocks of %d tokens",
+            cfg.family, self.dtype, self.device, self.runner.num_blocks, config.cache.block_size,
+        )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> None:
+        """Queue a request. Raises `InvalidRequest` (changing nothing) when it can never run."""
+        self._validate(request_id, prompt_token_ids, params)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed)
+        seq = Sequence(request_id, list(prompt_token_ids), params, cache_salt, generator)
+        self._sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its blocks. Returns False for unknown or finished ids."""
+        seq = self.scheduler.abort(request_id)
+        self._sequences.pop(request_id, None)
+        return seq is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[StepOutput]:
+        """Schedule, run the model, sample, update: one continuous-batching iteration."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        logits = self.runner.execute(batch)
+        items = batch.sampling_items
+        token_ids = self.sampler(logits, [it.seq.params for it in items], [it.seq.generator for it in items])
+        outputs = self.scheduler.update(batch, token_ids)
+        for out in outputs:
+            if out.finished:
+                del self._sequences[out.request_id]
+        return outputs
+
+    def _validate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequest(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if request_id in self._sequences:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        num_tokens = len(prompt_token_ids)
+        if num_tokens == 0:
+            raise InvalidRequest("the prompt is empty")
+        if num_tokens >= self.max_model_len:
+            raise InvalidRequest(
+                f"the prompt has {num_tokens} tokens; the model's context is {self.max_model_len} tokens "
+                "and at least one must remain for the output"
+            )
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})")
+        most_tokens = min(num_tokens + params.max_tokens, self.max_model_len)
+        if cdiv(most_tokens, self.kv.block_size) > self.block_pool.num_usable_blocks:
+            raise InvalidRequest(
+                f"the request may need {most_tokens} tokens of KV cache; the cache holds "
+                f"{self.block_pool.num_usable_blocks * self.kv.block_size}"
+            )
+        sched = self.config.scheduler
+        if not sched.enable_chunked_prefill and most_tokens > sched.max_num_batched_tokens:
+            raise InvalidRequest(
+                f"with chunked prefill off a request of up to {most_tokens} tokens exceeds "
+                f"max_num_batched_tokens={sched.max_num_batched_tokens}"
+            )

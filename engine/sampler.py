@@ -1,0 +1,48 @@
+"""Turning a batch of logits into next tokens: greedy, temperature, top-k, top-p, per-request seeds.
+
+Owns only the math of picking a token. Stop conditions live in the scheduler; stop strings with the
+caller that detokenizes. A request with a seed draws from its own generator, so its tokens do not
+depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splitserve.engine.sampling_params import SamplingParams
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) tokens outside the top k and outside the smallest set with mass ≥ top_p. [V]"""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass strictly before it already reaches top_p; the top token stays.
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [num_seqs, vocab_size] float32
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+    ) -> list[int]:
+        tokens = logits.argmax(dim=-1)  # [num_seqs]; greedy rows are done here
+        for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
+            if p.greedy:
+                continue
+            masked = apply_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
+            probs = masked.softmax(-1)
+            tokens[row] = torch.multinomial(probs, 1, generator=gen or self.generator)[0]
+        return tokens.tolist()

@@ -1,0 +1,178 @@
+"""Continuous batching: which sequences run in the next step and how many tokens each computes.
+
+Owns the waiting and running queues, the per-step token budget (chunked prefill), preemption by
+recompute when KV blocks run out, and the stop checks that need only token ids (EOS, stop token ids,
+max_tokens, context length). It does not run the model or sample.
+
+Policy, one step: every running sequence gets its next tokens first (one for a decode, a chunk for an
+unfinished prompt), oldest first; when blocks run out the newest running sequence is preempted (its
+blocks freed; it is recomputed later, mostly from the prefix cache). Then waiting sequences are admitted
+in arrival order while budget, blocks and `max_num_seqs` allow.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+from splitserve.engine.config import SchedulerConfig
+from splitserve.engine.kv_cache_manager import KVCacheManager
+from splitserve.engine.outputs import FinishReason, StepOutput
+from splitserve.engine.sequence import Sequence, SequenceStatus
+
+Phase = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # first position computed this step (= num_computed_tokens when scheduled)
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the sequence, so its last logits are sampled."""
+        return self.start + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    """One step's work. `phase` is "decode" when every sequence computes exactly its one newest token
+    (the fixed-shape path CUDA graphs capture), "prefill" when any computes a prompt chunk."""
+
+    phase: Phase
+    items: tuple[ScheduledSeq, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.num_new_tokens for item in self.items)
+
+    @property
+    def sampling_items(self) -> list[ScheduledSeq]:
+        return [item for item in self.items if item.samples]
+
+
+class Scheduler:
+    def __init__(
+        self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, eos_token_ids: frozenset[int]
+    ) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_queued_tokens(self) -> int:
+        return sum(seq.num_tokens - seq.num_computed_tokens for seq in (*self.waiting, *self.running))
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Finish a request wherever it is, freeing its blocks. Unknown ids return None."""
+        for queue in (self.running, self.waiting):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self._finish(seq, FinishReason.ABORT)
+                    return seq
+        return None
+
+    def schedule(self) -> ScheduledBatch | None:
+        budget = self.config.max_num_batched_tokens
+        items: list[ScheduledSeq] = []
+        preempted = False
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.kv.allocate(seq, num_new):
+                preempted = True
+                self._preempt(self.running[-1])
+                if seq.status is not SequenceStatus.RUNNING:
+                    break
+            else:
+                items.append(ScheduledSeq(seq, seq.num_computed_tokens, num_new))
+                budget -= num_new
+        if not preempted:
+            budget = self._admit_waiting(items, budget)
+        if not items:
+            return None
+        is_decode = all(
+            it.num_new_tokens == 1 and it.seq.num_computed_tokens >= it.seq.num_prompt_tokens for it in items
+        )
+        return ScheduledBatch("decode" if is_decode else "prefill", tuple(items))
+
+    def _admit_waiting(self, items: list[ScheduledSeq], budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            cached = self.kv.find_cached_prefix(seq)
+            num_new = seq.num_tokens - len(cached) * self.kv.block_size
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not self.kv.allocate(seq, num_new, cached):
+                break
+            self.waiting.popleft()
+            if not seq.ever_scheduled:
+                seq.num_cached_tokens = seq.num_computed_tokens
+                seq.ever_scheduled = True
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            items.append(ScheduledSeq(seq, seq.num_computed_tokens, num_new))
+            budget -= num_new
+        return budget
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def update(self, batch: ScheduledBatch, sampled: list[int]) -> list[StepOutput]:
+        """Record a step's results: progress for every item, `sampled` tokens (one per sampling item,
+        in order) appended and checked for stops. Finished sequences release their blocks."""
+        sampling_items = iter(batch.sampling_items)
+        outputs: list[StepOutput] = []
+        new_tokens = dict(zip((it.seq.request_id for it in sampling_items), sampled, strict=True))
+        for item in batch.items:
+            seq = item.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted between schedule and update
+            seq.num_computed_tokens = item.start + item.num_new_tokens
+            self.kv.commit(seq)
+            token = new_tokens.get(seq.request_id)
+            if token is None:
+                continue
+            seq.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+            outputs.append(StepOutput(seq.request_id, (token,), reason, seq.num_cached_tokens))
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        params = seq.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            return FinishReason.STOP
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.kv.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

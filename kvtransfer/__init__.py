@@ -1,0 +1,1 @@
+"""KV block transfer between prefill and decode workers: leased, chunked, checksummed, no pickle."""

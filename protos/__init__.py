@@ -1,0 +1,1 @@
+"""Protobuf service definitions and their generated stubs (generated, never hand-edited)."""
