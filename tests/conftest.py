@@ -1,0 +1,28 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory `tiny_model(arch="llama", **spec_overrides) -> Path`: a random-weight checkpoint, built
+    once per session for each distinct (arch, overrides)."""
+    built: dict[tuple[str, tuple[tuple[str, Any], ...]], Path] = {}
+
+    def build(arch: str = "llama", **overrides: Any) -> Path:
+        # Imported here so that torch-free test modules do not pay for torch at collection.
+        from splitserve.tiny_model import TinyModelSpec, make_tiny_model
+
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in built:
+            spec = TinyModelSpec(arch=arch, **overrides)
+            built[key] = make_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), spec)
+        return built[key]
+
+    return build

@@ -1,0 +1,73 @@
+"""Dependencies point one way: kernels → nothing; engine → kernels; workers → engine, kvtransfer, protos;
+router → protos and the torch-free hashing module only. Checked on the source with `ast`."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("engine", "kernels", "router", "prefill_worker", "decode_worker", "kvtransfer", "protos")
+
+ALLOWED: dict[str, set[str]] = {
+    "kernels": set(),
+    "engine": {"kernels"},
+    "kvtransfer": {"engine", "kernels", "protos"},
+    "prefill_worker": {"engine", "kernels", "kvtransfer", "protos"},
+    "decode_worker": {"engine", "kernels", "kvtransfer", "protos"},
+    "router": {"protos", "engine.block_hash", "engine.errors", "engine.sampling_params"},
+    "protos": set(),
+}
+TORCH_FREE = {"router", "protos", "engine/block_hash.py", "engine/errors.py", "engine/sampling_params.py"}
+HEAVY = ("torch", "triton", "transformers", "numpy", "safetensors")
+
+
+def imports_of(path: Path) -> list[str]:
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return names
+
+
+def sources(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_internal_imports_follow_the_layering(package):
+    allowed = ALLOWED[package]
+    for path in sources(package):
+        for name in imports_of(path):
+            if not name.startswith("splitserve."):
+                continue
+            target = name.removeprefix("splitserve.")
+            top = target.split(".")[0]
+            if top == package:
+                continue
+            ok = top in allowed or any(target == a or target.startswith(a + ".") for a in allowed)
+            assert ok, f"{path.relative_to(ROOT)} imports {name}; {package} may import only {sorted(allowed)}"
+
+
+def test_torch_free_modules_import_no_heavy_libraries():
+    checked = 0
+    for entry in TORCH_FREE:
+        paths = sources(entry) if (ROOT / entry).is_dir() else [ROOT / entry]
+        for path in paths:
+            checked += 1
+            for name in imports_of(path):
+                root = name.split(".")[0]
+                assert root not in HEAVY, f"{path.relative_to(ROOT)} imports {name}"
+                if name.startswith("splitserve.engine."):
+                    assert f"engine/{name.split('.')[2]}.py" in TORCH_FREE, f"{path} imports {name}"
+    assert checked >= 5
+
+
+def test_the_layering_check_catches_a_violation(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import torch\nfrom splitserve.engine.model import DecoderLM\n")
+    assert imports_of(bad) == ["torch", "splitserve.engine.model"]
