@@ -74,6 +74,8 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"model directory {path} does not exist")
         raw = read_json(path / "config.json")
         return cls.from_dict(raw, _generation_eos(path))
 

@@ -29,8 +29,8 @@ class LLM:
 
     def __init__(self, model: str, **options: Any) -> None:
         self.config = build_engine_config(model, **options)
-        self.tokenizer = Tokenizer(model)
         self.engine = Engine(self.config)
+        self.tokenizer = Tokenizer(model)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:

@@ -15,35 +15,30 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer
+
+from splitserve.tiny_tokenizer import (
+    ENDOFTEXT,
+    IM_END,
+    NUM_BYTE_TOKENS,
+    SPECIAL_TOKENS,
+    special_token_ids,
+    train_tokenizer,
+    write_json,
+    write_tokenizer_files,
+)
 
 Arch = Literal["llama", "qwen2", "qwen3"]
 DType = Literal["float32", "bfloat16", "float16"]
 
-# Qwen-style special tokens. The trainer gives them ids 0, 1, 2 in this order.
-ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
-NUM_BYTE_TOKENS = 256
-
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_CORPUS = "assets/tokenizer_corpus.txt"
 
 # Init scales, chosen so that a random model is not degenerate (see `random_weights`).
 _LOGIT_STD = 3.0  # std of the logits, tied or not
@@ -217,39 +212,6 @@ def _require_finite(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
-def train_tokenizer(vocab_size: int) -> Tokenizer:
-    """Train the byte-level BPE tokenizer on the bundled corpus; deterministic for a given vocab_size.
-
-    The full 256-byte alphabet is always in the vocabulary, so any text (any bytes) round-trips. The
-    result may be smaller than vocab_size when the corpus runs out of pairs worth merging.
-    """
-    _require_int("tokenizer_vocab_size", vocab_size, minimum=NUM_BYTE_TOKENS + len(SPECIAL_TOKENS))
-    corpus = resources.files("splitserve").joinpath(_CORPUS).read_text(encoding="utf-8")
-    tokenizer = Tokenizer(models.BPE())
-    # No normalizer: NFC or similar would change some inputs and break exact round-trips.
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        show_progress=False,
-        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    # One document: the pre-tokenizer splits it, and runs like "\n\n" stay mergeable.
-    tokenizer.train_from_iterator([corpus], trainer=trainer)
-    return tokenizer
-
-
-def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
-    missing = [token for token, i in ids.items() if i is None]
-    if missing:
-        raise ValueError(f"tokenizer lacks special tokens {missing}")
-    return ids
-
-
 def random_weights(
     spec: TinyModelSpec, vocab_size: int, *, used_vocab_size: int | None = None
 ) -> dict[str, torch.Tensor]:
@@ -391,8 +353,8 @@ def make_tiny_model(out_dir: str | Path, spec: TinyModelSpec) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = hf_config(spec, vocab_size=vocab_size, bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END])
-    _write_json(out / "config.json", config)
-    _write_json(
+    write_json(out / "config.json", config)
+    write_json(
         out / "generation_config.json",
         {
             "bos_token_id": ids[ENDOFTEXT],
@@ -403,59 +365,8 @@ def make_tiny_model(out_dir: str | Path, spec: TinyModelSpec) -> Path:
     )
     weights = random_weights(spec, vocab_size, used_vocab_size=tokenizer_size)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    _write_tokenizer_files(out, tokenizer, ids, model_max_length=spec.max_position_embeddings)
+    write_tokenizer_files(out, tokenizer, ids, model_max_length=spec.max_position_embeddings)
     return out
-
-
-def _write_tokenizer_files(
-    out: Path, tokenizer: Tokenizer, ids: dict[str, int], *, model_max_length: int
-) -> None:
-    # Written directly rather than through transformers' save_pretrained, whose file set changes between
-    # versions (5.x drops special_tokens_map.json and moves the chat template to chat_template.jinja).
-    tokenizer.save(str(out / "tokenizer.json"), pretty=True)
-    added = {
-        str(ids[token]): {
-            "content": token,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for token in SPECIAL_TOKENS
-    }
-    extra = [IM_START, IM_END]
-    _write_json(
-        out / "tokenizer_config.json",
-        {
-            "add_prefix_space": False,
-            "added_tokens_decoder": added,
-            "additional_special_tokens": extra,
-            "bos_token": ENDOFTEXT,
-            "chat_template": CHAT_TEMPLATE,
-            "clean_up_tokenization_spaces": False,
-            "eos_token": IM_END,
-            "errors": "replace",
-            "model_max_length": model_max_length,
-            "pad_token": ENDOFTEXT,
-            "split_special_tokens": False,
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "unk_token": None,
-        },
-    )
-    _write_json(
-        out / "special_tokens_map.json",
-        {
-            "additional_special_tokens": extra,
-            "bos_token": ENDOFTEXT,
-            "eos_token": IM_END,
-            "pad_token": ENDOFTEXT,
-        },
-    )
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def summarize_checkpoint(model_dir: str | Path) -> TinyModelSummary:

@@ -16,14 +16,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from splitserve.cli import make_tiny_model as make_tiny_model_cli
-from splitserve.tiny_model import (
-    CHAT_TEMPLATE,
-    TinyModelSpec,
-    hf_config,
-    make_tiny_model,
-    summarize_checkpoint,
-    train_tokenizer,
-)
+from splitserve.tiny_model import TinyModelSpec, hf_config, make_tiny_model, summarize_checkpoint
+from splitserve.tiny_tokenizer import CHAT_TEMPLATE, train_tokenizer
 
 VARIANTS = [
     ("llama", {}),
