@@ -1,9 +1,10 @@
-"""Offline engine vs Hugging Face transformers `generate` on the same checkpoint, same run, CPU.
+"""Offline engine vs Hugging Face transformers `generate` (eager) on the same checkpoint, same run.
 
 Prints the machine, versions, and generated tokens/s of both at batch 1 and batch 16 (greedy, fixed
 output length, end to end including prefill), and their ratio. Usage:
     python benchmarks/engine_cpu.py [--model DIR] [--prompt-len 64] [--new-tokens 64] [--json OUT]
-Without --model it makes a small random Llama checkpoint (hidden 256, 4 layers) in a temp dir.
+Without --model it makes a small random Llama checkpoint (hidden 256, 4 layers) in a temp dir;
+`--shape llama-3.2-1b --device cuda --dtype bfloat16` runs the same comparison on a GPU.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from splitserve.tiny_model import TinyModelSpec, make_tiny_model
 
 
 def hf_tokens_per_s(model, prompts: list[list[int]], new_tokens: int) -> float:
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
     kwargs = dict(
         attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
         do_sample=False,
@@ -56,17 +57,25 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--shape", default="small", choices=["small", "llama-3.2-1b"])
     args = parser.parse_args()
     tmp = tempfile.TemporaryDirectory()
-    path = args.model or str(make_tiny_model(
-        tmp.name, TinyModelSpec(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
-                                num_kv_heads=2, tokenizer_vocab_size=1024),
-    ))
+    if args.shape == "small":
+        spec = TinyModelSpec(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
+                             num_kv_heads=2, tokenizer_vocab_size=1024)
+    else:
+        spec = TinyModelSpec.llama_3_2_1b_shape(dtype=args.dtype)
+    path = args.model or str(make_tiny_model(tmp.name, spec))
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads")
+    if args.device == "cuda":
+        print(f"device: {torch.cuda.get_device_name()}")
     print(f"versions: python {platform.python_version()}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    llm = LLM(path, dtype="float32", device="cpu")
+    dtype = getattr(torch, args.dtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+    llm = LLM(path, dtype=args.dtype, device=args.device, max_model_len=4096)
     vocab = llm.engine.model_config.vocab_size
     rng = random.Random(0)
     rows = []
@@ -76,7 +85,8 @@ def main() -> None:
         ours = engine_tokens_per_s(llm, prompts, args.new_tokens)
         rows.append({"batch": batch, "hf_tokens_per_s": round(hf_tps, 1),
                      "engine_tokens_per_s": round(ours, 1), "ratio": round(ours / hf_tps, 2)})
-    print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, float32, CPU")
+    shape = f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens"
+    print(f"\n{shape}, greedy, {args.dtype}, {args.device}")
     print("| batch | HF generate tok/s | splitserve tok/s | ratio |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['hf_tokens_per_s']} | {r['engine_tokens_per_s']} | {r['ratio']}× |")
