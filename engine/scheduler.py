@@ -144,9 +144,8 @@ class Scheduler:
     def update(self, batch: ScheduledBatch, sampled: list[int]) -> list[StepOutput]:
         """Record a step's results: progress for every item, `sampled` tokens (one per sampling item,
         in order) appended and checked for stops. Finished sequences release their blocks."""
-        sampling_items = iter(batch.sampling_items)
         outputs: list[StepOutput] = []
-        new_tokens = dict(zip((it.seq.request_id for it in sampling_items), sampled, strict=True))
+        new_tokens = {it.seq.request_id: tok for it, tok in zip(batch.sampling_items, sampled, strict=True)}
         for item in batch.items:
             seq = item.seq
             if seq.status is not SequenceStatus.RUNNING:
