@@ -1,14 +1,14 @@
-"""Paged attention: the metadata a batch carries and the plain-torch reference backend.
+"""Paged attention: the metadata a batch carries and the plain-torch reference attention.
 
 Owns writing new K/V into their cache slots and attending over each sequence's paged context. The
-KV cache of one layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V). This is
-the seam where the Triton kernels plug in: a backend is any object with the `AttentionBackend` call.
+KV cache of one layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V). The
+functions here are the reference path (any device, any dtype); `ops` chooses them or the kernels.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,18 +31,6 @@ class AttentionMetadata:
         return len(self.seq_lens_host)
 
 
-class AttentionBackend(Protocol):
-    def __call__(
-        self,
-        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        v: torch.Tensor,
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor: ...  # [num_tokens, num_heads, head_dim]
-
-
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
@@ -54,54 +42,48 @@ def gather_context(kv: torch.Tensor, block_ids: torch.Tensor, length: int) -> to
     return kv[block_ids].flatten(0, 1)[:length]
 
 
-class TorchAttention:
-    """Reference backend: correct on any device and dtype; the kernels are tested against it."""
-
-    def __call__(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        store_kv(k, v, kv_cache, meta.slot_mapping)
-        if meta.phase == "decode":
-            return self._decode(q, kv_cache, meta, scale)
-        return self._prefill(q, kv_cache, meta, scale)
-
-    def _prefill(self, q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        out = torch.empty_like(q)
-        block_size = kv_cache.shape[2]
-        starts = meta.query_start_loc_host
-        for i, seq_len in enumerate(meta.seq_lens_host):
-            q_start, q_end = starts[i], starts[i + 1]
-            num_blocks = -(-seq_len // block_size)
-            blocks = meta.block_tables[i, :num_blocks]
-            k_ctx = gather_context(kv_cache[0], blocks, seq_len)  # [seq_len, num_kv_heads, head_dim]
-            v_ctx = gather_context(kv_cache[1], blocks, seq_len)
-            num_new = q_end - q_start
-            # Query r sits at position seq_len - num_new + r and sees keys up to it.
-            q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
-            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [num_new, seq_len]
-            o = F.scaled_dot_product_attention(
-                q[q_start:q_end].transpose(0, 1).unsqueeze(0),  # [1, num_heads, num_new, head_dim]
-                k_ctx.transpose(0, 1).unsqueeze(0),
-                v_ctx.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask,
-                scale=scale,
-                enable_gqa=True,
-            )
-            out[q_start:q_end] = o[0].transpose(0, 1)
-        return out
-
-    def _decode(self, q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        block_size = kv_cache.shape[2]
-        max_blocks = -(-max(meta.seq_lens_host) // block_size)
-        tables = meta.block_tables[:, :max_blocks]
-        k_ctx = kv_cache[0][tables].flatten(1, 2)  # [num_seqs, max_len, num_kv_heads, head_dim]
-        v_ctx = kv_cache[1][tables].flatten(1, 2)
-        positions = torch.arange(k_ctx.shape[1], device=q.device)
-        mask = positions[None, :] < meta.seq_lens[:, None]  # [num_seqs, max_len]
+def prefill_attention(q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole paged context (cached prefix + new).
+    q [num_tokens, num_heads, head_dim] → same shape. Uses host-side lengths: not for CUDA graphs."""
+    out = torch.empty_like(q)
+    block_size = kv_cache.shape[2]
+    starts = meta.query_start_loc_host
+    for i, seq_len in enumerate(meta.seq_lens_host):
+        q_start, q_end = starts[i], starts[i + 1]
+        num_blocks = -(-seq_len // block_size)
+        blocks = meta.block_tables[i, :num_blocks]
+        k_ctx = gather_context(kv_cache[0], blocks, seq_len)  # [seq_len, num_kv_heads, head_dim]
+        v_ctx = gather_context(kv_cache[1], blocks, seq_len)
+        num_new = q_end - q_start
+        # Query r sits at position seq_len - num_new + r and sees keys up to it.
+        q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [num_new, seq_len]
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [num_seqs, num_heads, 1, head_dim]
-            k_ctx.transpose(1, 2),
-            v_ctx.transpose(1, 2),
-            attn_mask=mask[:, None, None, :],
+            q[q_start:q_end].transpose(0, 1).unsqueeze(0),  # [1, num_heads, num_new, head_dim]
+            k_ctx.transpose(0, 1).unsqueeze(0),
+            v_ctx.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
             scale=scale,
             enable_gqa=True,
         )
-        return o.squeeze(2)
+        out[q_start:q_end] = o[0].transpose(0, 1)
+    return out
+
+def decode_attention(q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query token per sequence over its paged context. q [num_seqs, num_heads, head_dim]."""
+    block_size = kv_cache.shape[2]
+    max_blocks = -(-max(meta.seq_lens_host) // block_size)
+    tables = meta.block_tables[:, :max_blocks]
+    k_ctx = kv_cache[0][tables].flatten(1, 2)  # [num_seqs, max_len, num_kv_heads, head_dim]
+    v_ctx = kv_cache[1][tables].flatten(1, 2)
+    positions = torch.arange(k_ctx.shape[1], device=q.device)
+    mask = positions[None, :] < meta.seq_lens[:, None]  # [num_seqs, max_len]
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # [num_seqs, num_heads, 1, head_dim]
+        k_ctx.transpose(1, 2),
+        v_ctx.transpose(1, 2),
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return o.squeeze(2)

@@ -59,6 +59,7 @@ class EngineConfig:
     seed: int = 0
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     model_id: str | None = None  # identity in block hashes; None: derived from the checkpoint's files
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -38,7 +38,7 @@ class Engine:
         self.model_id = config.model_id or checkpoint_identity(config.model)
         self.runner = ModelRunner(
             cfg, config.model, config.cache, self.device, self.dtype,
-            self.max_model_len, config.scheduler.max_num_seqs,
+            self.max_model_len, config.scheduler.max_num_seqs, enforce_eager=config.enforce_eager,
         )
         self.block_pool = BlockPool(self.runner.num_blocks, config.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.block_pool, config.cache.block_size, self.model_id)

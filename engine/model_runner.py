@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 
-from splitserve.engine.attention import AttentionBackend, AttentionMetadata, TorchAttention
+from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.block_pool import NULL_BLOCK_ID
 from splitserve.engine.checkpoint import load_weights
 from splitserve.engine.config import CacheConfig
+from splitserve.engine.cuda_graphs import DecodeGraphs
 from splitserve.engine.model import DecoderLM
 from splitserve.engine.model_config import ModelConfig
+from splitserve.engine.ops import ModelOps, select_ops
 from splitserve.engine.scheduler import ScheduledBatch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,20 +79,26 @@ class ModelRunner:
         dtype: torch.dtype,
         max_model_len: int,
         max_num_seqs: int,
-        backend: AttentionBackend | None = None,
+        ops: ModelOps | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         self.cfg = cfg
         self.device = device
         self.dtype = dtype
         self.block_size = cache.block_size
-        self.backend = backend or TorchAttention()
+        self.ops = ops or select_ops(device)
         with torch.device(device):
-            self.model = DecoderLM(cfg, max_positions=max_model_len).to(dtype)
+            self.model = DecoderLM(cfg, max_positions=max_model_len, ops=self.ops).to(dtype)
         self.model.rotary.float()  # cos/sin tables stay float32, as in transformers
         load_weights(self.model, path)
         self.num_blocks = num_kv_blocks(cache, cfg, dtype, device, max_num_seqs * max_model_len)
         shape = (2, self.num_blocks, cache.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and self.ops.supports_cuda_graphs and not enforce_eager:
+            max_blocks = -(-max_model_len // cache.block_size)
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_blocks)
+            self.graphs.capture()
 
     def prepare(self, batch: ScheduledBatch) -> ModelInputs:
         input_ids: list[int] = []
@@ -132,7 +140,10 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampling_seqs, vocab_size] in batch order."""
         inputs = self.prepare(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
+        if batch.phase == "decode" and self.graphs is not None:
+            # Every decode row samples, so the graph's logits rows are the sampling rows.
+            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta).float()
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         return self.model.compute_logits(hidden[inputs.logits_indices]).float()
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Rotary position embeddings (default and Llama 3 scaled), computed as transformers does.
 
-Owns the inverse frequencies and a cos/sin table over positions. The table is float32 and cast to the
-activations' dtype at use, matching transformers bit for bit in float32.
+Owns the inverse frequencies and the cos/sin tables over positions. The tables are float32; the ops that
+apply them (`ops.rope_and_store_kv`) cast them to the activations' dtype, as transformers does.
 """
 
 from __future__ import annotations
@@ -48,11 +48,3 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
-
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, num_heads, head_dim], k [T, num_kv_heads, head_dim], positions [T]."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
