@@ -11,6 +11,7 @@ from typing import Literal
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
+Kernels = Literal["auto", "triton", "torch"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     model_id: str | None = None  # identity in block hashes; None: derived from the checkpoint's files
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    kernels: Kernels = "auto"  # auto: Triton on CUDA, the torch reference on CPU
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -70,6 +72,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16; got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernels must be auto, triton or torch; got {self.kernels!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.model_id is not None and not self.model_id:

@@ -17,6 +17,7 @@ from splitserve.engine.errors import InvalidRequest
 from splitserve.engine.kv_cache_manager import KVCacheManager, cdiv
 from splitserve.engine.model_config import ModelConfig, checkpoint_identity
 from splitserve.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
+from splitserve.engine.ops import select_ops
 from splitserve.engine.outputs import StepOutput
 from splitserve.engine.sampler import Sampler
 from splitserve.engine.sampling_params import SamplingParams
@@ -38,7 +39,8 @@ class Engine:
         self.model_id = config.model_id or checkpoint_identity(config.model)
         self.runner = ModelRunner(
             cfg, config.model, config.cache, self.device, self.dtype,
-            self.max_model_len, config.scheduler.max_num_seqs, enforce_eager=config.enforce_eager,
+            self.max_model_len, config.scheduler.max_num_seqs,
+            ops=select_ops(self.device, config.kernels), enforce_eager=config.enforce_eager,
         )
         self.block_pool = BlockPool(self.runner.num_blocks, config.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.block_pool, config.cache.block_size, self.model_id)

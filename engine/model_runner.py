@@ -18,7 +18,7 @@ from splitserve.engine.config import CacheConfig
 from splitserve.engine.cuda_graphs import DecodeGraphs
 from splitserve.engine.model import DecoderLM
 from splitserve.engine.model_config import ModelConfig
-from splitserve.engine.ops import ModelOps, select_ops
+from splitserve.engine.ops import ModelOps
 from splitserve.engine.scheduler import ScheduledBatch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,14 +79,14 @@ class ModelRunner:
         dtype: torch.dtype,
         max_model_len: int,
         max_num_seqs: int,
-        ops: ModelOps | None = None,
+        ops: ModelOps,
         enforce_eager: bool = False,
     ) -> None:
         self.cfg = cfg
         self.device = device
         self.dtype = dtype
         self.block_size = cache.block_size
-        self.ops = ops or select_ops(device)
+        self.ops = ops
         with torch.device(device):
             self.model = DecoderLM(cfg, max_positions=max_model_len, ops=self.ops).to(dtype)
         self.model.rotary.float()  # cos/sin tables stay float32, as in transformers

@@ -67,12 +67,15 @@ class TorchOps:
 ModelOps = TorchOps  # the interface: the Triton set subclasses it and overrides what it accelerates
 
 
-def select_ops(device: torch.device) -> ModelOps:
-    """Triton kernels on CUDA when Triton is importable; the torch reference everywhere else."""
-    if device.type != "cuda":
+def select_ops(device: torch.device, kernels: str = "auto") -> ModelOps:
+    """`auto`: the Triton kernels on CUDA when Triton is importable, the torch reference elsewhere.
+    `triton` forces the kernels (on CPU they need TRITON_INTERPRET=1); `torch` forces the reference."""
+    if kernels == "torch" or (kernels == "auto" and device.type != "cuda"):
         return TorchOps()
     try:
         from splitserve.engine.triton_ops import TritonOps
     except ImportError:
+        if kernels == "triton":
+            raise
         return TorchOps()
     return TritonOps()

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be switched on before triton
+# itself is first imported (its library functions are bound at import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +23,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     built: dict[tuple[str, tuple[tuple[str, Any], ...]], Path] = {}
 
     def build(arch: str = "llama", **overrides: Any) -> Path:
-        # Imported here so that torch-free test modules do not pay for torch at collection.
         from splitserve.tiny_model import TinyModelSpec, make_tiny_model
 
         key = (arch, tuple(sorted(overrides.items())))
@@ -30,8 +36,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip `gpu` tests on machines without CUDA (CI has none; the device machine runs them)."""
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -1,0 +1,189 @@
+"""Decode speed against the memory-bandwidth limit, on a GPU (issue 3's benchmark).
+
+One run prints the device, versions and measured ceilings (device copy bandwidth, bf16 matmul rate),
+then for a Llama-3.2-1B-shaped model (random weights, bf16):
+  1. batch-1 decode step time and (bytes read per step / step time) / copy bandwidth   (target >= 0.85)
+  2. paged decode attention alone, context x batch x block size, as a fraction of copy bandwidth
+  3. batch 64, context 2k: step time / ((weights + KV bytes) / copy bandwidth)            (target <= 1.15)
+  4. tokens/s against transformers `generate`, eager and static-cache (compiled), batch 1 and 32
+Usage: python -P benchmarks/decode.py [--skip-hf-static] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+import transformers
+import triton
+from triton.testing import do_bench
+
+from splitserve import LLM, SamplingParams
+from splitserve.kernels.paged_decode_attention import paged_decode_attention
+from splitserve.tiny_model import TinyModelSpec, make_tiny_model
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy (median of repeats)."""
+    src = torch.randn(2**29, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def matmul_rate() -> float:
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    return 2 * 8192**3 / (ms * 1e-3)
+
+
+def weight_bytes_per_step(llm: LLM) -> int:
+    """Every weight a decode step reads: all matrices and norms, plus the LM head (the embedding table
+    when tied); the embedding lookup itself reads one row per token and is left out."""
+    model = llm.engine.runner.model
+    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    if model.lm_head is None:
+        total += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    return total
+
+
+def kv_bytes(llm: LLM, num_tokens: int) -> int:
+    cfg = llm.engine.model_config
+    return 2 * cfg.num_layers * num_tokens * cfg.kv_size * llm.engine.dtype.itemsize
+
+
+def decode_step_ms(llm: LLM, batch: int, context: int, steps: int = 40) -> float:
+    """Median time of engine decode steps for `batch` sequences at about `context` tokens."""
+    engine = llm.engine
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    gen = torch.Generator().manual_seed(batch * 7919 + context)
+    for i in range(batch):
+        prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
+        engine.add_request(f"b{batch}-c{context}-{i}", prompt, params)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or (
+        engine.scheduler.waiting
+    ):
+        engine.step()  # prefill (chunked) until every sequence decodes
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return statistics.median(times)
+
+
+def time_attention(batch: int, context: int, block_size: int, shape: tuple[int, int, int]) -> float:
+    """Median µs of one paged decode attention call over random, shuffled blocks."""
+    num_kv_heads, num_heads, head_dim = shape
+    blocks_per_seq = context // block_size
+    num_blocks = batch * blocks_per_seq + 1
+    shape5 = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    cache = torch.randn(shape5, dtype=torch.bfloat16, device="cuda")  # [2, blocks, block_size, kvh, d]
+    tables = torch.randperm(num_blocks - 1, device="cuda")[: batch * blocks_per_seq] + 1
+    tables = tables.view(batch, blocks_per_seq).to(torch.int32)  # [batch, blocks_per_seq]
+    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, num_heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    ms = do_bench(lambda: paged_decode_attention(q, cache, tables, lens, head_dim**-0.5),
+                  warmup=25, rep=100, return_mode="median")
+    return ms * 1e3
+
+
+def attention_sweep(bw: float, num_kv_heads: int, num_heads: int, head_dim: int) -> list[dict]:
+    rows = []
+    for block_size in (16, 64):
+        for context in (1024, 4096, 16384, 32768):
+            for batch in (1, 8, 64):
+                us = time_attention(batch, context, block_size, (num_kv_heads, num_heads, head_dim))
+                moved = 2 * batch * context * num_kv_heads * head_dim * 2
+                rows.append({"block": block_size, "context": context, "batch": batch, "us": us,
+                             "fraction": moved / (us * 1e-6) / bw})
+    return rows
+
+
+def hf_ms_per_step(model, batch: int, static: bool) -> float:
+    """Per-step time of transformers generate: difference of a long and a short run (prefill cancels)."""
+    ids = torch.randint(0, 1000, (batch, 128), device="cuda")
+    extra = {"cache_implementation": "static"} if static else {}
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, **extra)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(16)  # warm-up (compiles, for the static cache)
+    run(16)
+    return (run(144) - run(16)) / 128 * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-hf-static", action="store_true")
+    parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                     "triton": triton.__version__, "transformers": transformers.__version__}
+    bw, flops = copy_bandwidth(), matmul_rate()
+    results.update(copy_bandwidth_gbs=bw / 1e9, matmul_tflops=flops / 1e12)
+    print(f"device {results['device']}; torch {torch.__version__}, triton {triton.__version__}, "
+          f"transformers {transformers.__version__}")
+    print(f"copy bandwidth {bw / 1e12:.3f} TB/s; bf16 matmul {flops / 1e12:.0f} TFLOP/s")
+
+    tmp = tempfile.TemporaryDirectory()
+    path = str(make_tiny_model(tmp.name, TinyModelSpec.llama_3_2_1b_shape()))
+    llm = LLM(path, dtype="bfloat16", device="cuda", max_model_len=8192, max_num_seqs=64,
+              max_num_batched_tokens=8192)
+    cfg = llm.engine.model_config
+    weights = weight_bytes_per_step(llm)
+    rows = []
+    for batch, context in ((1, 128), (1, 2048), (32, 128), (64, 2048)):
+        ms = decode_step_ms(llm, batch, context)
+        moved = weights + kv_bytes(llm, batch * context)
+        floor_ms = moved / bw * 1e3
+        rows.append({"batch": batch, "context": context, "ms": ms, "floor_ms": floor_ms,
+                     "bw_fraction": floor_ms / ms, "tokens_per_s": batch / ms * 1e3})
+    results["steps"] = rows
+    print("\n| batch | context | step ms | floor ms | fraction of copy bw | tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['context']} | {r['ms']:.3f} | {r['floor_ms']:.3f} | "
+              f"{r['bw_fraction']:.2f} | {r['tokens_per_s']:.0f} |")
+
+    if not args.skip_attention:
+        att = attention_sweep(bw, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
+        results["attention"] = att
+        print("\npaged decode attention alone (bf16, GQA 32/8, head_dim 64)")
+        print("| block | context | batch | µs | fraction of copy bw |\n|---|---|---|---|---|")
+        for r in att:
+            print(f"| {r['block']} | {r['context']} | {r['batch']} | {r['us']:.1f} | {r['fraction']:.2f} |")
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    ours = {r["batch"]: r["ms"] for r in rows if r["context"] == 128}
+    print("\n| batch | splitserve ms/step | HF eager ms/step | × eager | HF static ms/step | × static |")
+    print("|---|---|---|---|---|---|")
+    for batch in (1, 32):
+        eager = hf_ms_per_step(hf, batch, static=False)
+        static = float("nan") if args.skip_hf_static else hf_ms_per_step(hf, batch, static=True)
+        results[f"hf_bs{batch}"] = {"eager_ms": eager, "static_ms": static}
+        print(f"| {batch} | {ours[batch]:.3f} | {eager:.2f} | {eager / ours[batch]:.1f} | {static:.2f} | "
+              f"{static / ours[batch]:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
