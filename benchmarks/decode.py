@@ -82,6 +82,26 @@ def decode_step_ms(llm: LLM, batch: int, context: int, steps: int = 40) -> float
     return statistics.median(times)
 
 
+def graph_replay_ms(llm: LLM, batch: int) -> float:
+    """GPU time of the captured decode step alone (no scheduling, input copies or sampling). Replays the
+    last step's inputs: its KV writes land in slots the finished sequences no longer own."""
+    graphs = llm.engine.runner.graphs
+    graph = graphs.graphs[graphs.bucket_for(batch)]
+    return do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+
+
+def profile_replay(llm: LLM, batch: int, top: int = 14) -> None:
+    """Per-kernel GPU time of one captured decode step (torch profiler over 20 replays)."""
+    graphs = llm.engine.runner.graphs
+    graph = graphs.graphs[graphs.bucket_for(batch)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            graph.replay()
+        torch.cuda.synchronize()
+    print(f"\nkernels of one batch-{batch} decode step (20 replays):")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+
+
 def time_attention(batch: int, context: int, block_size: int, shape: tuple[int, int, int]) -> float:
     """Median µs of one paged decode attention call over random, shuffled blocks."""
     num_kv_heads, num_heads, head_dim = shape
@@ -111,11 +131,14 @@ def attention_sweep(bw: float, num_kv_heads: int, num_heads: int, head_dim: int)
 
 
 def hf_ms_per_step(model, batch: int, static: bool) -> float:
-    """Per-step time of transformers generate: difference of a long and a short run (prefill cancels)."""
+    """Per-step time of transformers generate: difference of a long and a short run (prefill cancels).
+    The static cache is one fixed-size `StaticCache` per run, so both runs reuse one compiled forward."""
     ids = torch.randint(0, 1000, (batch, 128), device="cuda")
-    extra = {"cache_implementation": "static"} if static else {}
 
     def run(n: int) -> float:
+        extra = {}
+        if static:
+            extra["past_key_values"] = transformers.StaticCache(config=model.config, max_cache_len=128 + 160)
         torch.cuda.synchronize()
         start = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
@@ -123,8 +146,8 @@ def hf_ms_per_step(model, batch: int, static: bool) -> float:
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    run(16)  # warm-up (compiles, for the static cache)
-    run(16)
+    for _ in range(3):  # warm-up (and compilation, for the static cache)
+        run(16)
     return (run(144) - run(16)) / 128 * 1e3
 
 
@@ -132,6 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-hf-static", action="store_true")
     parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="per-kernel times of a batch-1 step")
     parser.add_argument("--json")
     args = parser.parse_args()
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -151,16 +175,20 @@ def main() -> None:
     rows = []
     for batch, context in ((1, 128), (1, 2048), (32, 128), (64, 2048)):
         ms = decode_step_ms(llm, batch, context)
+        gpu_ms = graph_replay_ms(llm, batch)
         moved = weights + kv_bytes(llm, batch * context)
         floor_ms = moved / bw * 1e3
-        rows.append({"batch": batch, "context": context, "ms": ms, "floor_ms": floor_ms,
-                     "bw_fraction": floor_ms / ms, "tokens_per_s": batch / ms * 1e3})
+        rows.append({"batch": batch, "context": context, "ms": ms, "gpu_ms": gpu_ms, "floor_ms": floor_ms,
+                     "bw_fraction": floor_ms / ms, "gpu_bw_fraction": floor_ms / gpu_ms,
+                     "tokens_per_s": batch / ms * 1e3})
+        if args.profile and batch == 1 and context == 2048:
+            profile_replay(llm, batch)
     results["steps"] = rows
-    print("\n| batch | context | step ms | floor ms | fraction of copy bw | tokens/s |")
-    print("|---|---|---|---|---|---|")
+    print("\n| batch | context | step ms | replay ms | floor ms | floor/step | floor/replay | tokens/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['context']} | {r['ms']:.3f} | {r['floor_ms']:.3f} | "
-              f"{r['bw_fraction']:.2f} | {r['tokens_per_s']:.0f} |")
+        print(f"| {r['batch']} | {r['context']} | {r['ms']:.3f} | {r['gpu_ms']:.3f} | {r['floor_ms']:.3f} | "
+              f"{r['bw_fraction']:.2f} | {r['gpu_bw_fraction']:.2f} | {r['tokens_per_s']:.0f} |")
 
     if not args.skip_attention:
         att = attention_sweep(bw, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
