@@ -101,6 +101,8 @@ class ModelRunner:
             self.graphs.capture()
 
     def prepare(self, batch: ScheduledBatch) -> ModelInputs:
+        """Flat inputs and attention metadata, moved to the device in two copies (one int64, one int32)
+        because each host-to-device copy of pageable memory costs a synchronisation."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -117,23 +119,28 @@ class ModelRunner:
             seq_lens.append(end)
             if item.samples:
                 logits_indices.append(len(input_ids) - 1)
+        num_tokens, num_seqs = len(input_ids), len(seq_lens)
         max_blocks = max(len(item.seq.block_ids) for item in batch.items)
-        pad = NULL_BLOCK_ID
-        tables = [it.seq.block_ids + [pad] * (max_blocks - len(it.seq.block_ids)) for it in batch.items]
+        tables: list[int] = []
+        for item in batch.items:
+            tables.extend(item.seq.block_ids)
+            tables.extend([NULL_BLOCK_ID] * (max_blocks - len(item.seq.block_ids)))
+        longs = self._to_device(input_ids + positions + slots + logits_indices, torch.int64)
+        ints = self._to_device(query_start_loc + seq_lens + tables, torch.int32)
         meta = AttentionMetadata(
             phase=batch.phase,
-            slot_mapping=self._tensor(slots, torch.int64),
-            query_start_loc=self._tensor(query_start_loc, torch.int32),
-            seq_lens=self._tensor(seq_lens, torch.int32),
-            block_tables=self._tensor(tables, torch.int32),
+            slot_mapping=longs[2 * num_tokens : 3 * num_tokens],
+            query_start_loc=ints[: num_seqs + 1],
+            seq_lens=ints[num_seqs + 1 : 2 * num_seqs + 1],
+            block_tables=ints[2 * num_seqs + 1 :].view(num_seqs, max_blocks),
             query_start_loc_host=tuple(query_start_loc),
             seq_lens_host=tuple(seq_lens),
         )
         return ModelInputs(
-            input_ids=self._tensor(input_ids, torch.int64),
-            positions=self._tensor(positions, torch.int64),
+            input_ids=longs[:num_tokens],
+            positions=longs[num_tokens : 2 * num_tokens],
             meta=meta,
-            logits_indices=self._tensor(logits_indices, torch.int64),
+            logits_indices=longs[3 * num_tokens :],
         )
 
     @torch.inference_mode()
@@ -146,5 +153,5 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         return self.model.compute_logits(hidden[inputs.logits_indices]).float()
 
-    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 from splitserve.engine.config import SchedulerConfig
@@ -29,11 +30,12 @@ class ScheduledSeq:
     seq: Sequence
     start: int  # first position computed this step (= num_computed_tokens when scheduled)
     num_new_tokens: int
+    samples: bool  # the chunk reaches the end of the sequence, so its last logits are sampled
 
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the end of the sequence, so its last logits are sampled."""
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+
+def scheduled(seq: Sequence, num_new_tokens: int) -> ScheduledSeq:
+    start = seq.num_computed_tokens
+    return ScheduledSeq(seq, start, num_new_tokens, start + num_new_tokens == seq.num_tokens)
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(item.num_new_tokens for item in self.items)
 
-    @property
+    @cached_property
     def sampling_items(self) -> list[ScheduledSeq]:
         return [item for item in self.items if item.samples]
 
@@ -101,7 +103,7 @@ class Scheduler:
                 if seq.status is not SequenceStatus.RUNNING:
                     break
             else:
-                items.append(ScheduledSeq(seq, seq.num_computed_tokens, num_new))
+                items.append(scheduled(seq, num_new))
                 budget -= num_new
         if not preempted:
             budget = self._admit_waiting(items, budget)
@@ -129,7 +131,7 @@ class Scheduler:
                 seq.ever_scheduled = True
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            items.append(ScheduledSeq(seq, seq.num_computed_tokens, num_new))
+            items.append(scheduled(seq, num_new))
             budget -= num_new
         return budget
 
