@@ -12,6 +12,7 @@ Usage: python -P benchmarks/decode.py [--skip-hf-static] [--json OUT]
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -113,6 +114,8 @@ def time_attention(batch: int, context: int, block_size: int, shape: tuple[int, 
     tables = tables.view(batch, blocks_per_seq).to(torch.int32)  # [batch, blocks_per_seq]
     lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, num_heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    paged_decode_attention(q, cache, tables, lens, head_dim**-0.5)  # compile outside the timing
+    torch.cuda.synchronize()
     ms = do_bench(lambda: paged_decode_attention(q, cache, tables, lens, head_dim**-0.5),
                   warmup=25, rep=100, return_mode="median")
     return ms * 1e3
@@ -130,25 +133,37 @@ def attention_sweep(bw: float, num_kv_heads: int, num_heads: int, head_dim: int)
     return rows
 
 
-def hf_ms_per_step(model, batch: int, static: bool) -> float:
-    """Per-step time of transformers generate: difference of a long and a short run (prefill cancels).
-    The static cache is one fixed-size `StaticCache` per run, so both runs reuse one compiled forward."""
-    ids = torch.randint(0, 1000, (batch, 128), device="cuda")
+class StepClock(transformers.StoppingCriteria):
+    """Records when each generation step ends (after a device sync); never stops generation."""
 
-    def run(n: int) -> float:
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def hf_ms_per_step(model, batch: int, static: bool, new_tokens: int = 128) -> float:
+    """Median time between consecutive decode steps of transformers `generate` (prefill excluded).
+    The static cache is one fixed-size `StaticCache` per run, so every run reuses one compiled forward."""
+    ids = torch.randint(0, min(1000, model.config.vocab_size), (batch, 128), device="cuda")
+
+    def run() -> list[float]:
         extra = {}
         if static:
             extra["past_key_values"] = transformers.StaticCache(config=model.config, max_cache_len=128 + 160)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, **extra)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
+        clock = StepClock()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False,
+                       stopping_criteria=transformers.StoppingCriteriaList([clock]), **extra)
+        return clock.times
 
-    for _ in range(3):  # warm-up (and compilation, for the static cache)
-        run(16)
-    return (run(144) - run(16)) / 128 * 1e3
+    for _ in range(2):  # warm-up (and compilation, for the static cache)
+        run()
+    times = run()
+    return statistics.median(b - a for a, b in itertools.pairwise(times[4:])) * 1e3
 
 
 def main() -> None:
