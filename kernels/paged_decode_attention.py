@@ -33,7 +33,10 @@ class DecodeTuning:
     num_warps: int = 4
     num_stages: int = 3  # 3 lets the block-id gather run one iteration ahead of the K/V copies
     min_split_chunks: int = 4  # a split covers at least this many block_n chunks (256 tokens)
-    programs_per_sm: int = 4  # full-context batches aim for this many stage-1 programs per SM
+    # Full-context batches aim for this many stage-1 programs per SM. 2 measured best at batch 64 on an
+    # H100 (one split, no merge: 0.82-0.89 of copy bandwidth against 0.64-0.71 with 4); see
+    # benchmarks/decode_attention_sweep.py and docs/benchmarks.md.
+    programs_per_sm: int = 2
 
     @property
     def min_split_len(self) -> int:
