@@ -6,6 +6,8 @@ sampled tokens, since scheduling depends only on token counts.
 
 from __future__ import annotations
 
+import pytest
+
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.config import SchedulerConfig
 from splitserve.engine.kv_cache_manager import KVCacheManager
@@ -139,3 +141,13 @@ def test_max_num_seqs_limits_admission():
         sched.add(seq(rid, 2))
     assert [p[0] for p in step(sched)[1]] == ["a", "b"]
     assert [s.request_id for s in sched.waiting] == ["c"]
+
+
+def test_load_signals_queued_tokens_and_kv_usage():
+    sched, pool = make(budget=8)
+    sched.add(seq("a", 10))
+    sched.add(seq("b", 6, first=50))
+    assert sched.num_queued_tokens == 16 and pool.usage == 0.0
+    step(sched)  # a: 8 of 10 prompt tokens computed, 2 blocks
+    assert sched.num_queued_tokens == 2 + 6
+    assert pool.usage == pytest.approx(2 / 15)
