@@ -139,7 +139,6 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.free(seq)
         seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 

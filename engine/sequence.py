@@ -45,7 +45,6 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
-        self.num_preemptions = 0
         self.ever_scheduled = False
         self.block_ids: list[int] = []
         self.block_hashes: list[BlockHash] = []
