@@ -58,8 +58,11 @@ def kv_bytes(llm: LLM, num_tokens: int) -> int:
     return 2 * cfg.num_layers * num_tokens * cfg.kv_size * llm.engine.dtype.itemsize
 
 
-def decode_step_ms(llm: LLM, batch: int, context: int, steps: int = 40) -> float:
-    """Median time of engine decode steps for `batch` sequences at about `context` tokens."""
+def decode_step_ms(llm: LLM, batch: int, context: int, steps: int = 60) -> float:
+    """Time per engine decode step for `batch` sequences at about `context` tokens, in steady state:
+    steps run back to back (the engine overlaps each step's host work with the previous step's device
+    work, so timing steps one by one with a sync around each would measure something else); the median
+    of three runs of steps // 3 steps."""
     engine = llm.engine
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
@@ -71,13 +74,16 @@ def decode_step_ms(llm: LLM, batch: int, context: int, steps: int = 40) -> float
         engine.scheduler.waiting
     ):
         engine.step()  # prefill (chunked) until every sequence decodes
+    for _ in range(3):
+        engine.step()  # the pipeline fills: from here on each step overlaps the previous one
     times = []
-    for _ in range(steps):
+    for _ in range(3):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        engine.step()
+        for _ in range(steps // 3):
+            engine.step()
         torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((time.perf_counter() - start) * 1e3 / (steps // 3))
     while engine.has_unfinished_requests():
         engine.step()
     return statistics.median(times)

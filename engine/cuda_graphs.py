@@ -10,10 +10,17 @@ block that the block pool never hands out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.model import DecoderLM
+
+if TYPE_CHECKING:
+    from splitserve.engine.model_runner import HostInputs
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -23,43 +30,66 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
+    """Static inputs live in `token_buffer` (shared with the model runner): the first `max_num_seqs`
+    entries hold the last step's sampled tokens; a bucket of size S reads its inputs from the next 4S
+    entries, laid out [token ids | token sources | positions | slots], so one host copy fills them.
+    Input token i is `token_buffer[token_source[i]]`: a known id from the inputs, or a sampled token of
+    the previous step (see `ModelRunner.prepare`)."""
+
+    @staticmethod
+    def buffer_size(max_num_seqs: int) -> int:
+        return 5 * max_num_seqs
+
     def __init__(
-        self, model: DecoderLM, kv_caches: list[torch.Tensor], max_num_seqs: int, max_blocks_per_seq: int
+        self,
+        model: DecoderLM,
+        kv_caches: list[torch.Tensor],
+        token_buffer: torch.Tensor,
+        max_num_seqs: int,
+        max_blocks_per_seq: int,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.buckets = batch_buckets(max_num_seqs)
+        self.rows = max_num_seqs
         device = kv_caches[0].device
-        size = self.buckets[-1]
-        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.zeros(size, dtype=torch.int64, device=device)
-        self.seq_lens = torch.zeros(size, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(size, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)
+        assert token_buffer.numel() >= self.buffer_size(max_num_seqs) and self.buckets[-1] == max_num_seqs
+        self.token_buffer = token_buffer
+        self.seq_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_num_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
-    def _meta(self, size: int) -> AttentionMetadata:
-        return AttentionMetadata(
+    def _inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token ids, token sources, positions, slots) views of a bucket's static inputs."""
+        r = self.rows
+        ids, src, pos, slots = self.token_buffer[r : r + 4 * size].view(4, size)
+        return ids, src, pos, slots
+
+    def _forward(self, size: int) -> torch.Tensor:
+        _, src, positions, slots = self._inputs(size)
+        input_ids = self.token_buffer[: self.rows + size][src]  # sampled tokens and known ids
+        meta = AttentionMetadata(
             phase="decode",
-            slot_mapping=self.slot_mapping[:size],
+            slot_mapping=slots,
             query_start_loc=self.query_start_loc[: size + 1],
             seq_lens=self.seq_lens[:size],
             block_tables=self.block_tables[:size],
             query_start_loc_host=(),  # nothing host-side: the graph must not depend on lengths
             seq_lens_host=(),
         )
-
-    def _forward(self, size: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, self._meta(size))
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
         return self.model.compute_logits(hidden)  # [size, vocab_size]
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket, largest first, sharing one memory pool."""
+        """Capture every bucket, largest first, sharing one memory pool. Inputs are zero: empty
+        sequences writing into the null block."""
         pool = None
         for size in reversed(self.buckets):
+            _, src, _, _ = self._inputs(size)
+            src.copy_(torch.arange(self.rows, self.rows + size))  # every token is a known id (0)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up compiles kernels outside the capture
@@ -74,24 +104,23 @@ class DecodeGraphs:
     def bucket_for(self, num_seqs: int) -> int | None:
         return next((b for b in self.buckets if b >= num_seqs), None)
 
-    def run(
-        self,
-        input_ids: torch.Tensor,  # [num_seqs]
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """Replay the smallest bucket that holds the batch; returns logits [num_seqs, vocab_size]."""
-        n = input_ids.shape[0]
+    def run(self, inputs: HostInputs, pinned: Callable[[np.ndarray], torch.Tensor]) -> torch.Tensor:
+        """Replay the smallest bucket that holds a decode batch; returns logits [num_seqs, vocab_size].
+        Padding rows are empty sequences (length 0) writing into slot 0 of the null block."""
+        n = len(inputs.seq_lens)
         size = self.bucket_for(n)
-        assert size is not None and meta.phase == "decode"
-        width = meta.block_tables.shape[1]
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.seq_lens[:n].copy_(meta.seq_lens)
-        self.block_tables[:n, :width].copy_(meta.block_tables)
-        if size > n:  # padding rows: empty sequences writing into the null block
-            self.slot_mapping[n:size].zero_()
-            self.seq_lens[n:size].zero_()
+        assert size is not None and inputs.num_tokens == n
+        pad = size - n
+        longs = np.zeros((4, size), np.int64)
+        longs[0, :n] = inputs.token_ids
+        longs[1] = np.arange(self.rows, self.rows + size)
+        longs[1, :n] = inputs.token_src
+        longs[2, :n] = inputs.positions
+        longs[3, :n] = inputs.slots
+        r = self.rows
+        self.token_buffer[r : r + 4 * size].copy_(pinned(longs.ravel()), non_blocking=True)
+        self.seq_lens[:size].copy_(pinned(np.array(inputs.seq_lens + [0] * pad, np.int32)), non_blocking=True)
+        tables = inputs.block_tables
+        self.block_tables[:n, : tables.shape[1]].copy_(pinned(tables), non_blocking=True)
         self.graphs[size].replay()
         return self.logits[size][:n]

@@ -8,6 +8,7 @@ wrap it in their own loop. Knows nothing about tokenization or networking.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -21,10 +22,17 @@ from splitserve.engine.ops import select_ops
 from splitserve.engine.outputs import StepOutput
 from splitserve.engine.sampler import Sampler
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.scheduler import ScheduledBatch, Scheduler
 from splitserve.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    batch: ScheduledBatch
+    tokens: torch.Tensor  # host int64 [num_sampling_seqs]; valid once `done` has fired
+    done: torch.cuda.Event | None  # None on CPU, where the tokens are ready at once
 
 
 class Engine:
@@ -47,6 +55,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, cfg.eos_token_ids)
         self.sampler = Sampler(self.device, config.seed)
         self._sequences: dict[str, Sequence] = {}
+        self._in_flight: _InFlight | None = None  # the launched step whose tokens are not read yet
         log.info(
             "engine ready: %s %s on %s, %d KV blocks of %d tokens",
             cfg.family, self.dtype, self.device, self.runner.num_blocks, config.cache.block_size,
@@ -76,17 +85,30 @@ class Engine:
         return seq is not None
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def step(self) -> list[StepOutput]:
-        """Schedule, run the model, sample, update: one continuous-batching iteration."""
+        """One continuous-batching iteration, pipelined: schedule and launch step N, then wait for step
+        N-1 and return its outputs. The host's work for step N (scheduling, input preparation, launch)
+        thus overlaps the device's work for step N-1; pending tokens reach step N on the device."""
         batch = self.scheduler.schedule()
-        if batch is None:
-            return []
+        launched = self._launch(batch) if batch is not None else None
+        outputs = self._complete(self._in_flight) if self._in_flight is not None else []
+        self._in_flight = launched
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch) -> _InFlight:
         logits = self.runner.execute(batch)
         items = batch.sampling_items
-        token_ids = self.sampler(logits, [it.seq.params for it in items], [it.seq.generator for it in items])
-        outputs = self.scheduler.update(batch, token_ids)
+        params, generators = [it.seq.params for it in items], [it.seq.generator for it in items]
+        self.sampler(logits, params, generators, out=self.runner.sampled[: len(items)])
+        tokens, done = self.runner.tokens_to_host(len(items))
+        return _InFlight(batch, tokens, done)
+
+    def _complete(self, step: _InFlight) -> list[StepOutput]:
+        if step.done is not None:
+            step.done.synchronize()
+        outputs = self.scheduler.update(step.batch, step.tokens.tolist())
         for out in outputs:
             if out.finished:
                 del self._sequences[out.request_id]

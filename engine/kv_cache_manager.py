@@ -79,8 +79,9 @@ class KVCacheManager:
         return True
 
     def commit(self, seq: Sequence) -> None:
-        """Register the sequence's newly computed full blocks in the prefix cache."""
-        num_full = seq.num_computed_tokens // self.block_size
+        """Register the sequence's newly computed full blocks whose tokens are known in the prefix cache.
+        A block may still be being written by a running step: later steps read it in stream order."""
+        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
         if num_full <= seq.num_committed_blocks:
             return
         self.update_hashes(seq)

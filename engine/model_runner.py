@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from splitserve.engine.attention import AttentionMetadata
@@ -62,11 +63,22 @@ def num_kv_blocks(
 
 
 @dataclass(frozen=True)
-class ModelInputs:
-    input_ids: torch.Tensor  # [num_tokens]
-    positions: torch.Tensor  # [num_tokens]
-    meta: AttentionMetadata
-    logits_indices: torch.Tensor  # [num_sampling_seqs], rows of the hidden states to sample from
+class HostInputs:
+    """One step's inputs, built on the host. Token ids the host does not know yet (sampled by the step
+    still running) are read on the device: input token i is `[sampled rows | token_ids][token_src[i]]`."""
+
+    token_ids: list[int]  # [num_tokens], 0 where the token is pending
+    token_src: list[int]  # [num_tokens]
+    positions: list[int]
+    slots: list[int]
+    logits_indices: list[int]  # [num_sampling_seqs], rows of the hidden states to sample from
+    query_start_loc: list[int]  # [num_seqs + 1]
+    seq_lens: list[int]  # [num_seqs]
+    block_tables: np.ndarray  # [num_seqs, max_blocks] int32, padded with the null block
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 class ModelRunner:
@@ -94,64 +106,106 @@ class ModelRunner:
         self.num_blocks = num_kv_blocks(cache, cfg, dtype, device, max_num_seqs * max_model_len)
         shape = (2, self.num_blocks, cache.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        # [sampled tokens (a row per sampling sequence) | the graphs' static inputs]: each step's sampler
+        # writes the front, and the next step reads its pending input tokens from there.
+        self.max_rows = max_num_seqs
+        size = DecodeGraphs.buffer_size(max_num_seqs)
+        self.token_buffer = torch.zeros(size, dtype=torch.int64, device=device)
+        self.sampled = self.token_buffer[:max_num_seqs]
+        self._prev_rows: dict[str, int] = {}  # request id → its row in `sampled`, from the last step
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and self.ops.supports_cuda_graphs and not enforce_eager:
             max_blocks = -(-max_model_len // cache.block_size)
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_blocks)
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_caches, self.token_buffer, max_num_seqs, max_blocks
+            )
             self.graphs.capture()
 
-    def prepare(self, batch: ScheduledBatch) -> ModelInputs:
-        """Flat inputs and attention metadata, moved to the device in two copies (one int64, one int32)
-        because each host-to-device copy of pageable memory costs a synchronisation."""
-        input_ids: list[int] = []
+    def prepare(self, batch: ScheduledBatch) -> HostInputs:
+        """The step's flat inputs on the host. A token at or past the end of a sequence's known tokens
+        is the one its previous step sampled: it is read from that step's row of `sampled`."""
+        token_ids: list[int] = []
+        token_src: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
         logits_indices: list[int] = []
-        bs = self.block_size
+        bs, rows = self.block_size, self.max_rows
         for item in batch.items:
-            seq, end = item.seq, item.start + item.num_new_tokens
-            input_ids.extend(seq.token_ids[item.start : end])
-            positions.extend(range(item.start, end))
-            slots.extend(seq.block_ids[p // bs] * bs + p % bs for p in range(item.start, end))
-            query_start_loc.append(len(input_ids))
+            seq, start, end = item.seq, item.start, item.start + item.num_new_tokens
+            known_end = min(end, seq.num_tokens)
+            token_src.extend(range(rows + len(token_ids), rows + len(token_ids) + known_end - start))
+            token_ids.extend(seq.token_ids[start:known_end])
+            if end > known_end:  # the pending token: exactly one, the newest
+                token_src.append(self._prev_rows[seq.request_id])
+                token_ids.append(0)
+            positions.extend(range(start, end))
+            for b in range(start // bs, (end - 1) // bs + 1):  # slots, one run per block
+                base = seq.block_ids[b] * bs - b * bs
+                slots.extend(range(base + max(start, b * bs), base + min(end, (b + 1) * bs)))
+            query_start_loc.append(len(token_ids))
             seq_lens.append(end)
             if item.samples:
-                logits_indices.append(len(input_ids) - 1)
-        num_tokens, num_seqs = len(input_ids), len(seq_lens)
-        max_blocks = max(len(item.seq.block_ids) for item in batch.items)
-        tables: list[int] = []
-        for item in batch.items:
-            tables.extend(item.seq.block_ids)
-            tables.extend([NULL_BLOCK_ID] * (max_blocks - len(item.seq.block_ids)))
-        longs = self._to_device(input_ids + positions + slots + logits_indices, torch.int64)
-        ints = self._to_device(query_start_loc + seq_lens + tables, torch.int32)
-        meta = AttentionMetadata(
-            phase=batch.phase,
-            slot_mapping=longs[2 * num_tokens : 3 * num_tokens],
-            query_start_loc=ints[: num_seqs + 1],
-            seq_lens=ints[num_seqs + 1 : 2 * num_seqs + 1],
-            block_tables=ints[2 * num_seqs + 1 :].view(num_seqs, max_blocks),
-            query_start_loc_host=tuple(query_start_loc),
-            seq_lens_host=tuple(seq_lens),
-        )
-        return ModelInputs(
-            input_ids=longs[:num_tokens],
-            positions=longs[num_tokens : 2 * num_tokens],
-            meta=meta,
-            logits_indices=longs[3 * num_tokens :],
+                logits_indices.append(len(token_ids) - 1)
+        width = max(len(it.seq.block_ids) for it in batch.items)
+        tables = np.full((len(batch.items), width), NULL_BLOCK_ID, np.int32)
+        for row, item in enumerate(batch.items):
+            tables[row, : len(item.seq.block_ids)] = item.seq.block_ids
+        self._prev_rows = {item.seq.request_id: k for k, item in enumerate(batch.sampling_items)}
+        return HostInputs(
+            token_ids, token_src, positions, slots, logits_indices, query_start_loc, seq_lens, tables
         )
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run one step; returns float32 logits [num_sampling_seqs, vocab_size] in batch order."""
+        """Launch one step; returns logits [num_sampling_seqs, vocab_size] in the model's dtype, in
+        batch order. Never waits for the device."""
         inputs = self.prepare(batch)
         if batch.phase == "decode" and self.graphs is not None:
             # Every decode row samples, so the graph's logits rows are the sampling rows.
-            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta).float()
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-        return self.model.compute_logits(hidden[inputs.logits_indices]).float()
+            return self.graphs.run(inputs, self._pinned)
+        n, t = len(inputs.seq_lens), inputs.num_tokens
+        longs = self._upload(
+            np.array(
+                inputs.token_ids + inputs.token_src + inputs.positions + inputs.slots + inputs.logits_indices,
+                np.int64,
+            )
+        )
+        ints = self._upload(
+            np.concatenate(
+                [np.array(inputs.query_start_loc + inputs.seq_lens, np.int32), inputs.block_tables.ravel()]
+            )
+        )
+        meta = AttentionMetadata(
+            phase=batch.phase,
+            slot_mapping=longs[3 * t : 4 * t],
+            query_start_loc=ints[: n + 1],
+            seq_lens=ints[n + 1 : 2 * n + 1],
+            block_tables=ints[2 * n + 1 :].view(inputs.block_tables.shape),
+            query_start_loc_host=tuple(inputs.query_start_loc),
+            seq_lens_host=tuple(inputs.seq_lens),
+        )
+        input_ids = torch.cat([self.sampled, longs[:t]])[longs[t : 2 * t]]
+        hidden = self.model(input_ids, longs[2 * t : 3 * t], self.kv_caches, meta)
+        return self.model.compute_logits(hidden[longs[4 * t :]])
 
-    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+    def tokens_to_host(self, num_rows: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start copying the first `num_rows` sampled tokens to the host. Returns the host tensor and,
+        on CUDA, the event after which it holds them."""
+        if self.device.type != "cuda":
+            return self.sampled[:num_rows].clone(), None
+        host = torch.empty(num_rows, dtype=torch.int64, pin_memory=True)
+        host.copy_(self.sampled[:num_rows], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    def _pinned(self, values: np.ndarray) -> torch.Tensor:
+        """A host array as a tensor, in pinned memory on CUDA so that a non-blocking copy is queued behind
+        the running step instead of waiting for it (the allocator keeps it until the copy is done)."""
+        host = torch.from_numpy(values)
+        return host.pin_memory() if self.device.type == "cuda" else host
+
+    def _upload(self, values: np.ndarray) -> torch.Tensor:
+        return self._pinned(values).to(self.device, non_blocking=True)

@@ -28,21 +28,27 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float) -> 
 
 
 class Sampler:
+    """Picks tokens on the device without synchronising with the host, so it can run while the
+    previous step is still in flight. Random draws use the exponential race (argmax of p / E with
+    E ~ Exp(1) picks token i with probability p_i), which needs no host round trip."""
+
     def __init__(self, device: torch.device, seed: int) -> None:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
     def __call__(
         self,
-        logits: torch.Tensor,  # [num_seqs, vocab_size] float32
+        logits: torch.Tensor,  # [num_seqs, vocab_size], any float dtype
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
-    ) -> list[int]:
-        tokens = logits.argmax(dim=-1)  # [num_seqs]; greedy rows are done here
+        out: torch.Tensor | None = None,  # [num_seqs] int64 on the logits' device
+    ) -> torch.Tensor:
+        """Next token per row, written into `out` (or a new tensor) and returned; no host sync."""
+        tokens = torch.argmax(logits, dim=-1, out=out)  # greedy rows are done here
         for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
             if p.greedy:
                 continue
-            masked = apply_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
-            probs = masked.softmax(-1)
-            tokens[row] = torch.multinomial(probs, 1, generator=gen or self.generator)[0]
-        return tokens.tolist()
+            masked = apply_top_k_top_p(logits[row].float() / p.temperature, p.top_k, p.top_p)
+            race = torch.empty_like(masked).exponential_(generator=gen or self.generator).clamp_(min=1e-30)
+            tokens[row] = (masked.softmax(-1) / race).argmax()
+        return tokens

@@ -8,6 +8,13 @@ Policy, one step: every running sequence gets its next tokens first (one for a d
 unfinished prompt), oldest first; when blocks run out the newest running sequence is preempted (its
 blocks freed; it is recomputed later, mostly from the prefix cache). Then waiting sequences are admitted
 in arrival order while budget, blocks and `max_num_seqs` allow.
+
+Lookahead: `schedule()` advances progress at once, and a sequence whose sampled token is still pending
+(its step has not completed) is scheduled to compute that token; the model runner takes the token from
+the device. So the engine can schedule and launch step N+1 before it reads step N's tokens, and `update`
+for step N may come after `schedule` for step N+1. A sequence that step N's token stops (EOS, a stop
+token) then has one wasted row in step N+1, ignored by its update; one that its length will stop is not
+scheduled again.
 """
 
 from __future__ import annotations
@@ -34,8 +41,12 @@ class ScheduledSeq:
 
 
 def scheduled(seq: Sequence, num_new_tokens: int) -> ScheduledSeq:
+    """The work item for the next `num_new_tokens` of a sequence; advances its progress now."""
     start = seq.num_computed_tokens
-    return ScheduledSeq(seq, start, num_new_tokens, start + num_new_tokens == seq.num_tokens)
+    samples = start + num_new_tokens == seq.num_tokens + seq.num_pending
+    seq.num_computed_tokens += num_new_tokens
+    seq.num_pending += samples
+    return ScheduledSeq(seq, start, num_new_tokens, samples)
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,7 @@ class Scheduler:
 
     @property
     def num_queued_tokens(self) -> int:
-        return sum(seq.num_tokens - seq.num_computed_tokens for seq in (*self.waiting, *self.running))
+        return sum(_num_uncomputed(seq) for seq in (*self.waiting, *self.running))
 
     def abort(self, request_id: str) -> Sequence | None:
         """Finish a request wherever it is, freeing its blocks. Unknown ids return None."""
@@ -94,9 +105,9 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.status is not SequenceStatus.RUNNING or self._length_stops_pending(seq):
+                continue  # preempted earlier in this loop, or finishes when its pending token lands
+            num_new = min(_num_uncomputed(seq), budget)
             while not self.kv.allocate(seq, num_new):
                 preempted = True
                 self._preempt(self.running[-1])
@@ -109,14 +120,14 @@ class Scheduler:
             budget = self._admit_waiting(items, budget)
         if not items:
             return None
-        is_decode = all(
-            it.num_new_tokens == 1 and it.seq.num_computed_tokens >= it.seq.num_prompt_tokens for it in items
-        )
+        is_decode = all(it.num_new_tokens == 1 and it.start >= it.seq.num_prompt_tokens for it in items)
         return ScheduledBatch("decode" if is_decode else "prefill", tuple(items))
 
     def _admit_waiting(self, items: list[ScheduledSeq], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:
+                break  # preempted with a token in flight: it rejoins once that token is known
             cached = self.kv.find_cached_prefix(seq)
             num_new = seq.num_tokens - len(cached) * self.kv.block_size
             if num_new > budget:
@@ -137,32 +148,46 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self.kv.commit(seq)  # its computed full blocks stay cached for the recompute
         self.kv.free(seq)
         seq.status = SequenceStatus.WAITING
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def update(self, batch: ScheduledBatch, sampled: list[int]) -> list[StepOutput]:
-        """Record a step's results: progress for every item, `sampled` tokens (one per sampling item,
-        in order) appended and checked for stops. Finished sequences release their blocks."""
+        """Record a completed step: `sampled` (one token per sampling item, in order) is appended and
+        checked for stops, and newly full blocks join the prefix cache. Finished sequences release
+        their blocks. Items of sequences finished or aborted since `schedule` are ignored; a sequence
+        preempted since keeps its token (it is recomputed with it)."""
+        if len(sampled) != len(batch.sampling_items):
+            raise ValueError(f"{len(sampled)} tokens for {len(batch.sampling_items)} sampling sequences")
         outputs: list[StepOutput] = []
-        new_tokens = {it.seq.request_id: tok for it, tok in zip(batch.sampling_items, sampled, strict=True)}
+        tokens = iter(sampled)
         for item in batch.items:
             seq = item.seq
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # aborted between schedule and update
-            seq.num_computed_tokens = item.start + item.num_new_tokens
-            self.kv.commit(seq)
-            token = new_tokens.get(seq.request_id)
+            token = next(tokens) if item.samples else None
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            if token is not None:
+                seq.num_pending -= 1
+                seq.token_ids.append(token)
+            if seq.status is SequenceStatus.RUNNING:
+                self.kv.commit(seq)
             if token is None:
                 continue
-            seq.token_ids.append(token)
             reason = self._stop_reason(seq, token)
             if reason is not None:
-                self.running.remove(seq)
+                (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
                 self._finish(seq, reason)
             outputs.append(StepOutput(seq.request_id, (token,), reason, seq.num_cached_tokens))
         return outputs
+
+    def _length_stops_pending(self, seq: Sequence) -> bool:
+        """Whether the pending token will finish the sequence by length (so nothing more to compute)."""
+        if not seq.num_pending:
+            return False
+        num_tokens = seq.num_tokens + seq.num_pending
+        return num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens or num_tokens >= self.max_model_len
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params
@@ -176,3 +201,7 @@ class Scheduler:
         self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+
+def _num_uncomputed(seq: Sequence) -> int:
+    return seq.num_tokens + seq.num_pending - seq.num_computed_tokens

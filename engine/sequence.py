@@ -25,8 +25,13 @@ class SequenceStatus(Enum):
 class Sequence:
     """A request's token ids (prompt + output) and where its KV lives.
 
-    Invariants: `num_computed_tokens <= num_tokens`; the KV of tokens [0, num_computed_tokens) is in
-    `block_ids`; `block_hashes[i]` is the chained hash of full block i of `token_ids`.
+    Invariants: `num_computed_tokens <= num_tokens + num_pending`; the KV of tokens
+    [0, num_computed_tokens) is in `block_ids` (or being written by a step still running);
+    `block_hashes[i]` is the chained hash of full block i of `token_ids`.
+
+    The engine schedules step N+1 while step N still runs, so a sequence can be scheduled again before
+    the token it sampled in step N is known: `num_pending` counts such tokens (0 or 1). Their position is
+    counted in `num_computed_tokens` when scheduled; the token joins `token_ids` when step N completes.
     """
 
     def __init__(
@@ -44,6 +49,7 @@ class Sequence:
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_pending = 0
         self.num_cached_tokens = 0
         self.ever_scheduled = False
         self.block_ids: list[int] = []

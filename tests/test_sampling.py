@@ -28,7 +28,7 @@ def test_greedy_and_degenerate_filters_pick_the_argmax():
         SamplingParams(temperature=2.0, top_p=1e-6),
         SamplingParams(temperature=0.0, top_k=5),
     ]
-    assert sampler(logits, params, [None] * 4) == logits.argmax(-1).tolist()
+    assert sampler(logits, params, [None] * 4).tolist() == logits.argmax(-1).tolist()
 
 
 def test_seeded_requests_do_not_depend_on_their_batch():
@@ -39,15 +39,15 @@ def test_seeded_requests_do_not_depend_on_their_batch():
     def gen():
         return torch.Generator().manual_seed(123)
 
-    alone = [sampler(logits[1:2], [p], [gen()])[0] for _ in range(3)]
-    in_batch = sampler(logits, [SamplingParams(), p, SamplingParams()], [None, gen(), None])[1]
+    alone = [int(sampler(logits[1:2], [p], [gen()])[0]) for _ in range(3)]
+    in_batch = int(sampler(logits, [SamplingParams(), p, SamplingParams()], [None, gen(), None])[1])
     assert alone == [alone[0]] * 3 and in_batch == alone[0]
 
 
 def test_sampling_follows_the_distribution():
     sampler = Sampler(torch.device("cpu"), seed=0)
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).repeat(4000, 1)
-    tokens = torch.tensor(sampler(logits, [SamplingParams()] * 4000, [None] * 4000))
+    tokens = sampler(logits, [SamplingParams()] * 4000, [None] * 4000)
     freq = torch.bincount(tokens, minlength=3).float() / 4000
     assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.03)
 

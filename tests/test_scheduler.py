@@ -151,3 +151,74 @@ def test_load_signals_queued_tokens_and_kv_usage():
     step(sched)  # a: 8 of 10 prompt tokens computed, 2 blocks
     assert sched.num_queued_tokens == 2 + 6
     assert pool.usage == pytest.approx(2 / 15)
+
+
+# Lookahead: the engine schedules step N+1 before it reads step N's tokens.
+
+
+def plan_of(batch):
+    return [(it.seq.request_id, it.start, it.num_new_tokens, it.samples) for it in batch.items]
+
+
+def test_lookahead_schedules_the_pending_token_and_keeps_order():
+    sched, _ = make()
+    a = seq("a", 5, max_tokens=3, ignore_eos=True)
+    sched.add(a)
+    first = sched.schedule()
+    assert plan_of(first) == [("a", 0, 5, True)] and a.num_pending == 1
+    second = sched.schedule()  # a's first token is not known yet: computed at position 5 anyway
+    assert plan_of(second) == [("a", 5, 1, True)] and second.phase == "decode"
+    assert a.num_pending == 2 and a.num_computed_tokens == 6 and sched.num_queued_tokens == 1
+    assert [o.new_token_ids for o in sched.update(first, [11])] == [(11,)]
+    # a's 3rd token would be its last: nothing is left to compute until the pending tokens land.
+    third = sched.schedule()
+    assert plan_of(third) == [("a", 6, 1, True)]
+    assert sched.schedule() is None
+    sched.update(second, [12])
+    outs = sched.update(third, [13])
+    assert outs[0].finish_reason is FinishReason.LENGTH and a.output_token_ids == [11, 12, 13]
+
+
+def test_lookahead_row_of_a_sequence_stopped_meanwhile_is_ignored():
+    sched, pool = make()
+    a, b = seq("a", 4, max_tokens=8), seq("b", 4, max_tokens=8, first=50)
+    sched.add(a)
+    sched.add(b)
+    first = sched.schedule()
+    second = sched.schedule()  # both scheduled again before their first tokens are known
+    outs = sched.update(first, [EOS, 7])  # a stops: its row in `second` is wasted
+    assert [(o.request_id, o.finish_reason) for o in outs] == [("a", FinishReason.STOP), ("b", None)]
+    assert a.is_finished and a.block_ids == []
+    outs = sched.update(second, [7, 7])
+    assert [(o.request_id, o.new_token_ids) for o in outs] == [("b", (7,))]
+    assert b.output_token_ids == [7, 7] and b.num_pending == 0
+    sched.abort("b")
+    assert pool.num_free_blocks == 15
+
+
+def test_lookahead_preempted_sequence_keeps_its_pending_token():
+    sched, pool = make(num_blocks=5, budget=64)  # 4 usable blocks of 4 tokens
+    a, b = seq("a", 7, max_tokens=3), seq("b", 7, max_tokens=8, first=50)
+    sched.add(a)
+    sched.add(b)
+    first = sched.schedule()  # prefill both: 2 blocks each, the pool is full
+    second = sched.schedule()  # decode both at position 7
+    third = sched.schedule()  # a needs a 3rd block: b (with 2 tokens pending) is preempted
+    assert plan_of(third) == [("a", 8, 1, True)]
+    assert b.status is SequenceStatus.WAITING and b.num_pending == 2 and b.block_ids == []
+    assert sched.schedule() is None  # a's next token is its last; b waits for its pending tokens
+    sched.update(first, [7, 8])
+    sched.update(second, [7, 9])
+    assert b.output_token_ids == [8, 9] and b.num_pending == 0  # preempted, yet nothing is lost
+    sched.update(third, [7])
+    assert a.is_finished
+    assert plan_of(sched.schedule()) == [("b", 4, 5, True)]  # recomputed with both tokens (head block cached)
+    assert pool.num_free_blocks == 4 - 3
+
+
+def test_lookahead_abort_while_in_flight():
+    sched, pool = make()
+    sched.add(seq("a", 5))
+    batch = sched.schedule()
+    sched.abort("a")
+    assert sched.update(batch, [7]) == [] and pool.num_free_blocks == 15
