@@ -58,11 +58,14 @@ def kv_bytes(llm: LLM, num_tokens: int) -> int:
     return 2 * cfg.num_layers * num_tokens * cfg.kv_size * llm.engine.dtype.itemsize
 
 
-def decode_step_ms(llm: LLM, batch: int, context: int, steps: int = 60) -> float:
-    """Time per engine decode step for `batch` sequences at about `context` tokens, in steady state:
-    steps run back to back (the engine overlaps each step's host work with the previous step's device
-    work, so timing steps one by one with a sync around each would measure something else); the median
-    of three runs of steps // 3 steps."""
+def decode_step_ms(llm: LLM, batch: int, context: int, steps: int = 60, profile: bool = False):
+    """(ms per engine decode step, ms per graph replay) for `batch` sequences at about `context` tokens.
+
+    Steps run back to back, in steady state: the engine overlaps each step's host work with the
+    previous step's device work, so timing steps one at a time with a sync around each would measure
+    something else. Step time is the median of three runs of steps // 3 steps. The replay time is the
+    captured GPU work alone (no scheduling, input copies or sampling), timed while the sequences still
+    run, on the last step's inputs (a replay rewrites the same K/V into the same slots)."""
     engine = llm.engine
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
@@ -84,23 +87,18 @@ def decode_step_ms(llm: LLM, batch: int, context: int, steps: int = 60) -> float
             engine.step()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3 / (steps // 3))
+    graphs = engine.runner.graphs
+    graph = graphs.graphs[graphs.bucket_for(batch)]
+    replay_ms = do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+    if profile:
+        profile_replay(graph, batch)
     while engine.has_unfinished_requests():
         engine.step()
-    return statistics.median(times)
+    return statistics.median(times), replay_ms
 
 
-def graph_replay_ms(llm: LLM, batch: int) -> float:
-    """GPU time of the captured decode step alone (no scheduling, input copies or sampling). Replays the
-    last step's inputs: its KV writes land in slots the finished sequences no longer own."""
-    graphs = llm.engine.runner.graphs
-    graph = graphs.graphs[graphs.bucket_for(batch)]
-    return do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
-
-
-def profile_replay(llm: LLM, batch: int, top: int = 14) -> None:
+def profile_replay(graph: torch.cuda.CUDAGraph, batch: int, top: int = 14) -> None:
     """Per-kernel GPU time of one captured decode step (torch profiler over 20 replays)."""
-    graphs = llm.engine.runner.graphs
-    graph = graphs.graphs[graphs.bucket_for(batch)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
             graph.replay()
@@ -195,15 +193,13 @@ def main() -> None:
     weights = weight_bytes_per_step(llm)
     rows = []
     for batch, context in ((1, 128), (1, 2048), (32, 128), (64, 2048)):
-        ms = decode_step_ms(llm, batch, context)
-        gpu_ms = graph_replay_ms(llm, batch)
+        profile = args.profile and batch == 1 and context == 2048
+        ms, gpu_ms = decode_step_ms(llm, batch, context, profile=profile)
         moved = weights + kv_bytes(llm, batch * context)
         floor_ms = moved / bw * 1e3
         rows.append({"batch": batch, "context": context, "ms": ms, "gpu_ms": gpu_ms, "floor_ms": floor_ms,
                      "bw_fraction": floor_ms / ms, "gpu_bw_fraction": floor_ms / gpu_ms,
                      "tokens_per_s": batch / ms * 1e3})
-        if args.profile and batch == 1 and context == 2048:
-            profile_replay(llm, batch)
     results["steps"] = rows
     print("\n| batch | context | step ms | replay ms | floor ms | floor/step | floor/replay | tokens/s |")
     print("|---|---|---|---|---|---|---|---|")

@@ -2,8 +2,10 @@
 
 One implementation: the families differ only in options read from `ModelConfig` (qkv bias, q/k norm,
 head_dim). Q/K/V and gate/up projections are packed into one matrix each (the checkpoint loader packs
-them). The model takes flat token batches and explicit attention metadata; it holds no per-request state
-and knows nothing about scheduling, sampling or tokenization.
+them). Each norm is one `ModelOps` call together with the projection after it (and the MLP's activation),
+so the ops can fuse them; per layer: add+norm+qkv, q/k norm, RoPE + KV write, attention, o_proj,
+add+norm+gate_up+SiLU-and-mul, down_proj. The model takes flat token batches and explicit attention
+metadata; it holds no per-request state and knows nothing about scheduling, sampling or tokenization.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ def _empty(*shape: int) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, ops: ModelOps) -> None:
         super().__init__()
         self.weight = _empty(out_features, in_features)
         self.bias = _empty(out_features) if bias else None
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.ops.linear(x, self.weight, self.bias)
 
 
 class Embedding(nn.Module):
@@ -56,6 +59,18 @@ class RMSNorm(nn.Module):
         """Residual add then norm: returns (norm(x + residual), x + residual)."""
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
+    def add_forward_linear(
+        self, x: torch.Tensor, residual: torch.Tensor | None, linear: Linear
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(linear(norm(x + residual)), x + residual); residual None (the first layer) adds nothing."""
+        return self.ops.add_norm_linear(x, residual, self.weight, self.eps, linear.weight, linear.bias)
+
+    def add_forward_gate_up_silu(
+        self, x: torch.Tensor, residual: torch.Tensor, gate_up: Linear
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(silu_and_mul(gate_up(norm(x + residual))), x + residual)."""
+        return self.ops.add_norm_gate_up_silu(x, residual, self.weight, self.eps, gate_up.weight)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, ops: ModelOps) -> None:
@@ -63,8 +78,8 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.rotary = rotary
         self.ops = ops
-        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias, ops=ops)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias, ops=ops)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops)
@@ -72,14 +87,19 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor,  # [num_tokens, hidden_size], the last sublayer's output
+        residual: torch.Tensor | None,
+        norm: RMSNorm,
         positions: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """norm(x + residual) → qkv → attention → o_proj; returns (output, x + residual). The norm is
+        fused with the qkv projection."""
         cfg = self.cfg
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        qkv, residual = norm.add_forward_linear(x, residual, self.qkv_proj)  # [num_tokens, q + 2 * kv size]
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(num_tokens, cfg.num_heads, cfg.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -89,18 +109,22 @@ class Attention(nn.Module):
             positions, q, k, v, self.rotary.cos, self.rotary.sin, kv_cache, meta.slot_mapping
         )
         o = self.ops.attention(q, kv_cache, meta, self.scale)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(o.reshape(num_tokens, cfg.q_size))
+        return self.o_proj(o.reshape(num_tokens, cfg.q_size)), residual
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: ModelOps) -> None:
         super().__init__()
-        self.ops = ops
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, ops=ops)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, ops=ops)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """norm(x + residual) → gate_up → SiLU-and-mul → down_proj; returns (output, x + residual). The
+        norm, the gate/up projection and the activation are one fused call."""
+        act, residual = norm.add_forward_gate_up_silu(x, residual, self.gate_up_proj)  # [num_tokens, inter]
+        return self.down_proj(act), residual
 
 
 class DecoderLayer(nn.Module):
@@ -112,13 +136,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, ops)
 
     def forward(self, x, residual, positions, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm.add_forward(x, residual)
-        x = self.self_attn(x, positions, kv_cache, meta)
-        x, residual = self.post_attention_layernorm.add_forward(x, residual)
-        return self.mlp(x), residual
+        """(sublayer output, residual stream); residual None on the first layer (x is the embeddings)."""
+        x, residual = self.self_attn(x, residual, self.input_layernorm, positions, kv_cache, meta)
+        return self.mlp(x, residual, self.post_attention_layernorm)
 
 
 class DecoderLM(nn.Module):
@@ -131,7 +151,7 @@ class DecoderLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, ops) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         tied = cfg.tie_word_embeddings
-        self.lm_head = None if tied else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if tied else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, ops=ops)
 
     def forward(
         self,

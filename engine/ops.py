@@ -1,4 +1,5 @@
-"""The model's swappable operations: norms, activation, RoPE + KV write, attention.
+"""The model's swappable operations: norms, projections (alone or fused with the norm before them and the
+activation after them), activation, RoPE + KV write, attention.
 
 Owns the choice between the plain-torch reference (any device and dtype; what CPU runs and what the
 kernels are tested against) and the Triton kernels (CUDA). The model is built with one `ModelOps` object
@@ -37,6 +38,42 @@ class TorchOps:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    def _add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:  # the first layer: the embeddings are the residual stream
+            return self.rms_norm(x, weight, eps), x
+        return self.add_rms_norm(x, residual, weight, eps)
+
+    def add_norm_linear(
+        self,
+        x: torch.Tensor,  # [num_tokens, hidden_size]
+        residual: torch.Tensor | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor,  # [out_features, hidden_size]
+        bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(linear(norm(x + residual)), x + residual); with residual None, (linear(norm(x)), x).
+        May consume x and residual as `add_rms_norm` does; the caller keeps only the returned tensors."""
+        normed, residual = self._add_norm(x, residual, norm_weight, eps)
+        return self.linear(normed, weight, bias), residual
+
+    def add_norm_gate_up_silu(
+        self,
+        x: torch.Tensor,  # [num_tokens, hidden_size]
+        residual: torch.Tensor | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        gate_up_weight: torch.Tensor,  # [2 * intermediate_size, hidden_size], gate rows first
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(silu_and_mul(linear(norm(x + residual))), x + residual), residual as in `add_norm_linear`."""
+        normed, residual = self._add_norm(x, residual, norm_weight, eps)
+        return self.silu_and_mul(self.linear(normed, gate_up_weight, None)), residual
+
     def rope_and_store_kv(
         self,
         positions: torch.Tensor,  # [num_tokens]
@@ -74,8 +111,9 @@ def select_ops(device: torch.device, kernels: str = "auto") -> ModelOps:
         return TorchOps()
     try:
         from splitserve.engine.triton_ops import TritonOps
+        from splitserve.kernels.gemv import pdl_supported
     except ImportError:
         if kernels == "triton":
             raise
         return TorchOps()
-    return TritonOps()
+    return TritonOps(pdl=pdl_supported(device))

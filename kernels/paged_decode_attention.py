@@ -23,6 +23,10 @@ import triton.language as tl
 MAX_SPLITS = 64  # the merge reads each (sequence, head)'s split LSEs as one vector
 CPU_NUM_SMS = 4  # the interpreter runs programs one by one: few splits keep CPU tests fast
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Batches of at most SMALL_BATCH sequences take finer splits (see `default_tuning`).
+SMALL_BATCH = 8
+SMALL_BATCH_SPLIT_CHUNKS = 4
+SMALL_BATCH_PROGRAMS_PER_SM = 2
 
 
 @dataclass(frozen=True)
@@ -43,9 +47,15 @@ class DecodeTuning:
         return self.min_split_chunks * self.block_n
 
 
-def default_tuning(head_dim: int) -> DecodeTuning:
-    # Wide heads halve the token tile so K+V tiles of all pipeline stages fit in shared memory.
-    return DecodeTuning(block_n=32 if head_dim > 128 else 64)
+def default_tuning(head_dim: int, num_seqs: int = 64) -> DecodeTuning:
+    """Wide heads halve the token tile so K+V tiles of all pipeline stages fit in shared memory. Small
+    batches (each CUDA-graph bucket is its own launch) spread each sequence over more, shorter splits:
+    with few (sequence, KV head) pairs the SMs would otherwise idle."""
+    block_n = 32 if head_dim > 128 else 64
+    if num_seqs <= SMALL_BATCH:
+        return DecodeTuning(block_n=block_n, min_split_chunks=SMALL_BATCH_SPLIT_CHUNKS,
+                            programs_per_sm=SMALL_BATCH_PROGRAMS_PER_SM)
+    return DecodeTuning(block_n=block_n)
 
 
 @triton.jit
@@ -239,7 +249,7 @@ def paged_decode_attention(
     _validate(q, kv_cache, block_tables, seq_lens, out)
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
-    tuning = tuning or default_tuning(head_dim)
+    tuning = tuning or default_tuning(head_dim, num_seqs)
     max_context_len = block_tables.shape[1] * block_size
     if max_splits is None:
         max_splits = choose_max_splits(

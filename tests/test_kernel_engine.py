@@ -13,6 +13,8 @@ import torch
 
 from splitserve import LLM, SamplingParams
 from splitserve.engine.cuda_graphs import batch_buckets
+from splitserve.engine.ops import TorchOps
+from splitserve.engine.triton_ops import TritonOps
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -33,6 +35,47 @@ def test_triton_kernels_match_the_torch_reference(tiny_model, arch):
     want = [o.outputs[0].token_ids for o in reference.generate(batch, params)]
     got = [o.outputs[0].token_ids for o in kernels.generate(batch, params)]
     assert got == want
+
+
+@pytest.mark.parametrize("num_tokens", [4, 5])
+def test_triton_ops_fuse_the_projections_of_small_batches_only(num_tokens):
+    """Up to `fused_gemv_max_tokens` rows the fused GEMV kernels run and leave their inputs alone (the new
+    residual is a new tensor); above it the in-place add_rms_norm kernel and F.linear do. Both paths give
+    the reference's values."""
+    ops, reference = TritonOps(fused_gemv_max_tokens=4, pdl=False), TorchOps()
+    fused = num_tokens <= 4
+    gen = torch.Generator().manual_seed(num_tokens)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(*shape, generator=gen)).to(DEVICE)
+
+    hidden, out_features, inter, eps = 64, 80, 48, 1e-6
+    x, residual = randn(num_tokens, hidden), randn(num_tokens, hidden)  # [num_tokens, hidden]
+    norm_weight = 1 + randn(hidden, scale=0.1)
+    weight, bias = randn(out_features, hidden, scale=hidden**-0.5), randn(out_features)
+    gate_up = randn(2 * inter, hidden, scale=hidden**-0.5)
+
+    want = reference.add_norm_linear(x, residual, norm_weight, eps, weight, bias)
+    x_in, residual_in = x.clone(), residual.clone()
+    got = ops.add_norm_linear(x_in, residual_in, norm_weight, eps, weight, bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(residual_in, residual) == fused, "only the fallback adds into the residual in place"
+
+    want = reference.add_norm_gate_up_silu(x, residual, norm_weight, eps, gate_up)
+    x_in, residual_in = x.clone(), residual.clone()
+    got = ops.add_norm_gate_up_silu(x_in, residual_in, norm_weight, eps, gate_up)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(residual_in, residual) == fused
+    torch.testing.assert_close(ops.linear(x, weight, bias), reference.linear(x, weight, bias))
+
+
+def test_triton_ops_reject_bad_options():
+    with pytest.raises(ValueError):
+        TritonOps(fused_gemv_max_tokens=17)
+    if not torch.cuda.is_available():
+        assert TritonOps().pdl is False, "no PDL without a GPU"
+        with pytest.raises(ValueError):
+            TritonOps(pdl=True)
 
 
 def test_batch_buckets_cover_every_batch_size():
