@@ -68,7 +68,9 @@ def decode_step_ms(llm: LLM, batch: int, context: int, steps: int = 60, profile:
     run, on the last step's inputs (a replay rewrites the same K/V into the same slots)."""
     engine = llm.engine
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    # More tokens than the run needs (sequences that finish prefill early decode while others still
+    # prefill): every sequence is still running, so each timed step is a full batch. Aborted at the end.
+    params = SamplingParams(temperature=0.0, max_tokens=4 * steps + 64, ignore_eos=True)
     gen = torch.Generator().manual_seed(batch * 7919 + context)
     for i in range(batch):
         prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
@@ -92,6 +94,8 @@ def decode_step_ms(llm: LLM, batch: int, context: int, steps: int = 60, profile:
     replay_ms = do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
     if profile:
         profile_replay(graph, batch)
+    for i in range(batch):
+        engine.abort_request(f"b{batch}-c{context}-{i}")
     while engine.has_unfinished_requests():
         engine.step()
     return statistics.median(times), replay_ms

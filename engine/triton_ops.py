@@ -2,16 +2,20 @@
 
 Owns the mapping from the model's calls to kernel launchers: fused residual-add + RMSNorm, SiLU-and-mul,
 RoPE fused with the paged K/V write, and split-KV paged decode attention, whose lengths are read on the
-device, so decode steps can be captured in CUDA graphs. Prefill attention stays on the torch reference
-(PyTorch's fused SDPA kernels per sequence) until a measured Triton kernel beats it.
+device, so decode steps can be captured in CUDA graphs; prefill attention (chunks over a cached prefix)
+through the paged varlen kernel, which measured 1.8-78x faster than the per-sequence torch SDPA path
+on an H100 (docs/benchmarks.md).
 
-Projections of at most `fused_gemv_max_tokens` rows (decode of small batches, bound by weight reads and
-launches) run on the GEMV kernels with the norm before them and the MLP activation after them fused in;
-larger ones on the add_rms_norm kernel, cuBLAS (F.linear) and the silu_and_mul kernel. The choice depends
-on the row count only, so each CUDA-graph batch bucket captures one fixed path.
+Projections of at most `fused_gemv_max_tokens` rows can run on the GEMV kernels with the norm before
+them and the MLP activation after them fused in; the rest on the add_rms_norm kernel, cuBLAS (F.linear)
+and the silu_and_mul kernel. The default is 0 (never fused): on an H100 the fused kernels measured
+slower than cuBLAS plus the separate elementwise kernels (docs/benchmarks.md). The choice depends on the
+row count only, so each CUDA-graph batch bucket captures one fixed path.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +30,7 @@ from splitserve.kernels.gemv import (
     pdl_supported,
 )
 from splitserve.kernels.paged_decode_attention import paged_decode_attention
+from splitserve.kernels.paged_prefill_attention import paged_prefill_attention
 from splitserve.kernels.rms_norm import add_rms_norm, rms_norm
 from splitserve.kernels.rope_kv import rope_and_store_kv
 from splitserve.kernels.silu_mul import silu_and_mul
@@ -40,7 +45,7 @@ class TritonOps(TorchOps):
     name = "triton"
     supports_cuda_graphs = True
 
-    def __init__(self, *, fused_gemv_max_tokens: int = 8, pdl: bool | None = None) -> None:
+    def __init__(self, *, fused_gemv_max_tokens: int = 0, pdl: bool | None = None) -> None:
         if not 0 <= fused_gemv_max_tokens <= MAX_TOKENS:
             raise ValueError(f"fused_gemv_max_tokens must be in [0, {MAX_TOKENS}]: {fused_gemv_max_tokens}")
         supported = torch.cuda.is_available() and pdl_supported(torch.device("cuda"))
@@ -86,4 +91,9 @@ class TritonOps(TorchOps):
     ) -> torch.Tensor:
         if meta.phase == "decode":
             return paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale)
-        return super().attention(q, kv_cache, meta, scale)
+        starts = meta.query_start_loc_host
+        max_query_len = max(b - a for a, b in itertools.pairwise(starts))
+        return paged_prefill_attention(
+            q, kv_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
+            max_query_len=max_query_len,
+        )  # fmt: skip

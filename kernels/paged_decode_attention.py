@@ -23,10 +23,11 @@ import triton.language as tl
 MAX_SPLITS = 64  # the merge reads each (sequence, head)'s split LSEs as one vector
 CPU_NUM_SMS = 4  # the interpreter runs programs one by one: few splits keep CPU tests fast
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Batches of at most SMALL_BATCH sequences take finer splits (see `default_tuning`).
+# Batches of at most SMALL_BATCH sequences take finer splits and fewer stages (see `default_tuning`):
+# measured in CUDA graphs on an H100, batch 1 / context 2k 9.1 -> 7.5 µs, batch 8 / 4k 33.5 -> 32.1 µs
+# (benchmarks/decode_attention_sweep.py, docs/benchmarks.md).
 SMALL_BATCH = 8
-SMALL_BATCH_SPLIT_CHUNKS = 4
-SMALL_BATCH_PROGRAMS_PER_SM = 2
+SMALL_BATCH_TUNING = {"num_stages": 2, "min_split_chunks": 1, "programs_per_sm": 4}
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,7 @@ def default_tuning(head_dim: int, num_seqs: int = 64) -> DecodeTuning:
     with few (sequence, KV head) pairs the SMs would otherwise idle."""
     block_n = 32 if head_dim > 128 else 64
     if num_seqs <= SMALL_BATCH:
-        return DecodeTuning(block_n=block_n, min_split_chunks=SMALL_BATCH_SPLIT_CHUNKS,
-                            programs_per_sm=SMALL_BATCH_PROGRAMS_PER_SM)
+        return DecodeTuning(block_n=block_n, **SMALL_BATCH_TUNING)
     return DecodeTuning(block_n=block_n)
 
 
