@@ -1,0 +1,117 @@
+"""The wire format of a KV transfer: planning bounded chunks, encoding them, and validating them on receipt.
+
+A transfer moves `num_blocks` consecutive blocks of a request (counted from its `first_block`: the
+receiver's prefix hits are skipped) for every layer, layer by layer so that layer L can travel while
+layer L+1 is computed. A chunk holds whole blocks of one layer, K then V, raw little-endian bytes laid out
+[2, num_blocks, block_size, num_kv_heads, head_dim], with a CRC-32 of the bytes (integrity against
+corruption in transit, not authentication). Torch-free: tensors are turned into bytes by the workers.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+from splitserve.kvtransfer.errors import CorruptChunk, LayoutMismatch, MalformedChunk
+from splitserve.protos import common_pb2, kvtransfer_pb2
+
+DEFAULT_CHUNK_BYTES = 4 * 2**20
+MAX_CHUNK_BYTES = 64 * 2**20  # the receiver's hard limit, whatever the sender was configured with
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_LAYOUT_FIELDS = ("model_id", "num_layers", "num_kv_heads", "head_dim", "block_size", "dtype")
+
+
+def block_bytes(layout: common_pb2.KVLayout) -> int:
+    """Bytes of one block of one layer, K and V."""
+    return 2 * layout.block_size * layout.num_kv_heads * layout.head_dim * DTYPE_BYTES[layout.dtype]
+
+
+def check_layout(ours: common_pb2.KVLayout, theirs: common_pb2.KVLayout) -> None:
+    """Raise `LayoutMismatch` naming every field that differs."""
+    if theirs.dtype not in DTYPE_BYTES:
+        raise LayoutMismatch(f"unsupported KV dtype {theirs.dtype!r}")
+    diffs = [
+        f"{f}: ours {getattr(ours, f)!r}, theirs {getattr(theirs, f)!r}"
+        for f in _LAYOUT_FIELDS
+        if getattr(ours, f) != getattr(theirs, f)
+    ]
+    if diffs:
+        raise LayoutMismatch("KV layouts differ: " + "; ".join(diffs))
+
+
+@dataclass(frozen=True)
+class ChunkSpan:
+    layer: int
+    first_block: int
+    num_blocks: int
+
+
+def plan_chunks(
+    layout: common_pb2.KVLayout, first_block: int, num_blocks: int, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> list[ChunkSpan]:
+    """The chunks of a transfer in sending order: layer by layer, each at most `max_chunk_bytes` (and
+    at least one block). Raises ValueError when one block does not fit."""
+    per_block = block_bytes(layout)
+    if per_block > max_chunk_bytes:
+        raise ValueError(f"one block ({per_block} bytes) exceeds the chunk limit of {max_chunk_bytes} bytes")
+    step = max_chunk_bytes // per_block
+    end = first_block + num_blocks
+    return [
+        ChunkSpan(layer, start, min(step, end - start))
+        for layer in range(layout.num_layers)
+        for start in range(first_block, end, step)
+    ]
+
+
+def encode_chunk(lease_id: str, seq: int, span: ChunkSpan, data: bytes, last: bool) -> kvtransfer_pb2.KVChunk:
+    return kvtransfer_pb2.KVChunk(
+        lease_id=lease_id, seq=seq, layer=span.layer, first_block=span.first_block,
+        num_blocks=span.num_blocks, data=data, crc32=zlib.crc32(data), last=last,
+    )  # fmt: skip
+
+
+class ChunkValidator:
+    """The receiver's checks, chunk by chunk, for one lease: sequence numbers without gaps, spans inside
+    the reserved range, each (layer, block) sent once, sizes exact, checksums right, and a `last` chunk
+    that completes the coverage. Raises `MalformedChunk` or `CorruptChunk`; changes nothing on error."""
+
+    def __init__(self, layout: common_pb2.KVLayout, first_block: int, num_blocks: int) -> None:
+        self.layout = layout
+        self.first_block = first_block
+        self.num_blocks = num_blocks
+        self.block_bytes = block_bytes(layout)
+        self.next_seq = 0
+        self.bytes_received = 0
+        self._next_block = [first_block] * layout.num_layers  # per layer: chunks arrive in block order
+
+    @property
+    def complete(self) -> bool:
+        return all(b == self.first_block + self.num_blocks for b in self._next_block)
+
+    def accept(self, chunk: kvtransfer_pb2.KVChunk) -> ChunkSpan:
+        if chunk.seq != self.next_seq:
+            raise MalformedChunk(f"chunk {chunk.seq} arrived where {self.next_seq} was due")
+        if len(chunk.data) > MAX_CHUNK_BYTES:
+            raise MalformedChunk(f"chunk of {len(chunk.data)} bytes exceeds the {MAX_CHUNK_BYTES}-byte limit")
+        if chunk.layer >= self.layout.num_layers:
+            raise MalformedChunk(f"layer {chunk.layer} of a {self.layout.num_layers}-layer model")
+        expected_start = self._next_block[chunk.layer]
+        end, done = chunk.first_block + chunk.num_blocks, self.first_block + self.num_blocks
+        if chunk.num_blocks == 0 or chunk.first_block != expected_start or end > done:
+            raise MalformedChunk(
+                f"layer {chunk.layer}: blocks [{chunk.first_block}, {end}) "
+                f"where [{expected_start}, {done}) remain"
+            )
+        if len(chunk.data) != chunk.num_blocks * self.block_bytes:
+            raise MalformedChunk(
+                f"{len(chunk.data)} bytes for {chunk.num_blocks} blocks of {self.block_bytes} bytes"
+            )
+        if zlib.crc32(chunk.data) != chunk.crc32:
+            raise CorruptChunk(f"chunk {chunk.seq} (layer {chunk.layer}) fails its checksum")
+        others_done = all(b == done for i, b in enumerate(self._next_block) if i != chunk.layer)
+        if chunk.last and not (others_done and end == done):
+            raise MalformedChunk("the last chunk arrived before every block of every layer")
+        self._next_block[chunk.layer] = end
+        self.next_seq += 1
+        self.bytes_received += len(chunk.data)
+        return ChunkSpan(chunk.layer, chunk.first_block, chunk.num_blocks)

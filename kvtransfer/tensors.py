@@ -1,0 +1,33 @@
+"""KV blocks of one layer's paged cache as the transfer's raw bytes, and back.
+
+One layer's cache is [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V, as in
+`engine.attention`); the bytes of n blocks are that tensor's [2, n, ...] slice in native (little-endian)
+order, the layout `chunks` documents.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import torch
+
+assert sys.byteorder == "little", "the KV wire format is little-endian raw bytes"
+
+
+def read_blocks(kv_cache: torch.Tensor, block_ids: Sequence[int]) -> bytes:
+    """The K and V of `block_ids` (in that order) as bytes. Synchronises with the device (a copy to host)."""
+    index = torch.tensor(block_ids, dtype=torch.int64, device=kv_cache.device)
+    blocks = kv_cache.index_select(1, index).contiguous()  # [2, n, block_size, num_kv_heads, head_dim]
+    return blocks.view(torch.uint8).cpu().numpy().tobytes()
+
+
+def write_blocks(kv_cache: torch.Tensor, block_ids: Sequence[int], data: bytes) -> None:
+    """Store bytes from `read_blocks` (of a cache with the same layout) into `block_ids`."""
+    shape = (2, len(block_ids), *kv_cache.shape[2:])
+    expected = kv_cache.element_size() * 2 * len(block_ids) * kv_cache[0, 0].numel()
+    if len(data) != expected:
+        raise ValueError(f"{len(data)} bytes for {len(block_ids)} blocks of this cache; expected {expected}")
+    blocks = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(kv_cache.dtype).view(shape)
+    index = torch.tensor(block_ids, dtype=torch.int64, device=kv_cache.device)
+    kv_cache.index_copy_(1, index, blocks.to(kv_cache.device))

@@ -1,0 +1,183 @@
+"""The KV transfer's wire format and leases, without a network: chunk planning, encode → validate →
+write round trips between caches with different block ids, every rejection, and lease endings."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from splitserve.kvtransfer.chunks import ChunkValidator, block_bytes, check_layout, encode_chunk, plan_chunks
+from splitserve.kvtransfer.errors import CorruptChunk, LayoutMismatch, LeaseNotFound, MalformedChunk
+from splitserve.kvtransfer.leases import LeaseTable, TransferState
+from splitserve.kvtransfer.tensors import read_blocks, write_blocks
+from splitserve.protos.common_pb2 import KVLayout
+
+LAYOUT = KVLayout(model_id="m", num_layers=3, num_kv_heads=2, head_dim=8, block_size=4, dtype="bfloat16")
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def caches(layout: KVLayout, num_blocks: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    dtype = TORCH_DTYPES[layout.dtype]
+    return [torch.randn(shape, generator=gen).to(dtype) for _ in range(layout.num_layers)]
+
+
+def transfer_chunks(layout, src, src_blocks, first_block, max_bytes):
+    """Sender side: chunks for the request's blocks [first_block, len(src_blocks))."""
+    spans = plan_chunks(layout, first_block, len(src_blocks) - first_block, max_bytes)
+    chunks = []
+    for seq, span in enumerate(spans):
+        data = read_blocks(src[span.layer], src_blocks[span.first_block : span.first_block + span.num_blocks])
+        chunks.append(encode_chunk("lease", seq, span, data, last=seq == len(spans) - 1))
+    return chunks
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("max_blocks_per_chunk", [1, 3, 100])
+def test_round_trip_moves_exactly_the_missing_blocks(dtype, max_blocks_per_chunk):
+    layout = KVLayout()
+    layout.CopyFrom(LAYOUT)
+    layout.dtype = dtype
+    src, dst = caches(layout, 12, seed=1), caches(layout, 16, seed=2)
+    before = [c.clone() for c in dst]
+    src_blocks, dst_blocks = [3, 7, 1, 9, 4], [11, 2, 14, 5, 8]  # the request's blocks on each side
+    first = 2  # the receiver already holds the first two blocks
+    chunks = transfer_chunks(layout, src, src_blocks, first, max_blocks_per_chunk * block_bytes(layout))
+    assert all(len(c.data) <= max_blocks_per_chunk * block_bytes(layout) for c in chunks)
+    assert [c.layer for c in chunks] == sorted(c.layer for c in chunks), "layer by layer"
+    validator = ChunkValidator(layout, first, len(src_blocks) - first)
+    for chunk in chunks:
+        span = validator.accept(chunk)
+        blocks = dst_blocks[span.first_block : span.first_block + span.num_blocks]
+        write_blocks(dst[span.layer], blocks, chunk.data)
+    assert validator.complete and validator.bytes_received == 3 * 3 * block_bytes(layout)
+    for layer in range(layout.num_layers):
+        for s, d in zip(src_blocks[first:], dst_blocks[first:], strict=True):
+            assert torch.equal(dst[layer][:, d], src[layer][:, s])
+        untouched = [b for b in range(16) if b not in dst_blocks[first:]]
+        assert torch.equal(dst[layer][:, untouched], before[layer][:, untouched])
+
+
+def chunks_for_rejections():
+    src = caches(LAYOUT, 8, seed=3)
+    return transfer_chunks(LAYOUT, src, [1, 2, 3, 4], 0, 2 * block_bytes(LAYOUT))  # 2 chunks per layer
+
+
+def test_a_flipped_byte_is_caught():
+    chunks = chunks_for_rejections()
+    validator = ChunkValidator(LAYOUT, 0, 4)
+    validator.accept(chunks[0])
+    bad = bytearray(chunks[1].data)
+    bad[17] ^= 0x01
+    chunks[1].data = bytes(bad)
+    with pytest.raises(CorruptChunk):
+        validator.accept(chunks[1])
+    assert validator.next_seq == 1 and validator.bytes_received == len(chunks[0].data)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: setattr(c, "seq", 5), "arrived where"),
+        (lambda c: setattr(c, "layer", 3), "layer 3 of a 3-layer"),
+        (lambda c: setattr(c, "first_block", 1), "blocks [1, 3)"),
+        (lambda c: setattr(c, "num_blocks", 3), "512 bytes for 3 blocks"),
+        (lambda c: setattr(c, "num_blocks", 5), "blocks [0, 5)"),
+        (lambda c: setattr(c, "num_blocks", 0), "blocks [0, 0)"),
+        (lambda c: setattr(c, "data", c.data[:-2]), "bytes for 2 blocks"),
+        (lambda c: setattr(c, "last", True), "last chunk arrived before"),
+    ],
+)
+def test_malformed_chunks_are_rejected(mutate, message):
+    chunk = chunks_for_rejections()[0]
+    mutate(chunk)
+    validator = ChunkValidator(LAYOUT, 0, 4)
+    with pytest.raises(MalformedChunk, match=re.escape(message)):
+        validator.accept(chunk)
+    assert validator.next_seq == 0 and not validator.complete
+
+
+def test_oversized_chunk_is_rejected_before_its_checksum_is_computed(monkeypatch):
+    import splitserve.kvtransfer.chunks as chunks_module
+
+    monkeypatch.setattr(chunks_module, "MAX_CHUNK_BYTES", 100)
+    with pytest.raises(MalformedChunk, match="exceeds"):
+        ChunkValidator(LAYOUT, 0, 4).accept(chunks_for_rejections()[0])
+
+
+def test_a_repeated_span_is_rejected():
+    chunks = chunks_for_rejections()
+    validator = ChunkValidator(LAYOUT, 0, 4)
+    validator.accept(chunks[0])
+    first_span = plan_chunks(LAYOUT, 0, 4, 2 * block_bytes(LAYOUT))[0]
+    again = encode_chunk("lease", 1, first_span, chunks[0].data, last=False)  # next seq, same blocks
+    with pytest.raises(MalformedChunk, match=re.escape("blocks [0, 2) where [2, 4) remain")):
+        validator.accept(again)
+
+
+def test_layout_mismatch_names_every_differing_field():
+    other = KVLayout()
+    other.CopyFrom(LAYOUT)
+    other.head_dim, other.dtype = 16, "float16"
+    with pytest.raises(LayoutMismatch, match="head_dim: ours 8, theirs 16; dtype: ours 'bfloat16'"):
+        check_layout(LAYOUT, other)
+    other.CopyFrom(LAYOUT)
+    other.dtype = "int8"
+    with pytest.raises(LayoutMismatch, match="unsupported KV dtype"):
+        check_layout(LAYOUT, other)
+    check_layout(LAYOUT, LAYOUT)
+
+
+def test_a_block_larger_than_the_chunk_limit_cannot_be_planned():
+    with pytest.raises(ValueError, match="exceeds the chunk limit"):
+        plan_chunks(LAYOUT, 0, 4, block_bytes(LAYOUT) - 1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_leases_end_exactly_once():
+    released = []
+    clock = Clock()
+    table = LeaseTable(released.append, clock)
+    acked = table.grant("a", [1, 2], 1, ttl_s=5)
+    aborted = table.grant("b", [3], 0, ttl_s=5)
+    expiring = table.grant("c", [4, 5, 6], 0, ttl_s=5)
+    clock.now += 4
+    table.renew(table.get(acked.lease_id))
+    assert table.acknowledge(acked.lease_id).state is TransferState.COMPLETE
+    table.release(aborted.lease_id, "sender failed")
+    clock.now += 1  # c's deadline passes; a was acknowledged before
+    assert table.expire_overdue() == [expiring]
+    assert [(x.request_id, x.state) for x in released] == [
+        ("b", TransferState.ABORTED), ("c", TransferState.EXPIRED),
+    ]
+    assert len(table) == 0
+    for lease in (acked, aborted, expiring):
+        with pytest.raises(LeaseNotFound):
+            table.release(lease.lease_id, "again")
+    assert len(released) == 2
+
+
+def test_progress_renews_and_shutdown_releases_everything():
+    released = []
+    clock = Clock()
+    table = LeaseTable(released.append, clock)
+    lease = table.grant("a", [1], 0, ttl_s=2)
+    for _ in range(5):
+        clock.now += 1.5
+        table.renew(table.get(lease.lease_id))
+    assert lease.state is TransferState.RECEIVING and not released
+    table.grant("b", [2], 0, ttl_s=2)
+    table.release_all("worker stopping")
+    assert {x.request_id for x in released} == {"a", "b"} and len(table) == 0
+    with pytest.raises(ValueError):
+        table.grant("c", [3], 0, ttl_s=0)
