@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.block_pool import BlockPool, OutOfKVBlocks
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.errors import InvalidRequest
 from splitserve.engine.kv_cache_manager import KVCacheManager, cdiv
@@ -26,6 +26,13 @@ from splitserve.engine.scheduler import ScheduledBatch, Scheduler
 from splitserve.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVReservation:
+    request_id: str
+    block_ids: list[int]  # every block of the prompt, in token order
+    num_cached_blocks: int  # leading blocks already holding the prompt's KV (prefix hits): not sent
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class Engine:
         self.sampler = Sampler(self.device, config.seed)
         self._sequences: dict[str, Sequence] = {}
         self._in_flight: _InFlight | None = None  # the launched step whose tokens are not read yet
+        self._reserved: dict[str, Sequence] = {}  # waiting for their KV by transfer (reserve_kv)
         log.info(
             "engine ready: %s %s on %s, %d KV blocks of %d tokens",
             cfg.family, self.dtype, self.device, self.runner.num_blocks, config.cache.block_size,
@@ -67,19 +75,81 @@ class Engine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         cache_salt: str | None = None,
+        hold_kv: bool = False,
     ) -> None:
-        """Queue a request. Raises `InvalidRequest` (changing nothing) when it can never run."""
+        """Queue a request. Raises `InvalidRequest` (changing nothing) when it can never run. With
+        `hold_kv` its KV blocks outlive it (for a transfer: `held_kv`) until `release_kv`."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params, cache_salt, hold_kv)
+        self._sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def held_kv(self, request_id: str) -> list[int]:
+        """Block ids holding a finished `hold_kv` request's KV, in token order. Raises KeyError."""
+        return self.scheduler.held[request_id].block_ids
+
+    def release_kv(self, request_id: str) -> bool:
+        return self.scheduler.release_held(request_id)
+
+    def reserve_kv(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> KVReservation:
+        """Blocks for a prompt whose KV another worker computed: the longest cached prefix (every full
+        block may match) plus new blocks for the rest. The request waits, holding them, until
+        `admit_kv` (KV written) or `cancel_kv`. Raises `InvalidRequest`, or `OutOfKVBlocks` when the
+        free blocks do not suffice (changing nothing)."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params, cache_salt, hold_kv=False)
+        cached = self.kv.find_cached_prefix(seq, leave_one=False)
+        num_rest = seq.num_tokens - len(cached) * self.kv.block_size
+        if not self.kv.allocate(seq, num_rest, cached):
+            raise OutOfKVBlocks(
+                f"{cdiv(seq.num_tokens, self.kv.block_size) - len(cached)} free KV blocks needed, "
+                f"{self.block_pool.num_free_blocks} free"
+            )
+        self._sequences[request_id] = seq
+        self._reserved[request_id] = seq
+        return KVReservation(request_id, list(seq.block_ids), len(cached))
+
+    def admit_kv(self, request_id: str, first_token_id: int) -> StepOutput | None:
+        """The reserved request's prompt KV is in its blocks and `first_token_id` was sampled from it:
+        it joins continuous batching from its second token on. Returns the finishing output when the
+        first token already ends it (its blocks are then freed), else None."""
+        seq = self._reserved.pop(request_id)
+        seq.token_ids.append(first_token_id)
+        seq.ever_scheduled = True  # cached-token accounting belongs to the worker that prefilled
+        self.kv.commit(seq)
+        reason = self.scheduler.stop_reason(seq, first_token_id)
+        if reason is not None:
+            self.kv.free(seq)
+            del self._sequences[request_id]
+            return StepOutput(request_id, (), reason, 0)
+        self.scheduler.add(seq)
+        return None
+
+    def cancel_kv(self, request_id: str) -> bool:
+        """Give up a reservation (transfer failed or expired): its blocks are freed."""
+        seq = self._reserved.pop(request_id, None)
+        if seq is None:
+            return False
+        self.kv.free(seq)
+        del self._sequences[request_id]
+        return True
+
+    def _new_sequence(self, request_id, prompt_token_ids, params, cache_salt, hold_kv) -> Sequence:
         self._validate(request_id, prompt_token_ids, params)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(params.seed)
-        seq = Sequence(request_id, list(prompt_token_ids), params, cache_salt, generator)
-        self._sequences[request_id] = seq
-        self.scheduler.add(seq)
+        return Sequence(request_id, list(prompt_token_ids), params, cache_salt, generator, hold_kv)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks. Returns False for unknown or finished ids."""
+        if request_id in self._reserved:
+            return self.cancel_kv(request_id)
         seq = self.scheduler.abort(request_id)
         self._sequences.pop(request_id, None)
         return seq is not None
@@ -117,7 +187,7 @@ class Engine:
     def _validate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
             raise InvalidRequest(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        if request_id in self._sequences:
+        if request_id in self._sequences or request_id in self.scheduler.held:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         num_tokens = len(prompt_token_ids)
         if num_tokens == 0:

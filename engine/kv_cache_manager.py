@@ -43,16 +43,17 @@ class KVCacheManager:
             )
         )
 
-    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+    def find_cached_prefix(self, seq: Sequence, leave_one: bool = True) -> list[int]:
         """Block ids of the longest cached prefix of a sequence that holds no blocks. Changes nothing.
 
-        At least one token is always left to compute, since its logits are needed to sample.
+        With `leave_one`, at least one token is left to compute, since its logits are needed to sample;
+        without it (KV arriving by transfer, nothing is sampled here) every full block may match.
         """
         assert not seq.block_ids, "prefix matching is only for sequences without blocks"
         if not self.pool.enable_caching:
             return []
         self.update_hashes(seq)
-        max_blocks = (seq.num_tokens - 1) // self.block_size
+        max_blocks = (seq.num_tokens - leave_one) // self.block_size
         return self.pool.lookup(seq.block_hashes[:max_blocks])
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool:

@@ -76,6 +76,7 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.held: dict[str, Sequence] = {}  # finished with `hold_kv`: blocks kept until released
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -128,8 +129,9 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # preempted with a token in flight: it rejoins once that token is known
-            cached = self.kv.find_cached_prefix(seq)
-            num_new = seq.num_tokens - len(cached) * self.kv.block_size
+            # A sequence whose prompt KV arrived by transfer already holds its blocks (see Engine.admit_kv).
+            cached = [] if seq.block_ids else self.kv.find_cached_prefix(seq)
+            num_new = seq.num_tokens - seq.num_computed_tokens - len(cached) * self.kv.block_size
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
                     break
@@ -175,7 +177,7 @@ class Scheduler:
                 self.kv.commit(seq)
             if token is None:
                 continue
-            reason = self._stop_reason(seq, token)
+            reason = self.stop_reason(seq, token)
             if reason is not None:
                 (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
                 self._finish(seq, reason)
@@ -189,7 +191,8 @@ class Scheduler:
         num_tokens = seq.num_tokens + seq.num_pending
         return num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens or num_tokens >= self.max_model_len
 
-    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+    def stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Why `token`, just appended to `seq`, ends it (None: it goes on)."""
         params = seq.params
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             return FinishReason.STOP
@@ -197,10 +200,21 @@ class Scheduler:
             return FinishReason.LENGTH
         return None
 
+    def release_held(self, request_id: str) -> bool:
+        """Free the blocks a finished `hold_kv` sequence kept. False if none are held for the id."""
+        seq = self.held.pop(request_id, None)
+        if seq is not None:
+            self.kv.free(seq)
+        return seq is not None
+
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        if seq.hold_kv and reason is not FinishReason.ABORT:
+            self.kv.commit(seq)
+            self.held[seq.request_id] = seq
+        else:
+            self.kv.free(seq)
 
 
 def _num_uncomputed(seq: Sequence) -> int:

@@ -41,11 +41,13 @@ class Sequence:
         params: SamplingParams,
         cache_salt: str | None = None,
         generator: torch.Generator | None = None,
+        hold_kv: bool = False,
     ) -> None:
         self.request_id = request_id
         self.params = params
         self.cache_salt = cache_salt
         self.generator = generator
+        self.hold_kv = hold_kv  # on finishing, keep the KV blocks (for a transfer) until released
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0

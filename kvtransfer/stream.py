@@ -1,0 +1,69 @@
+"""A request's KV between two engines' caches, as chunks: the sending iterator and the receiving sink.
+
+The sender reads blocks [first_block, num_blocks) of a request from its per-layer caches, layer by
+layer, into bounded chunks; the receiver validates each chunk (`ChunkValidator`) and writes it into the
+blocks reserved for the request. Transport-free: the gRPC service and the same-host paths move the
+chunks; both ends are engines' `runner.kv_caches` and block ids from `Engine.held_kv` / `reserve_kv`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES, ChunkValidator, encode_chunk, plan_chunks
+from splitserve.kvtransfer.tensors import read_blocks, write_blocks
+from splitserve.protos import common_pb2, kvtransfer_pb2
+
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def kv_layout(kv_caches: list[torch.Tensor], model_id: str) -> common_pb2.KVLayout:
+    """The layout of an engine's per-layer caches [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+    _, _, block_size, num_kv_heads, head_dim = kv_caches[0].shape
+    return common_pb2.KVLayout(
+        model_id=model_id, num_layers=len(kv_caches), num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, dtype=_DTYPE_NAMES[kv_caches[0].dtype],
+    )  # fmt: skip
+
+
+def send_chunks(
+    kv_caches: list[torch.Tensor],
+    layout: common_pb2.KVLayout,
+    block_ids: Sequence[int],
+    first_block: int,
+    lease_id: str,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Iterator[kvtransfer_pb2.KVChunk]:
+    """Chunks of blocks [first_block, len(block_ids)) of a request whose blocks are `block_ids`."""
+    spans = plan_chunks(layout, first_block, len(block_ids) - first_block, max_chunk_bytes)
+    for seq, span in enumerate(spans):
+        ids = block_ids[span.first_block : span.first_block + span.num_blocks]
+        data = read_blocks(kv_caches[span.layer], ids)
+        yield encode_chunk(lease_id, seq, span, data, last=seq == len(spans) - 1)
+
+
+class ChunkSink:
+    """Writes a request's validated chunks into its reserved blocks. `accept` raises the validator's
+    errors (`MalformedChunk`, `CorruptChunk`) before writing anything of a bad chunk."""
+
+    def __init__(
+        self,
+        kv_caches: list[torch.Tensor],
+        layout: common_pb2.KVLayout,
+        block_ids: Sequence[int],
+        first_block: int,
+    ) -> None:
+        self.kv_caches = kv_caches
+        self.block_ids = list(block_ids)
+        self.validator = ChunkValidator(layout, first_block, len(block_ids) - first_block)
+
+    @property
+    def complete(self) -> bool:
+        return self.validator.complete
+
+    def accept(self, chunk: kvtransfer_pb2.KVChunk) -> None:
+        span = self.validator.accept(chunk)
+        ids = self.block_ids[span.first_block : span.first_block + span.num_blocks]
+        write_blocks(self.kv_caches[span.layer], ids, chunk.data)

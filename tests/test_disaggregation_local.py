@@ -1,0 +1,120 @@
+"""Prefill on one engine, KV moved as checksummed chunks, decode on another — in one process, no network:
+the engines' side of disaggregation (hold, reserve, admit, cancel) and the chunk stream between their
+caches. Tokens must equal a single engine's; block pools must end where they started."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from splitserve import LLM, SamplingParams
+from splitserve.engine.block_pool import OutOfKVBlocks
+from splitserve.engine.kv_cache_manager import cdiv
+from splitserve.engine.outputs import FinishReason
+from splitserve.kvtransfer.stream import ChunkSink, kv_layout, send_chunks
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model("llama", max_position_embeddings=512)
+
+
+def make(model, num_blocks=200):
+    return LLM(str(model), num_blocks=num_blocks, block_size=8).engine
+
+
+def run(engine):
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    return outs
+
+
+def disaggregated(prefill, decode, rid, prompt, max_tokens, max_chunk_bytes=2048):
+    """First token from `prefill`, KV pushed to `decode`, the rest from `decode`. Returns (tokens,
+    number of blocks sent)."""
+    prefill.add_request(rid, prompt, SamplingParams(max_tokens=1, **GREEDY), hold_kv=True)
+    (first,) = [o.new_token_ids[0] for o in run(prefill)]
+    reservation = decode.reserve_kv(rid, prompt, SamplingParams(max_tokens=max_tokens, **GREEDY))
+    src_blocks = prefill.held_kv(rid)
+    assert len(src_blocks) == len(reservation.block_ids) == cdiv(len(prompt), prefill.kv.block_size)
+    layout = kv_layout(decode.runner.kv_caches, decode.model_id)
+    sink = ChunkSink(decode.runner.kv_caches, layout, reservation.block_ids, reservation.num_cached_blocks)
+    chunks = list(send_chunks(prefill.runner.kv_caches, kv_layout(prefill.runner.kv_caches, prefill.model_id),
+                              src_blocks, reservation.num_cached_blocks, "lease", max_chunk_bytes))
+    for chunk in chunks:
+        sink.accept(chunk)
+    assert sink.complete
+    assert prefill.release_kv(rid)
+    assert decode.admit_kv(rid, first) is None
+    rest = [t for o in run(decode) if o.request_id == rid for t in o.new_token_ids]
+    return [first, *rest], len(src_blocks) - reservation.num_cached_blocks
+
+
+def test_disaggregated_tokens_equal_a_single_engine(model):
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (1, 4, 9, 30, 57)]
+    single = LLM(str(model), num_blocks=200, block_size=8)
+    expected = [o.outputs[0].token_ids for o in single.generate(
+        [{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=12, **GREEDY))]
+    prefill, decode = make(model), make(model)
+    free = (prefill.block_pool.num_free_blocks, decode.block_pool.num_free_blocks)
+    for i, prompt in enumerate(prompts):
+        tokens, sent = disaggregated(prefill, decode, f"r{i}", prompt, 12)
+        assert tokens == expected[i]
+        assert sent == cdiv(len(prompt), 8)
+    assert (prefill.block_pool.num_free_blocks, decode.block_pool.num_free_blocks) == free
+
+
+def test_only_blocks_the_decode_worker_lacks_are_sent(model):
+    rng = random.Random(1)
+    shared = [rng.randrange(3, 500) for _ in range(40)]  # 5 full blocks
+    first, second = [*shared, 7, 8, 9], [*shared, 10, 11, 12, 13, 14, 15]
+    prefill, decode = make(model), make(model)
+    single = LLM(str(model), num_blocks=200, block_size=8)
+    expected = single.generate({"prompt_token_ids": second}, SamplingParams(max_tokens=8, **GREEDY))
+    _, sent_first = disaggregated(prefill, decode, "a", first, 8)
+    assert sent_first == 6
+    tokens, sent_second = disaggregated(prefill, decode, "b", second, 8)
+    assert sent_second == cdiv(len(second), 8) - 5  # the shared 5 blocks were cached on the decode side
+    assert tokens == expected[0].outputs[0].token_ids
+
+
+def test_reservation_without_room_changes_nothing(model):
+    decode = make(model, num_blocks=6)  # 5 usable blocks of 8 tokens
+    params = SamplingParams(max_tokens=2, **GREEDY)
+    decode.reserve_kv("a", list(range(3, 27)), params)  # 3 blocks
+    free = decode.block_pool.num_free_blocks
+    with pytest.raises(OutOfKVBlocks, match="3 free KV blocks needed, 2 free"):
+        decode.reserve_kv("b", list(range(30, 54)), params)
+    assert decode.block_pool.num_free_blocks == free
+    assert decode.cancel_kv("a") and not decode.cancel_kv("a")
+    assert decode.block_pool.num_free_blocks == 5
+
+
+def test_first_token_that_ends_the_request_and_abort_of_a_reservation(model):
+    decode = make(model)
+    free = decode.block_pool.num_free_blocks
+    decode.reserve_kv("one", [5, 6, 7], SamplingParams(max_tokens=1, **GREEDY))
+    done = decode.admit_kv("one", 42)
+    assert done is not None and done.finish_reason is FinishReason.LENGTH
+    decode.reserve_kv("gone", [5, 6, 7, 8, 9], SamplingParams(max_tokens=4, **GREEDY))
+    assert decode.abort_request("gone")
+    assert decode.block_pool.num_free_blocks == free and not decode.has_unfinished_requests()
+
+
+def test_held_kv_is_kept_until_released_and_its_id_stays_taken(model):
+    from splitserve.engine.errors import InvalidRequest
+
+    prefill = make(model)
+    free = prefill.block_pool.num_free_blocks
+    prefill.add_request("h", list(range(3, 23)), SamplingParams(max_tokens=1, **GREEDY), hold_kv=True)
+    run(prefill)
+    assert len(prefill.held_kv("h")) == 3 and prefill.block_pool.num_free_blocks == free - 3
+    with pytest.raises(InvalidRequest, match="already in use"):
+        prefill.add_request("h", [1, 2], SamplingParams(max_tokens=1))
+    assert prefill.release_kv("h") and not prefill.release_kv("h")
+    assert prefill.block_pool.num_free_blocks == free
