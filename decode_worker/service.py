@@ -1,0 +1,191 @@
+"""The decode worker's gRPC services: KVTransfer (receive a prompt's KV under a lease) and DecodeWorker
+(generate, streaming tokens; abort; load).
+
+Owns the leases of incoming transfers and the sinks writing their chunks into reserved blocks. The
+engine is reached only through its `EngineLoop`. A lease ends exactly once: acknowledged when
+`Generate` admits its request, released on a bad chunk, a broken stream or `Release`, expired when
+neither pushes nor `Generate` come in time — released and expired leases free their blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+
+import grpc
+
+from splitserve.engine.block_pool import OutOfKVBlocks
+from splitserve.engine.errors import InvalidRequest
+from splitserve.engine.loop import EngineLoop
+from splitserve.kvtransfer.chunks import check_layout
+from splitserve.kvtransfer.errors import CorruptChunk, LayoutMismatch, LeaseNotFound, MalformedChunk
+from splitserve.kvtransfer.leases import Lease, LeaseTable, TransferState
+from splitserve.kvtransfer.requests import sampling_from_proto, worker_load
+from splitserve.kvtransfer.stream import ChunkSink, kv_layout
+from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
+
+log = logging.getLogger(__name__)
+REAP_INTERVAL_S = 0.5
+
+
+class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, loop: EngineLoop, lease_ttl_s: float = 10.0) -> None:
+        self.loop = loop
+        engine = loop.engine
+        self.layout = kv_layout(engine.runner.kv_caches, engine.model_id)
+        self.lease_ttl_s = lease_ttl_s
+        self._lock = threading.Lock()  # leases and sinks; never held while waiting on the network
+        self.leases = LeaseTable(self._free_lease_blocks)
+        self._sinks: dict[str, ChunkSink] = {}
+        self._stopped = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="lease-reaper", daemon=True)
+        self._reaper.start()
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._reaper.join()
+        with self._lock:
+            self.leases.release_all("worker stopping")
+
+    # ---------------------------------------------------------------------------------------- KVTransfer
+
+    def Reserve(self, request: kvtransfer_pb2.ReserveRequest, context: grpc.ServicerContext):
+        try:
+            check_layout(self.layout, request.layout)
+            params = sampling_from_proto(request.sampling)
+            salt = request.cache_salt if request.HasField("cache_salt") else None
+            reservation = self.loop.call(
+                self.loop.engine.reserve_kv, request.request_id, list(request.prompt_token_ids), params, salt
+            )
+        except (LayoutMismatch, InvalidRequest) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OutOfKVBlocks as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no room for the request's KV: {exc}")
+        ttl_s = request.lease_ms / 1000 if request.lease_ms else self.lease_ttl_s
+        with self._lock:
+            lease = self.leases.grant(
+                request.request_id, reservation.block_ids, reservation.num_cached_blocks, ttl_s
+            )
+            self._sinks[lease.lease_id] = ChunkSink(
+                self.loop.engine.runner.kv_caches, self.layout, reservation.block_ids,
+                reservation.num_cached_blocks,
+            )  # fmt: skip
+            # Every block already held (a full-block prompt, all cached): nothing will be pushed.
+            lease.payload["complete"] = reservation.num_cached_blocks == len(reservation.block_ids)
+        return kvtransfer_pb2.ReserveReply(
+            lease_id=lease.lease_id, num_cached_blocks=reservation.num_cached_blocks,
+            num_blocks=len(reservation.block_ids), lease_ms=int(ttl_s * 1000),
+        )  # fmt: skip
+
+    def Push(self, request_iterator, context: grpc.ServicerContext):
+        lease_id, sink = "", None
+        try:
+            for chunk in request_iterator:
+                with self._lock:
+                    lease = self.leases.get(chunk.lease_id)
+                    lease_id, sink = lease.lease_id, self._sinks[lease.lease_id]
+                    sink.accept(chunk)
+                    self.leases.renew(lease)
+        except LeaseNotFound as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except (MalformedChunk, CorruptChunk) as exc:
+            self._fail(lease_id, str(exc))
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            context.abort(grpc.StatusCode.DATA_LOSS if isinstance(exc, CorruptChunk) else code, str(exc))
+        if sink is None or not sink.complete:
+            self._fail(lease_id, "the push ended before every block arrived")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the push ended before every block arrived")
+        with self._lock:
+            lease = self.leases.get(lease_id)
+            lease.payload["complete"] = True  # waits for Generate, under the same time-to-live
+            self.leases.renew(lease)
+        return kvtransfer_pb2.PushReply(
+            state=kvtransfer_pb2.COMPLETE, chunks_received=sink.validator.next_seq,
+            bytes_received=sink.validator.bytes_received,
+        )  # fmt: skip
+
+    def Release(self, request: kvtransfer_pb2.ReleaseRequest, context: grpc.ServicerContext):
+        try:
+            with self._lock:
+                lease = self.leases.release(request.lease_id, request.reason or "released by the sender")
+        except LeaseNotFound as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        return kvtransfer_pb2.ReleaseReply(state=lease.state.value)
+
+    # -------------------------------------------------------------------------------------- DecodeWorker
+
+    def Generate(self, request: workers_pb2.GenerateRequest, context: grpc.ServicerContext):
+        rid = request.request_id
+        outputs = self.loop.listen(rid)
+        try:
+            if request.lease_id:
+                done = self._admit(request, context)
+                if done is not None:
+                    self.loop.forget(rid)
+                    yield workers_pb2.TokenChunk(finish_reason=done.finish_reason.value)
+                    return
+            else:
+                params = sampling_from_proto(request.sampling)
+                salt = request.cache_salt if request.HasField("cache_salt") else None
+                prompt = list(request.prompt_token_ids)
+                self.loop.call(self.loop.engine.add_request, rid, prompt, params, salt)
+        except InvalidRequest as exc:
+            self.loop.forget(rid)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finished = threading.Event()
+        context.add_callback(lambda: finished.is_set() or self.loop.abort(rid))  # client went away
+        while True:
+            out = outputs.get()
+            reason = out.finish_reason.value if out.finished else ""
+            tokens, cached = list(out.new_token_ids), out.num_cached_tokens
+            yield workers_pb2.TokenChunk(token_ids=tokens, finish_reason=reason, num_cached_tokens=cached)
+            if out.finished:
+                finished.set()
+                return
+
+    def _admit(self, request: workers_pb2.GenerateRequest, context: grpc.ServicerContext):
+        with self._lock:
+            try:
+                lease = self.leases.get(request.lease_id)
+            except LeaseNotFound as exc:
+                self.loop.forget(request.request_id)
+                context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            if lease.request_id != request.request_id or not lease.payload.get("complete"):
+                self.loop.forget(request.request_id)
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"lease {lease.lease_id!r} does not hold the complete KV of {request.request_id!r}",
+                )
+            self.leases.acknowledge(lease.lease_id)
+            del self._sinks[lease.lease_id]
+        first = request.first_token_id if request.HasField("first_token_id") else None
+        if first is None:
+            self.loop.call(self.loop.engine.cancel_kv, request.request_id)
+            self.loop.forget(request.request_id)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a request with pushed KV needs first_token_id")
+        return self.loop.call(self.loop.engine.admit_kv, request.request_id, first)
+
+    def Abort(self, request: workers_pb2.AbortRequest, context: grpc.ServicerContext):
+        return workers_pb2.AbortReply(found=self.loop.abort(request.request_id))
+
+    def Load(self, request, context):
+        return self.loop.call(worker_load, self.loop.engine)
+
+    # ------------------------------------------------------------------------------------------- leases
+
+    def _fail(self, lease_id: str, reason: str) -> None:
+        with self._lock, contextlib.suppress(LeaseNotFound):  # already ended
+            self.leases.release(lease_id, reason, TransferState.FAILED)
+
+    def _free_lease_blocks(self, lease: Lease) -> None:
+        """LeaseTable callback (under self._lock): a released or expired lease gives its blocks back."""
+        log.info("lease %s ended: %s (%s)", lease.lease_id, lease.state.name, lease.reason)
+        self._sinks.pop(lease.lease_id, None)
+        self.loop.call(self.loop.engine.cancel_kv, lease.request_id)
+
+    def _reap(self) -> None:
+        while not self._stopped.wait(REAP_INTERVAL_S):
+            with self._lock:
+                self.leases.expire_overdue()
+
