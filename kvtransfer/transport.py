@@ -1,7 +1,10 @@
-"""gRPC settings shared by the workers: message limits that fit the largest KV chunk, servers, channels."""
+"""What the worker processes share: gRPC message limits that fit the largest KV chunk, servers, channels,
+the engine's command-line options and the serve-until-signalled loop."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -40,3 +43,39 @@ def serve_until_signalled(server: grpc.Server, on_stop: Callable[[], None], grac
     stop.wait()
     server.stop(grace_s).wait()
     on_stop()
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every worker process takes: where to serve and how to build its engine."""
+    parser.add_argument("--model", required=True, help="Hugging Face-format checkpoint directory")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, required=True, help="port to serve on (0: any free port)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-blocks", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-model-len", type=int, default=None)
+
+
+def build_engine(args: argparse.Namespace):
+    """The engine described by `add_worker_arguments`' options (imports torch)."""
+    from splitserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from splitserve.engine.engine import Engine
+
+    return Engine(EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs),
+    ))  # fmt: skip
+
+
+def run_worker(name: str, args: argparse.Namespace, add_services: Callable, close: Callable[[], None]):
+    """Bind, start, announce the port on stdout ("<name> listening on HOST:PORT", for supervisors and
+    tests), serve until SIGTERM/SIGINT, then stop and `close`."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    server, port = make_server(f"{args.host}:{args.port}")
+    add_services(server)
+    server.start()
+    print(f"{name} listening on {args.host}:{port}", flush=True)
+    serve_until_signalled(server, close)

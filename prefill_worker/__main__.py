@@ -1,0 +1,36 @@
+"""`python -m splitserve.prefill_worker --model DIR --port P [--pool fresh|warm] ...`: one prefill worker."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES
+from splitserve.kvtransfer.transport import add_worker_arguments, build_engine, run_worker
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m splitserve.prefill_worker", description=__doc__)
+    add_worker_arguments(parser)
+    parser.add_argument("--pool", default="fresh", choices=["fresh", "warm"])
+    parser.add_argument("--max-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
+    args = parser.parse_args(argv)
+
+    from splitserve.engine.loop import EngineLoop
+    from splitserve.prefill_worker.service import PrefillService
+    from splitserve.protos import workers_pb2_grpc
+
+    loop = EngineLoop(build_engine(args))
+    service = PrefillService(loop, pool=args.pool, max_chunk_bytes=args.max_chunk_bytes)
+
+    def close() -> None:
+        service.close()
+        loop.stop()
+
+    run_worker(f"prefill-worker[{args.pool}]", args,
+               lambda server: workers_pb2_grpc.add_PrefillWorkerServicer_to_server(service, server), close)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
