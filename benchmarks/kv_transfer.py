@@ -2,7 +2,8 @@
 
 One run prints the machine and versions, then:
   1. raw TCP socket throughput on loopback (one connection, 4 MiB sendall / recv_into), the ceiling;
-  2. the KV transfer between two real engines through the decode worker's KVTransfer service (Reserve,
+  2. the KV transfer between two real engines, a prefill engine in this process and a decode worker
+     process (`python -m splitserve.decode_worker`), through its KVTransfer service (Reserve,
      then Push of every block, validated and written into the reserved blocks), for the KV of a
      4k-token prompt of the tiny model and of a model with the Llama-3.2-1B KV layout (16 layers,
      8 KV heads, head_dim 64, bf16), by chunk size; reported as KV bytes / transfer time and as a
@@ -16,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import platform
+import signal
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -26,11 +30,10 @@ import grpc
 import torch
 
 from splitserve import LLM, SamplingParams
-from splitserve.decode_worker.service import DecodeService
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.requests import sampling_to_proto
 from splitserve.kvtransfer.stream import kv_layout, send_chunks
-from splitserve.kvtransfer.transport import channel, make_server
+from splitserve.kvtransfer.transport import channel
 from splitserve.prefill_worker.service import PrefillService
 from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
 from splitserve.tiny_model import TinyModelSpec, make_tiny_model
@@ -73,17 +76,13 @@ def raw_socket_gbs(total_bytes: int = 2**30, buf_bytes: int = 4 * 2**20) -> floa
 
 
 class Pair:
-    """A prefill engine and a decode worker (KVTransfer over a localhost gRPC server) on one model."""
+    """A prefill engine in this process and a decode worker process (KVTransfer over localhost gRPC), on
+    one model: the two ends run on their own cores, as deployed."""
 
     def __init__(self, path: str, dtype: str) -> None:
         blocks = PROMPT_TOKENS // 16 + 8
         self.prefill = LLM(path, dtype=dtype, num_blocks=blocks, max_num_batched_tokens=PROMPT_TOKENS).engine
-        self.loop = EngineLoop(LLM(path, dtype=dtype, num_blocks=blocks).engine)
-        self.service = DecodeService(self.loop)
-        self.server, port = make_server("127.0.0.1:0")
-        kvtransfer_pb2_grpc.add_KVTransferServicer_to_server(self.service, self.server)
-        self.server.start()
-        self.address = f"127.0.0.1:{port}"
+        self.worker, self.address = start_decode_worker(path, dtype, blocks)
         self.channel = channel(self.address)
         self.stub = kvtransfer_pb2_grpc.KVTransferStub(self.channel)
         self.layout = kv_layout(self.prefill.runner.kv_caches, self.prefill.model_id)
@@ -112,22 +111,35 @@ class Pair:
 
     def close(self) -> None:
         self.channel.close()
-        self.server.stop(0).wait()
-        self.service.close()
-        self.loop.stop()
+        stop_worker(self.worker)
+
+
+def start_decode_worker(path: str, dtype: str, num_blocks: int) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "splitserve.decode_worker", "--model", path, "--port", "0", "--dtype", dtype,
+         "--num-blocks", str(num_blocks), "--max-model-len", str(2 * PROMPT_TOKENS)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        proc.kill()
+        raise RuntimeError(f"the decode worker did not start: {line!r}")
+    return proc, line.split()[-1]
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
 
 
 def transfer_tail(path: str) -> tuple[float, float]:
-    """(transfer tail ms of a 4k-token prefill-worker request, one decode step ms), tiny model."""
-    decode_loop = EngineLoop(LLM(path, num_blocks=PROMPT_TOKENS // 16 + 16).engine)
-    prefill_loop = EngineLoop(LLM(path, num_blocks=PROMPT_TOKENS // 16 + 16,
-                                  max_num_batched_tokens=PROMPT_TOKENS).engine)
-    decode, prefill = DecodeService(decode_loop), PrefillService(prefill_loop)
-    server, port = make_server("127.0.0.1:0")
-    kvtransfer_pb2_grpc.add_KVTransferServicer_to_server(decode, server)
-    workers_pb2_grpc.add_DecodeWorkerServicer_to_server(decode, server)
-    server.start()
-    ch = channel(f"127.0.0.1:{port}")
+    """(transfer tail ms of a 4k-token prefill-worker request, one decode step ms), tiny model; the
+    prefill service runs in this process, the decode worker in its own."""
+    blocks = PROMPT_TOKENS // 16 + 16
+    worker, address = start_decode_worker(path, "float32", blocks)
+    prefill_loop = EngineLoop(LLM(path, num_blocks=blocks, max_num_batched_tokens=PROMPT_TOKENS).engine)
+    prefill = PrefillService(prefill_loop)
+    ch = channel(address)
     tails, steps = [], []
     try:
         for i in range(3):
@@ -135,8 +147,7 @@ def transfer_tail(path: str) -> tuple[float, float]:
             prompt = torch.randint(3, 500, (PROMPT_TOKENS,), generator=gen).tolist()
             sampling = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=33, ignore_eos=True))
             reply = prefill.Prefill(workers_pb2.PrefillRequest(
-                request_id=f"t{i}", prompt_token_ids=prompt, sampling=sampling,
-                decode_address=f"127.0.0.1:{port}",
+                request_id=f"t{i}", prompt_token_ids=prompt, sampling=sampling, decode_address=address,
             ), _Context())  # fmt: skip
             tails.append(reply.transfer_tail_ms)
             stream = workers_pb2_grpc.DecodeWorkerStub(ch).Generate(workers_pb2.GenerateRequest(
@@ -151,11 +162,9 @@ def transfer_tail(path: str) -> tuple[float, float]:
                 last = now
     finally:
         ch.close()
-        server.stop(0).wait()
         prefill.close()
-        decode.close()
         prefill_loop.stop()
-        decode_loop.stop()
+        stop_worker(worker)
     return statistics.median(tails), statistics.median(steps)
 
 

@@ -8,6 +8,7 @@ order, the layout `chunks` documents.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +29,9 @@ def write_blocks(kv_cache: torch.Tensor, block_ids: Sequence[int], data: bytes) 
     expected = kv_cache.element_size() * 2 * len(block_ids) * kv_cache[0, 0].numel()
     if len(data) != expected:
         raise ValueError(f"{len(data)} bytes for {len(block_ids)} blocks of this cache; expected {expected}")
-    blocks = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(kv_cache.dtype).view(shape)
+    with warnings.catch_warnings():  # read-only bytes: torch warns, but the view is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(data, dtype=torch.uint8)
+    blocks = raw.view(kv_cache.dtype).view(shape)
     index = torch.tensor(block_ids, dtype=torch.int64, device=kv_cache.device)
     kv_cache.index_copy_(1, index, blocks.to(kv_cache.device))
