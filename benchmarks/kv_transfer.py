@@ -32,8 +32,8 @@ import torch
 from splitserve import LLM, SamplingParams
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.requests import sampling_to_proto
-from splitserve.kvtransfer.stream import kv_layout, send_chunks
-from splitserve.kvtransfer.transport import channel
+from splitserve.kvtransfer.stream import kv_layout, send_frames
+from splitserve.kvtransfer.transport import channel, push_stub
 from splitserve.prefill_worker.service import PrefillService
 from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
 from splitserve.tiny_model import TinyModelSpec, make_tiny_model
@@ -85,6 +85,7 @@ class Pair:
         self.worker, self.address = start_decode_worker(path, dtype, blocks)
         self.channel = channel(self.address)
         self.stub = kvtransfer_pb2_grpc.KVTransferStub(self.channel)
+        self.push = push_stub(self.channel)
         self.layout = kv_layout(self.prefill.runner.kv_caches, self.prefill.model_id)
         gen = torch.Generator().manual_seed(0)
         self.prompt = torch.randint(3, 500, (PROMPT_TOKENS,), generator=gen).tolist()
@@ -104,7 +105,7 @@ class Pair:
         ))  # fmt: skip
         assert lease.num_cached_blocks == 0
         caches = self.prefill.runner.kv_caches
-        self.stub.Push(send_chunks(caches, self.layout, self.block_ids, 0, lease.lease_id, chunk_bytes))
+        self.push(send_frames(caches, self.layout, self.block_ids, 0, lease.lease_id, chunk_bytes))
         elapsed = time.perf_counter() - start
         self.stub.Release(kvtransfer_pb2.ReleaseRequest(lease_id=lease.lease_id, reason="benchmark"))
         return elapsed

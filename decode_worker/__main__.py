@@ -17,13 +17,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from splitserve.decode_worker.service import DecodeService
     from splitserve.engine.loop import EngineLoop
-    from splitserve.protos import kvtransfer_pb2_grpc, workers_pb2_grpc
+    from splitserve.kvtransfer.transport import add_kvtransfer_servicer
+    from splitserve.protos import workers_pb2_grpc
 
     loop = EngineLoop(build_engine(args))
     service = DecodeService(loop, lease_ttl_s=args.lease_ttl)
 
     def add(server) -> None:
-        kvtransfer_pb2_grpc.add_KVTransferServicer_to_server(service, server)
+        add_kvtransfer_servicer(service, server)
         workers_pb2_grpc.add_DecodeWorkerServicer_to_server(service, server)
 
     def close() -> None:

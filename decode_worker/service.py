@@ -20,6 +20,7 @@ from splitserve.engine.errors import InvalidRequest
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.chunks import check_layout
 from splitserve.kvtransfer.errors import CorruptChunk, LayoutMismatch, LeaseNotFound, MalformedChunk
+from splitserve.kvtransfer.frames import decode_frame
 from splitserve.kvtransfer.leases import Lease, LeaseTable, TransferState
 from splitserve.kvtransfer.requests import sampling_from_proto, worker_load
 from splitserve.kvtransfer.stream import ChunkSink, kv_layout
@@ -81,11 +82,12 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
     def Push(self, request_iterator, context: grpc.ServicerContext):
         lease_id, sink = "", None
         try:
-            for chunk in request_iterator:
+            for frame in request_iterator:  # raw frames: see kvtransfer.frames
+                header, payload = decode_frame(frame)
                 with self._lock:
-                    lease = self.leases.get(chunk.lease_id)
+                    lease = self.leases.get(header.lease_id)
                     lease_id, sink = lease.lease_id, self._sinks[lease.lease_id]
-                    sink.accept(chunk)
+                    sink.accept(header, payload)
                     self.leases.renew(lease)
         except LeaseNotFound as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))

@@ -88,11 +88,14 @@ class ChunkValidator:
     def complete(self) -> bool:
         return all(b == self.first_block + self.num_blocks for b in self._next_block)
 
-    def accept(self, chunk: kvtransfer_pb2.KVChunk) -> ChunkSpan:
+    def accept(self, chunk: kvtransfer_pb2.KVChunk, payload: bytes | memoryview | None = None) -> ChunkSpan:
+        """Check one chunk; `payload` is its KV bytes when they travel outside the message (a frame),
+        else `chunk.data`."""
+        data = chunk.data if payload is None else payload
         if chunk.seq != self.next_seq:
             raise MalformedChunk(f"chunk {chunk.seq} arrived where {self.next_seq} was due")
-        if len(chunk.data) > MAX_CHUNK_BYTES:
-            raise MalformedChunk(f"chunk of {len(chunk.data)} bytes exceeds the {MAX_CHUNK_BYTES}-byte limit")
+        if len(data) > MAX_CHUNK_BYTES:
+            raise MalformedChunk(f"chunk of {len(data)} bytes exceeds the {MAX_CHUNK_BYTES}-byte limit")
         if chunk.layer >= self.layout.num_layers:
             raise MalformedChunk(f"layer {chunk.layer} of a {self.layout.num_layers}-layer model")
         expected_start = self._next_block[chunk.layer]
@@ -102,16 +105,16 @@ class ChunkValidator:
                 f"layer {chunk.layer}: blocks [{chunk.first_block}, {end}) "
                 f"where [{expected_start}, {done}) remain"
             )
-        if len(chunk.data) != chunk.num_blocks * self.block_bytes:
+        if len(data) != chunk.num_blocks * self.block_bytes:
             raise MalformedChunk(
-                f"{len(chunk.data)} bytes for {chunk.num_blocks} blocks of {self.block_bytes} bytes"
+                f"{len(data)} bytes for {chunk.num_blocks} blocks of {self.block_bytes} bytes"
             )
-        if zlib.crc32(chunk.data) != chunk.crc32:
+        if zlib.crc32(data) != chunk.crc32:
             raise CorruptChunk(f"chunk {chunk.seq} (layer {chunk.layer}) fails its checksum")
         others_done = all(b == done for i, b in enumerate(self._next_block) if i != chunk.layer)
         if chunk.last and not (others_done and end == done):
             raise MalformedChunk("the last chunk arrived before every block of every layer")
         self._next_block[chunk.layer] = end
         self.next_seq += 1
-        self.bytes_received += len(chunk.data)
+        self.bytes_received += len(data)
         return ChunkSpan(chunk.layer, chunk.first_block, chunk.num_blocks)

@@ -1,19 +1,22 @@
 """A request's KV between two engines' caches, as chunks: the sending iterator and the receiving sink.
 
 The sender reads blocks [first_block, num_blocks) of a request from its per-layer caches, layer by
-layer, into bounded chunks; the receiver validates each chunk (`ChunkValidator`) and writes it into the
-blocks reserved for the request. Transport-free: the gRPC service and the same-host paths move the
+layer, into bounded chunks sent as frames (`frames`: protobuf-compatible, payload never copied by
+protobuf); the receiver validates each (`ChunkValidator`) and writes it into the blocks reserved for the
+request. Transport-free: the gRPC service and the same-host paths move the
 chunks; both ends are engines' `runner.kv_caches` and block ids from `Engine.held_kv` / `reserve_kv`.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator, Sequence
 
 import torch
 
-from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES, ChunkValidator, encode_chunk, plan_chunks
-from splitserve.kvtransfer.tensors import read_blocks, write_blocks
+from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES, ChunkValidator, plan_chunks
+from splitserve.kvtransfer.frames import encode_frame
+from splitserve.kvtransfer.tensors import blocks_nbytes, read_blocks_into, write_blocks
 from splitserve.protos import common_pb2, kvtransfer_pb2
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -28,25 +31,32 @@ def kv_layout(kv_caches: list[torch.Tensor], model_id: str) -> common_pb2.KVLayo
     )  # fmt: skip
 
 
-def send_chunks(
+def send_frames(
     kv_caches: list[torch.Tensor],
     layout: common_pb2.KVLayout,
     block_ids: Sequence[int],
     first_block: int,
     lease_id: str,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> Iterator[kvtransfer_pb2.KVChunk]:
-    """Chunks of blocks [first_block, len(block_ids)) of a request whose blocks are `block_ids`."""
+) -> Iterator[bytes]:
+    """Frames (see `frames`) of blocks [first_block, len(block_ids)) of a request whose blocks are
+    `block_ids`: each chunk's blocks gathered straight into a buffer, checksummed, framed."""
     spans = plan_chunks(layout, first_block, len(block_ids) - first_block, max_chunk_bytes)
     for seq, span in enumerate(spans):
         ids = block_ids[span.first_block : span.first_block + span.num_blocks]
-        data = read_blocks(kv_caches[span.layer], ids)
-        yield encode_chunk(lease_id, seq, span, data, last=seq == len(spans) - 1)
+        cache = kv_caches[span.layer]
+        payload = bytearray(blocks_nbytes(cache, len(ids)))
+        read_blocks_into(cache, ids, memoryview(payload))
+        header = kvtransfer_pb2.KVChunk(
+            lease_id=lease_id, seq=seq, layer=span.layer, first_block=span.first_block,
+            num_blocks=span.num_blocks, crc32=zlib.crc32(payload), last=seq == len(spans) - 1,
+        )  # fmt: skip
+        yield encode_frame(header, payload)
 
 
 class ChunkSink:
-    """Writes a request's validated chunks into its reserved blocks. `accept` raises the validator's
-    errors (`MalformedChunk`, `CorruptChunk`) before writing anything of a bad chunk."""
+    """Writes a request's validated frames into its reserved blocks. `accept` raises `MalformedChunk` or
+    `CorruptChunk` before writing anything of a bad frame."""
 
     def __init__(
         self,
@@ -63,7 +73,8 @@ class ChunkSink:
     def complete(self) -> bool:
         return self.validator.complete
 
-    def accept(self, chunk: kvtransfer_pb2.KVChunk) -> None:
-        span = self.validator.accept(chunk)
+    def accept(self, header: kvtransfer_pb2.KVChunk, payload: bytes | memoryview) -> None:
+        """Validate and store one chunk (a frame decoded by `frames.decode_frame`)."""
+        span = self.validator.accept(header, payload)
         ids = self.block_ids[span.first_block : span.first_block + span.num_blocks]
-        write_blocks(self.kv_caches[span.layer], ids, chunk.data)
+        write_blocks(self.kv_caches[span.layer], ids, payload)

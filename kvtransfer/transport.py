@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from splitserve.kvtransfer.chunks import MAX_CHUNK_BYTES
+from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_CHUNK_BYTES + 2**20),  # a chunk plus its framing
@@ -32,6 +33,36 @@ def make_server(address: str, max_workers: int = 32) -> tuple[grpc.Server, int]:
 
 def channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+
+
+_PUSH = "/splitserve.v1.KVTransfer/Push"
+
+
+def add_kvtransfer_servicer(servicer: kvtransfer_pb2_grpc.KVTransferServicer, server: grpc.Server) -> None:
+    """Register KVTransfer like the generated helper does, except that Push receives its frames as raw
+    bytes (see `frames`) instead of parsed KVChunk messages."""
+    handlers = {
+        "Reserve": grpc.unary_unary_rpc_method_handler(
+            servicer.Reserve, request_deserializer=kvtransfer_pb2.ReserveRequest.FromString,
+            response_serializer=kvtransfer_pb2.ReserveReply.SerializeToString,
+        ),
+        "Push": grpc.stream_unary_rpc_method_handler(
+            servicer.Push, request_deserializer=None,
+            response_serializer=kvtransfer_pb2.PushReply.SerializeToString,
+        ),
+        "Release": grpc.unary_unary_rpc_method_handler(
+            servicer.Release, request_deserializer=kvtransfer_pb2.ReleaseRequest.FromString,
+            response_serializer=kvtransfer_pb2.ReleaseReply.SerializeToString,
+        ),
+    }  # fmt: skip
+    service = grpc.method_handlers_generic_handler("splitserve.v1.KVTransfer", handlers)
+    server.add_generic_rpc_handlers((service,))
+
+
+def push_stub(ch: grpc.Channel) -> grpc.StreamUnaryMultiCallable:
+    """Push taking frames (bytes) as they are: `push_stub(ch)(iter_of_frames) -> PushReply`."""
+    reply = kvtransfer_pb2.PushReply.FromString
+    return ch.stream_unary(_PUSH, request_serializer=None, response_deserializer=reply)
 
 
 def serve_until_signalled(server: grpc.Server, on_stop: Callable[[], None], grace_s: float = 5.0) -> None:

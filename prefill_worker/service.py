@@ -18,8 +18,8 @@ from splitserve.engine.errors import InvalidRequest
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES
 from splitserve.kvtransfer.requests import sampling_from_proto, worker_load
-from splitserve.kvtransfer.stream import kv_layout, send_chunks
-from splitserve.kvtransfer.transport import channel
+from splitserve.kvtransfer.stream import kv_layout, send_frames
+from splitserve.kvtransfer.transport import channel, push_stub
 from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
 
 
@@ -86,7 +86,8 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         if first < len(block_ids):
             kv_caches = self.loop.engine.runner.kv_caches
             lease = reservation.lease_id
-            stub.Push(send_chunks(kv_caches, self.layout, block_ids, first, lease, self.max_chunk_bytes))
+            push = push_stub(self._channel(request.decode_address))
+            push(send_frames(kv_caches, self.layout, block_ids, first, lease, self.max_chunk_bytes))
         reply.lease_id = reservation.lease_id
         reply.num_blocks_sent = len(block_ids) - first
         reply.num_blocks_skipped = first

@@ -12,7 +12,8 @@ from splitserve import LLM, SamplingParams
 from splitserve.engine.block_pool import OutOfKVBlocks
 from splitserve.engine.kv_cache_manager import cdiv
 from splitserve.engine.outputs import FinishReason
-from splitserve.kvtransfer.stream import ChunkSink, kv_layout, send_chunks
+from splitserve.kvtransfer.frames import decode_frame
+from splitserve.kvtransfer.stream import ChunkSink, kv_layout, send_frames
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
@@ -43,10 +44,11 @@ def disaggregated(prefill, decode, rid, prompt, max_tokens, max_chunk_bytes=2048
     assert len(src_blocks) == len(reservation.block_ids) == cdiv(len(prompt), prefill.kv.block_size)
     layout = kv_layout(decode.runner.kv_caches, decode.model_id)
     sink = ChunkSink(decode.runner.kv_caches, layout, reservation.block_ids, reservation.num_cached_blocks)
-    chunks = list(send_chunks(prefill.runner.kv_caches, kv_layout(prefill.runner.kv_caches, prefill.model_id),
-                              src_blocks, reservation.num_cached_blocks, "lease", max_chunk_bytes))
-    for chunk in chunks:
-        sink.accept(chunk)
+    sender_layout = kv_layout(prefill.runner.kv_caches, prefill.model_id)
+    frames = send_frames(prefill.runner.kv_caches, sender_layout, src_blocks, reservation.num_cached_blocks,
+                         "lease", max_chunk_bytes)
+    for frame in frames:
+        sink.accept(*decode_frame(frame))
     assert sink.complete
     assert prefill.release_kv(rid)
     assert decode.admit_kv(rid, first) is None

@@ -181,3 +181,36 @@ def test_progress_renews_and_shutdown_releases_everything():
     assert {x.request_id for x in released} == {"a", "b"} and len(table) == 0
     with pytest.raises(ValueError):
         table.grant("c", [3], 0, ttl_s=0)
+
+
+def test_frames_round_trip_and_accept_any_kvchunk_encoding():
+    from splitserve.kvtransfer.frames import decode_frame, encode_frame
+    from splitserve.protos.kvtransfer_pb2 import KVChunk
+
+    payload = bytes(range(256)) * 40
+    header = KVChunk(lease_id="l/7", seq=3, layer=1, first_block=2, num_blocks=5, crc32=99, last=True)
+    frame = encode_frame(header, payload)
+    parsed = KVChunk.FromString(frame)  # a frame is a valid KVChunk for any protobuf parser
+    assert parsed.data == payload and parsed.lease_id == "l/7" and parsed.last
+    for encoded in (frame, parsed.SerializeToString()):  # ours, and the standard field order
+        got_header, got_payload = decode_frame(encoded)
+        assert got_header == header and bytes(got_payload) == payload
+    empty_header, empty_payload = decode_frame(header.SerializeToString())
+    assert empty_header == header and len(empty_payload) == 0
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (b"\x32\x10abc", "runs past its end"),
+        (b"\x08\xff\xff", "truncated"),
+        (b"\x0b", "unknown wire type 3"),
+        (b"\x32\x01a\x32\x01b", "data field twice"),
+        (b"\x0a\x05ab", "runs past its end"),
+    ],
+)
+def test_malformed_frames_are_rejected(frame, message):
+    from splitserve.kvtransfer.frames import decode_frame
+
+    with pytest.raises(MalformedChunk, match=message):
+        decode_frame(frame)

@@ -17,7 +17,7 @@ from splitserve.decode_worker.service import DecodeService
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.chunks import encode_chunk, plan_chunks
 from splitserve.kvtransfer.requests import sampling_to_proto
-from splitserve.kvtransfer.transport import channel, make_server
+from splitserve.kvtransfer.transport import add_kvtransfer_servicer, channel, make_server
 from splitserve.prefill_worker.service import PrefillService
 from splitserve.protos import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
 
@@ -35,7 +35,7 @@ class Cluster:
         self.decode = DecodeService(self.decode_loop, lease_ttl_s=lease_ttl_s)
         self.prefill = PrefillService(self.prefill_loop, max_chunk_bytes=max_chunk_bytes)
         self.decode_server, port = make_server("127.0.0.1:0")
-        kvtransfer_pb2_grpc.add_KVTransferServicer_to_server(self.decode, self.decode_server)
+        add_kvtransfer_servicer(self.decode, self.decode_server)
         workers_pb2_grpc.add_DecodeWorkerServicer_to_server(self.decode, self.decode_server)
         self.decode_address = f"127.0.0.1:{port}"
         self.prefill_server, pport = make_server("127.0.0.1:0")
