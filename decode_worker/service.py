@@ -20,6 +20,7 @@ from splitserve.engine.errors import InvalidRequest
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.chunks import check_layout
 from splitserve.kvtransfer.errors import CorruptChunk, LayoutMismatch, LeaseNotFound, MalformedChunk
+from splitserve.kvtransfer.events import EventHub, serve_events
 from splitserve.kvtransfer.frames import decode_frame
 from splitserve.kvtransfer.leases import Lease, LeaseTable, TransferState
 from splitserve.kvtransfer.requests import sampling_from_proto, worker_load
@@ -35,6 +36,8 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
         self.loop = loop
         engine = loop.engine
         self.layout = kv_layout(engine.runner.kv_caches, engine.model_id)
+        self.events = EventHub()
+        loop.call(engine.block_pool.add_listener, self.events.publish)
         self.lease_ttl_s = lease_ttl_s
         self._lock = threading.Lock()  # leases and sinks; never held while waiting on the network
         self.leases = LeaseTable(self._free_lease_blocks)
@@ -170,6 +173,9 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
 
     def Abort(self, request: workers_pb2.AbortRequest, context: grpc.ServicerContext):
         return workers_pb2.AbortReply(found=self.loop.abort(request.request_id))
+
+    def Events(self, request, context):
+        return serve_events(self.events, context)
 
     def Load(self, request, context):
         return self.loop.call(worker_load, self.loop.engine)

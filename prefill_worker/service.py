@@ -17,6 +17,7 @@ import grpc
 from splitserve.engine.errors import InvalidRequest
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES
+from splitserve.kvtransfer.events import EventHub, serve_events
 from splitserve.kvtransfer.requests import sampling_from_proto, worker_load
 from splitserve.kvtransfer.stream import kv_layout, send_frames
 from splitserve.kvtransfer.transport import channel, push_stub
@@ -31,6 +32,8 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         self.pool = pool
         self.max_chunk_bytes = max_chunk_bytes
         self.layout = kv_layout(loop.engine.runner.kv_caches, loop.engine.model_id)
+        self.events = EventHub()
+        loop.call(loop.engine.block_pool.add_listener, self.events.publish)
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
@@ -91,6 +94,9 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         reply.lease_id = reservation.lease_id
         reply.num_blocks_sent = len(block_ids) - first
         reply.num_blocks_skipped = first
+
+    def Events(self, request, context):
+        return serve_events(self.events, context)
 
     def Load(self, request, context):
         return self.loop.call(worker_load, self.loop.engine)
