@@ -88,6 +88,9 @@ class DecodeGraphs:
         sequences writing into the null block."""
         pool = None
         for size in reversed(self.buckets):
+            # Buckets lay their inputs over one region differently: clear it, so that positions and
+            # slots are 0 (the null block) rather than another bucket's leftovers.
+            self.token_buffer[self.rows : self.rows + 4 * size].zero_()
             _, src, _, _ = self._inputs(size)
             src.copy_(torch.arange(self.rows, self.rows + size))  # every token is a known id (0)
             side = torch.cuda.Stream()
