@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from splitserve.protos import workers_pb2_grpc
 
     loop = EngineLoop(build_engine(args))
-    service = DecodeService(loop, lease_ttl_s=args.lease_ttl)
+    service = DecodeService(loop, lease_ttl_s=args.lease_ttl, max_queued_tokens=args.max_queued_tokens)
 
     def add(server) -> None:
         add_kvtransfer_servicer(service, server)

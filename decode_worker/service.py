@@ -19,11 +19,17 @@ from splitserve.engine.block_pool import OutOfKVBlocks
 from splitserve.engine.errors import InvalidRequest
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.chunks import check_layout
-from splitserve.kvtransfer.errors import CorruptChunk, LayoutMismatch, LeaseNotFound, MalformedChunk
+from splitserve.kvtransfer.errors import (
+    CorruptChunk,
+    LayoutMismatch,
+    LeaseNotFound,
+    MalformedChunk,
+    Overloaded,
+)
 from splitserve.kvtransfer.events import EventHub, serve_events
 from splitserve.kvtransfer.frames import decode_frame
 from splitserve.kvtransfer.leases import Lease, LeaseTable, TransferState
-from splitserve.kvtransfer.requests import sampling_from_proto, worker_load
+from splitserve.kvtransfer.requests import check_room, sampling_from_proto, worker_load
 from splitserve.kvtransfer.stream import ChunkSink, kv_layout
 from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
 
@@ -32,8 +38,11 @@ REAP_INTERVAL_S = 0.5
 
 
 class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.DecodeWorkerServicer):
-    def __init__(self, loop: EngineLoop, lease_ttl_s: float = 10.0) -> None:
+    def __init__(self, loop: EngineLoop, lease_ttl_s: float = 10.0, max_queued_tokens: int | None = None):
+        """`max_queued_tokens`: the bound on prompt tokens waiting to be computed here (local prefills);
+        a request past it is refused with RESOURCE_EXHAUSTED. None: unbounded."""
         self.loop = loop
+        self.max_queued_tokens = max_queued_tokens
         engine = loop.engine
         self.layout = kv_layout(engine.runner.kv_caches, engine.model_id)
         self.events = EventHub()
@@ -134,10 +143,13 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
                 params = sampling_from_proto(request.sampling)
                 salt = request.cache_salt if request.HasField("cache_salt") else None
                 prompt = list(request.prompt_token_ids)
-                self.loop.call(self.loop.engine.add_request, rid, prompt, params, salt)
+                self.loop.call(self._add, rid, prompt, params, salt)
         except InvalidRequest as exc:
             self.loop.forget(rid)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Overloaded as exc:
+            self.loop.forget(rid)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         finished = threading.Event()
         context.add_callback(lambda: finished.is_set() or self.loop.abort(rid))  # client went away
         while True:
@@ -148,6 +160,11 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
             if out.finished:
                 finished.set()
                 return
+
+    def _add(self, rid: str, prompt: list[int], params, salt: str | None) -> None:
+        """On the loop thread: refuse when overloaded, else queue the request for a local prefill."""
+        check_room(self.loop.engine, len(prompt), self.max_queued_tokens)
+        self.loop.engine.add_request(rid, prompt, params, salt)
 
     def _admit(self, request: workers_pb2.GenerateRequest, context: grpc.ServicerContext):
         with self._lock:

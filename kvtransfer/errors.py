@@ -25,3 +25,7 @@ class NoRoom(TransferError):
 
 class LeaseNotFound(TransferError):
     """Unknown lease id, or one already released, completed or expired."""
+
+
+class Overloaded(Exception):
+    """A worker's queue is full: the request is refused at once (RESOURCE_EXHAUSTED) rather than queued."""

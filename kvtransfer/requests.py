@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from splitserve.engine.engine import Engine
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kvtransfer.errors import Overloaded
 from splitserve.protos import common_pb2
 
 
@@ -33,3 +34,14 @@ def worker_load(engine: Engine) -> common_pb2.WorkerLoad:
         queued_tokens=sched.num_queued_tokens, running_requests=len(sched.running),
         waiting_requests=len(sched.waiting), kv_usage=pool.usage, free_blocks=pool.num_free_blocks,
     )  # fmt: skip
+
+
+def check_room(engine: Engine, num_new_tokens: int, max_queued_tokens: int | None) -> None:
+    """Raise `Overloaded` when taking `num_new_tokens` more would exceed the worker's queue bound (tokens
+    waiting to be computed). Run it on the engine's loop thread, in the same call that adds the request."""
+    queued = engine.scheduler.num_queued_tokens
+    if max_queued_tokens is not None and queued + num_new_tokens > max_queued_tokens:
+        raise Overloaded(
+            f"worker overloaded: {queued} tokens queued, {num_new_tokens} more would pass the bound of "
+            f"{max_queued_tokens}"
+        )

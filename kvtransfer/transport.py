@@ -87,6 +87,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-queued-tokens", type=int, default=None,
+                        help="refuse new requests (RESOURCE_EXHAUSTED) past this many queued prompt tokens")
 
 
 def build_engine(args: argparse.Namespace):

@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     from splitserve.protos import workers_pb2_grpc
 
     loop = EngineLoop(build_engine(args))
-    service = PrefillService(loop, pool=args.pool, max_chunk_bytes=args.max_chunk_bytes)
+    service = PrefillService(
+        loop, pool=args.pool, max_chunk_bytes=args.max_chunk_bytes, max_queued_tokens=args.max_queued_tokens
+    )
 
     def close() -> None:
         service.close()

@@ -211,3 +211,24 @@ def test_workers_publish_block_events_with_the_router_s_hashes(model, cluster):
         stream.cancel()
         assert stored[:4] == list(expected), "STORED events carry the prompt's chained block hashes"
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "no gaps"
+
+
+def test_overloaded_workers_refuse_at_once(model):
+    c = Cluster(model)
+    c.prefill.max_queued_tokens = c.decode.max_queued_tokens = 50
+    try:
+        sampling = sampling_to_proto(SamplingParams(max_tokens=2, **GREEDY))
+        with pytest.raises(grpc.RpcError) as info:
+            c.prefiller.Prefill(workers_pb2.PrefillRequest(
+                request_id="big", prompt_token_ids=list(range(3, 63)), sampling=sampling))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "overloaded" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            list(c.decoder.Generate(workers_pb2.GenerateRequest(
+                request_id="big", prompt_token_ids=list(range(3, 63)), sampling=sampling)))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        tokens, _ = c.generate("fits", list(range(3, 40)), 3)  # under the bound: served
+        assert len(tokens) == 3
+        assert c.free_blocks() == c.free_at_start
+    finally:
+        c.close()
