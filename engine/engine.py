@@ -119,6 +119,7 @@ class Engine:
         first token already ends it (its blocks are then freed), else None."""
         seq = self._reserved.pop(request_id)
         seq.token_ids.append(first_token_id)
+        self.sampler.skip_draw(seq.params, seq.generator, self.model_config.vocab_size)
         seq.ever_scheduled = True  # cached-token accounting belongs to the worker that prefilled
         self.kv.commit(seq)
         reason = self.scheduler.stop_reason(seq, first_token_id)

@@ -49,6 +49,17 @@ class Sampler:
             if p.greedy:
                 continue
             masked = apply_top_k_top_p(logits[row].float() / p.temperature, p.top_k, p.top_p)
-            race = torch.empty_like(masked).exponential_(generator=gen or self.generator).clamp_(min=1e-30)
+            race = self._race(masked.shape[-1], masked.device, gen)
             tokens[row] = (masked.softmax(-1) / race).argmax()
         return tokens
+
+    def skip_draw(self, params: SamplingParams, generator: torch.Generator | None, vocab_size: int) -> None:
+        """Advance a request's own generator past one token's draw, as if this sampler had picked that
+        token: a request whose first token was sampled elsewhere (disaggregated prefill) then draws what
+        a single engine would. No-op for greedy requests and for those on the shared generator."""
+        if not params.greedy and generator is not None:
+            self._race(vocab_size, generator.device, generator)
+
+    def _race(self, size: int, device: torch.device, gen: torch.Generator | None) -> torch.Tensor:
+        race = torch.empty(size, dtype=torch.float32, device=device)
+        return race.exponential_(generator=gen or self.generator).clamp_(min=1e-30)

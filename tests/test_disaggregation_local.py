@@ -120,3 +120,23 @@ def test_held_kv_is_kept_until_released_and_its_id_stays_taken(model):
         prefill.add_request("h", [1, 2], SamplingParams(max_tokens=1))
     assert prefill.release_kv("h") and not prefill.release_kv("h")
     assert prefill.block_pool.num_free_blocks == free
+
+
+def test_seeded_sampling_across_the_split_equals_a_single_engine(model):
+    prompt = list(range(7, 40))
+    params = {"temperature": 0.8, "top_p": 0.9, "seed": 1234, "ignore_eos": True}
+    single = LLM(str(model), num_blocks=200, block_size=8)
+    expected = single.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=10, **params))
+    prefill, decode = make(model), make(model)
+    prefill.add_request("s", prompt, SamplingParams(max_tokens=1, **params), hold_kv=True)
+    (first,) = [o.new_token_ids[0] for o in run(prefill)]
+    reservation = decode.reserve_kv("s", prompt, SamplingParams(max_tokens=10, **params))
+    sink = ChunkSink(decode.runner.kv_caches, kv_layout(decode.runner.kv_caches, decode.model_id),
+                     reservation.block_ids, 0)
+    for frame in send_frames(prefill.runner.kv_caches, kv_layout(prefill.runner.kv_caches, prefill.model_id),
+                             prefill.held_kv("s"), 0, "lease"):
+        sink.accept(*decode_frame(frame))
+    prefill.release_kv("s")
+    decode.admit_kv("s", first)
+    tokens = [first] + [t for o in run(decode) for t in o.new_token_ids]
+    assert tokens == expected[0].outputs[0].token_ids
