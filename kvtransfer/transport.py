@@ -21,9 +21,11 @@ GRPC_OPTIONS = [
 ]
 
 
-def make_server(address: str, max_workers: int = 32) -> tuple[grpc.Server, int]:
+def make_server(address: str, max_workers: int = 256) -> tuple[grpc.Server, int]:
     """An unstarted server bound to `address` (host:port; port 0 picks a free one). Returns it and the
-    bound port. Raises RuntimeError when the address cannot be bound."""
+    bound port. Raises RuntimeError when the address cannot be bound. The synchronous server holds one
+    thread per running RPC (a Generate stream holds its thread until the request ends), so
+    `max_workers` must exceed the streams a worker serves at once plus its transfers."""
     server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
     port = server.add_insecure_port(address)
     if port == 0:
