@@ -24,12 +24,11 @@ from splitserve.kvtransfer.errors import (
     LayoutMismatch,
     LeaseNotFound,
     MalformedChunk,
-    Overloaded,
 )
 from splitserve.kvtransfer.events import EventHub, serve_events
 from splitserve.kvtransfer.frames import decode_frame
 from splitserve.kvtransfer.leases import Lease, LeaseTable, TransferState
-from splitserve.kvtransfer.requests import check_room, sampling_from_proto, worker_load
+from splitserve.kvtransfer.requests import queue_request, sampling_from_proto, worker_load
 from splitserve.kvtransfer.stream import ChunkSink, kv_layout
 from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
 
@@ -85,7 +84,7 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
                 reservation.num_cached_blocks,
             )  # fmt: skip
             # Every block already held (a full-block prompt, all cached): nothing will be pushed.
-            lease.payload["complete"] = reservation.num_cached_blocks == len(reservation.block_ids)
+            lease.kv_complete = reservation.num_cached_blocks == len(reservation.block_ids)
         return kvtransfer_pb2.ReserveReply(
             lease_id=lease.lease_id, num_cached_blocks=reservation.num_cached_blocks,
             num_blocks=len(reservation.block_ids), lease_ms=int(ttl_s * 1000),
@@ -112,7 +111,7 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the push ended before every block arrived")
         with self._lock:
             lease = self.leases.get(lease_id)
-            lease.payload["complete"] = True  # waits for Generate, under the same time-to-live
+            lease.kv_complete = True  # waits for Generate, under the same time-to-live
             self.leases.renew(lease)
         return kvtransfer_pb2.PushReply(
             state=kvtransfer_pb2.COMPLETE, chunks_received=sink.validator.next_seq,
@@ -131,25 +130,16 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
 
     def Generate(self, request: workers_pb2.GenerateRequest, context: grpc.ServicerContext):
         rid = request.request_id
-        outputs = self.loop.listen(rid)
-        try:
-            if request.lease_id:
-                done = self._admit(request, context)
-                if done is not None:
-                    self.loop.forget(rid)
-                    yield workers_pb2.TokenChunk(finish_reason=done.finish_reason.value)
-                    return
-            else:
-                params = sampling_from_proto(request.sampling)
-                salt = request.cache_salt if request.HasField("cache_salt") else None
-                prompt = list(request.prompt_token_ids)
-                self.loop.call(self._add, rid, prompt, params, salt)
-        except InvalidRequest as exc:
-            self.loop.forget(rid)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except Overloaded as exc:
-            self.loop.forget(rid)
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        if request.lease_id:
+            self._claim(request, context)
+            outputs = self.loop.listen(rid)
+            done = self.loop.call(self.loop.engine.admit_kv, rid, request.first_token_id)
+            if done is not None:  # the first token already ended the request
+                self.loop.forget(rid)
+                yield workers_pb2.TokenChunk(finish_reason=done.finish_reason.value)
+                return
+        else:
+            outputs = queue_request(self.loop, context, request, self.max_queued_tokens)
         finished = threading.Event()
         context.add_callback(lambda: finished.is_set() or self.loop.abort(rid))  # client went away
         while True:
@@ -161,32 +151,23 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
                 finished.set()
                 return
 
-    def _add(self, rid: str, prompt: list[int], params, salt: str | None) -> None:
-        """On the loop thread: refuse when overloaded, else queue the request for a local prefill."""
-        check_room(self.loop.engine, len(prompt), self.max_queued_tokens)
-        self.loop.engine.add_request(rid, prompt, params, salt)
-
-    def _admit(self, request: workers_pb2.GenerateRequest, context: grpc.ServicerContext):
+    def _claim(self, request: workers_pb2.GenerateRequest, context: grpc.ServicerContext) -> None:
+        """End the request's lease by acknowledgement: its blocks now belong to the request. Aborts the
+        RPC, leaving the lease as it was, when the request does not match a lease with complete KV."""
+        if not request.HasField("first_token_id"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a request with pushed KV needs first_token_id")
         with self._lock:
             try:
                 lease = self.leases.get(request.lease_id)
             except LeaseNotFound as exc:
-                self.loop.forget(request.request_id)
                 context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-            if lease.request_id != request.request_id or not lease.payload.get("complete"):
-                self.loop.forget(request.request_id)
+            if lease.request_id != request.request_id or not lease.kv_complete:
                 context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"lease {lease.lease_id!r} does not hold the complete KV of {request.request_id!r}",
                 )
             self.leases.acknowledge(lease.lease_id)
             del self._sinks[lease.lease_id]
-        first = request.first_token_id if request.HasField("first_token_id") else None
-        if first is None:
-            self.loop.call(self.loop.engine.cancel_kv, request.request_id)
-            self.loop.forget(request.request_id)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a request with pushed KV needs first_token_id")
-        return self.loop.call(self.loop.engine.admit_kv, request.request_id, first)
 
     def Abort(self, request: workers_pb2.AbortRequest, context: grpc.ServicerContext):
         return workers_pb2.AbortReply(found=self.loop.abort(request.request_id))

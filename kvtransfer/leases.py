@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from splitserve.kvtransfer.errors import LeaseNotFound
@@ -43,7 +43,7 @@ class Lease:
     deadline: float  # monotonic time after which the lease expires unless renewed
     state: TransferState = TransferState.RESERVED
     reason: str = ""
-    payload: dict = field(default_factory=dict)  # owner's extras (e.g. the sequence it will admit)
+    kv_complete: bool = False  # every block is in place: the lease now waits for its request's admission
 
 
 class LeaseTable:

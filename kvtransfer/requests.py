@@ -1,11 +1,19 @@
-"""Request records that cross worker boundaries: protobuf messages to and from the engine's types."""
+"""Requests that cross worker boundaries: protobuf messages to and from the engine's types, the queue
+bound, and queueing a worker request on its engine with the errors mapped to gRPC statuses."""
 
 from __future__ import annotations
 
+import queue
+
+import grpc
+
 from splitserve.engine.engine import Engine
+from splitserve.engine.errors import InvalidRequest
+from splitserve.engine.loop import EngineLoop
+from splitserve.engine.outputs import StepOutput
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kvtransfer.errors import Overloaded
-from splitserve.protos import common_pb2
+from splitserve.protos import common_pb2, workers_pb2
 
 
 def sampling_from_proto(p: common_pb2.SamplingParams, **overrides) -> SamplingParams:
@@ -45,3 +53,33 @@ def check_room(engine: Engine, num_new_tokens: int, max_queued_tokens: int | Non
             f"worker overloaded: {queued} tokens queued, {num_new_tokens} more would pass the bound of "
             f"{max_queued_tokens}"
         )
+
+
+def queue_request(
+    loop: EngineLoop,
+    context: grpc.ServicerContext,
+    request: workers_pb2.PrefillRequest | workers_pb2.GenerateRequest,
+    max_queued_tokens: int | None,
+    hold_kv: bool = False,
+    **sampling_overrides,
+) -> queue.Queue[StepOutput]:
+    """Queue a worker request on its engine and return the queue of its outputs. A request the engine
+    rejects ends the RPC with INVALID_ARGUMENT, one past the queue bound with RESOURCE_EXHAUSTED."""
+    rid, prompt = request.request_id, list(request.prompt_token_ids)
+    salt = request.cache_salt if request.HasField("cache_salt") else None
+
+    def add() -> None:  # on the loop thread: the bound and the add are one step
+        check_room(loop.engine, len(prompt), max_queued_tokens)
+        loop.engine.add_request(rid, prompt, params, salt, hold_kv=hold_kv)
+
+    outputs = loop.listen(rid)
+    try:
+        params = sampling_from_proto(request.sampling, **sampling_overrides)
+        loop.call(add)
+    except InvalidRequest as exc:
+        loop.forget(rid)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except Overloaded as exc:
+        loop.forget(rid)
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    return outputs

@@ -14,12 +14,10 @@ import time
 
 import grpc
 
-from splitserve.engine.errors import InvalidRequest
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES
-from splitserve.kvtransfer.errors import Overloaded
 from splitserve.kvtransfer.events import EventHub, serve_events
-from splitserve.kvtransfer.requests import check_room, sampling_from_proto, worker_load
+from splitserve.kvtransfer.requests import queue_request, worker_load
 from splitserve.kvtransfer.stream import kv_layout, send_frames
 from splitserve.kvtransfer.transport import channel, push_stub
 from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
@@ -56,18 +54,10 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
     def Prefill(self, request: workers_pb2.PrefillRequest, context: grpc.ServicerContext):
         start = time.perf_counter()
         rid, prompt = request.request_id, list(request.prompt_token_ids)
-        salt = request.cache_salt if request.HasField("cache_salt") else None
         push = bool(request.decode_address)
-        outputs = self.loop.listen(rid)
-        try:
-            params = sampling_from_proto(request.sampling, max_tokens=1)
-            self.loop.call(self._add, rid, prompt, params, salt, push)
-        except InvalidRequest as exc:
-            self.loop.forget(rid)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except Overloaded as exc:
-            self.loop.forget(rid)
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        outputs = queue_request(
+            self.loop, context, request, self.max_queued_tokens, hold_kv=push, max_tokens=1
+        )  # the first token only
         context.add_callback(lambda: self.loop.abort(rid))  # no-op once finished; frees work if cancelled
         out = outputs.get()
         while not out.finished:
@@ -88,11 +78,6 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
                 self.loop.call(self.loop.engine.release_kv, rid)
             reply.transfer_tail_ms = (time.perf_counter() - start) * 1e3 - first_ms
         return reply
-
-    def _add(self, rid: str, prompt: list[int], params, salt: str | None, hold_kv: bool) -> None:
-        """On the loop thread: refuse when overloaded, else queue the prefill."""
-        check_room(self.loop.engine, len(prompt), self.max_queued_tokens)
-        self.loop.engine.add_request(rid, prompt, params, salt, hold_kv=hold_kv)
 
     def _push(self, request: workers_pb2.PrefillRequest, prompt: list[int], reply: workers_pb2.PrefillReply):
         """Reserve on the decode worker, then stream the blocks it lacks."""

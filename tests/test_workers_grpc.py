@@ -232,3 +232,21 @@ def test_overloaded_workers_refuse_at_once(model):
         assert c.free_blocks() == c.free_at_start
     finally:
         c.close()
+
+
+def test_a_bad_generate_leaves_the_lease_for_a_correct_one(model, cluster):
+    prompt = list(range(3, 30))
+    sampling = sampling_to_proto(SamplingParams(max_tokens=4, **GREEDY))
+    reply = cluster.prefiller.Prefill(workers_pb2.PrefillRequest(
+        request_id="g", prompt_token_ids=prompt, sampling=sampling, decode_address=cluster.decode_address))
+    base = {"prompt_token_ids": prompt, "sampling": sampling, "lease_id": reply.lease_id}
+    for bad, code in (({"request_id": "g"}, grpc.StatusCode.INVALID_ARGUMENT),  # no first token
+                      ({"request_id": "other", "first_token_id": 1}, grpc.StatusCode.FAILED_PRECONDITION)):
+        with pytest.raises(grpc.RpcError) as info:
+            list(cluster.decoder.Generate(workers_pb2.GenerateRequest(**base, **bad)))
+        assert info.value.code() == code
+    chunks = cluster.decoder.Generate(workers_pb2.GenerateRequest(
+        **base, request_id="g", first_token_id=reply.first_token_id))
+    tokens = [reply.first_token_id] + [t for c in chunks for t in c.token_ids]
+    assert tokens == offline(model, [prompt], 4)[0]
+    assert cluster.free_blocks() == cluster.free_at_start
