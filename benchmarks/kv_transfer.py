@@ -1,7 +1,8 @@
 """KV transfer throughput over gRPC against raw TCP on loopback (issue 4's benchmark).
 
 One run prints the machine and versions, then:
-  1. raw TCP socket throughput on loopback (one connection, 4 MiB sendall / recv_into), the ceiling;
+  1. raw TCP socket throughput on loopback (one connection, 4 MiB sendall / recv_into; median of five
+     1 GiB runs), the ceiling;
   2. the KV transfer between two real engines, a prefill engine in this process and a decode worker
      process (`python -m splitserve.decode_worker`), through its KVTransfer service (Reserve,
      then Push of every block, validated and written into the reserved blocks), for the KV of a
@@ -33,7 +34,7 @@ from splitserve import LLM, SamplingParams
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.requests import sampling_to_proto
 from splitserve.kvtransfer.stream import kv_layout, send_frames
-from splitserve.kvtransfer.transport import channel, push_stub
+from splitserve.kvtransfer.transport import channel, make_server, push_stub
 from splitserve.prefill_worker.service import PrefillService
 from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
 from splitserve.tiny_model import TinyModelSpec, make_tiny_model
@@ -135,21 +136,24 @@ def stop_worker(proc: subprocess.Popen) -> None:
 
 def transfer_tail(path: str) -> tuple[float, float]:
     """(transfer tail ms of a 4k-token prefill-worker request, one decode step ms), tiny model; the
-    prefill service runs in this process, the decode worker in its own."""
+    prefill service serves from this process, the decode worker from its own."""
     blocks = PROMPT_TOKENS // 16 + 16
     worker, address = start_decode_worker(path, "float32", blocks)
     prefill_loop = EngineLoop(LLM(path, num_blocks=blocks, max_num_batched_tokens=PROMPT_TOKENS).engine)
     prefill = PrefillService(prefill_loop)
-    ch = channel(address)
+    server, port = make_server("127.0.0.1:0")
+    workers_pb2_grpc.add_PrefillWorkerServicer_to_server(prefill, server)
+    server.start()
+    ch, prefill_ch = channel(address), channel(f"127.0.0.1:{port}")
     tails, steps = [], []
     try:
         for i in range(3):
             gen = torch.Generator().manual_seed(i)
             prompt = torch.randint(3, 500, (PROMPT_TOKENS,), generator=gen).tolist()
             sampling = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=33, ignore_eos=True))
-            reply = prefill.Prefill(workers_pb2.PrefillRequest(
+            reply = workers_pb2_grpc.PrefillWorkerStub(prefill_ch).Prefill(workers_pb2.PrefillRequest(
                 request_id=f"t{i}", prompt_token_ids=prompt, sampling=sampling, decode_address=address,
-            ), _Context())  # fmt: skip
+            ))  # fmt: skip
             tails.append(reply.transfer_tail_ms)
             stream = workers_pb2_grpc.DecodeWorkerStub(ch).Generate(workers_pb2.GenerateRequest(
                 request_id=f"t{i}", prompt_token_ids=prompt, sampling=sampling, lease_id=reply.lease_id,
@@ -163,20 +167,12 @@ def transfer_tail(path: str) -> tuple[float, float]:
                 last = now
     finally:
         ch.close()
+        prefill_ch.close()
+        server.stop(0).wait()
         prefill.close()
         prefill_loop.stop()
         stop_worker(worker)
     return statistics.median(tails), statistics.median(steps)
-
-
-class _Context:
-    """The bits of grpc.ServicerContext that PrefillService uses, for calling it in-process."""
-
-    def add_callback(self, fn) -> None:
-        pass
-
-    def abort(self, code, details):
-        raise RuntimeError(f"{code}: {details}")
 
 
 def main() -> None:
@@ -185,8 +181,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; python "
           f"{platform.python_version()}, torch {torch.__version__}, grpcio {grpc.__version__}")
-    raw = raw_socket_gbs()
-    print(f"raw TCP loopback: {raw:.2f} GB/s")
+    raws = [raw_socket_gbs() for _ in range(5)]  # loopback throughput on a shared 2-core box varies
+    raw = statistics.median(raws)
+    print(f"raw TCP loopback: {raw:.2f} GB/s (median of {', '.join(f'{r:.2f}' for r in raws)})")
     tmp = tempfile.TemporaryDirectory()
     models = {
         "tiny (fp32)": (
