@@ -20,9 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+from splitserve.kernels.paged_checks import check_block_tables, check_out_and_devices, check_q_and_cache
+
 MAX_SPLITS = 64  # the merge reads each (sequence, head)'s split LSEs as one vector
 CPU_NUM_SMS = 4  # the interpreter runs programs one by one: few splits keep CPU tests fast
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Batches of at most SMALL_BATCH sequences take finer splits and fewer stages (see `default_tuning`):
 # measured in CUDA graphs on an H100, batch 1 / context 2k 9.1 -> 7.5 µs, batch 8 / 4k 33.5 -> 32.1 µs
 # (benchmarks/decode_attention_sweep.py, docs/benchmarks.md).
@@ -197,38 +198,14 @@ def _num_sms(device: torch.device) -> int:
 
 def _validate(q, kv_cache, block_tables, seq_lens, out) -> None:
     """Shape, dtype, device and layout checks that read no device memory."""
-    if q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
-        raise ValueError(
-            f"need q [num_seqs, num_heads, head_dim] and kv_cache [2, num_blocks, block_size, "
-            f"num_kv_heads, head_dim]; got {tuple(q.shape)} and {tuple(kv_cache.shape)}"
-        )
-    num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = kv_cache.shape[3]
-    if kv_cache.shape[4] != head_dim or num_heads % num_kv_heads:
-        raise ValueError(
-            f"q {tuple(q.shape)} does not fit kv_cache {tuple(kv_cache.shape)}: head_dim must "
-            "match and num_heads be a multiple of num_kv_heads"
-        )
-    if q.dtype not in _SUPPORTED_DTYPES or kv_cache.dtype != q.dtype:
-        raise ValueError(f"q and kv_cache must share one of fp16/bf16/fp32; got {q.dtype}, {kv_cache.dtype}")
-    if not kv_cache.is_contiguous() or q.stride(-1) != 1:
-        raise ValueError("kv_cache must be contiguous and q's last dimension unit-stride")
-    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or block_tables.dtype != torch.int32:
-        raise ValueError(
-            f"block_tables must be int32 [{num_seqs}, max_blocks]; got "
-            f"{block_tables.dtype} {tuple(block_tables.shape)}"
-        )
-    if block_tables.stride(1) != 1:
-        raise ValueError("block_tables rows must be contiguous")
+    check_q_and_cache(q, kv_cache, rows="num_seqs")
+    num_seqs = q.shape[0]
+    check_block_tables(block_tables, num_seqs)
     if seq_lens.shape != (num_seqs,) or seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous():
         raise ValueError(
             f"seq_lens must be contiguous int32 [{num_seqs}]; got {seq_lens.dtype} {tuple(seq_lens.shape)}"
         )
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1):
-        raise ValueError(f"out must be {q.dtype} {tuple(q.shape)} with a unit-stride last dimension")
-    tensors = (kv_cache, block_tables, seq_lens) + (() if out is None else (out,))
-    if any(t.device != q.device for t in tensors):
-        raise ValueError("q, kv_cache, block_tables, seq_lens and out must be on one device")
+    check_out_and_devices(q, out, kv_cache=kv_cache, block_tables=block_tables, seq_lens=seq_lens)
 
 
 def paged_decode_attention(

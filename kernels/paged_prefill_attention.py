@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from splitserve.kernels.paged_checks import check_block_tables, check_out_and_devices, check_q_and_cache
+
 MAX_HEAD_DIM = 256
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -156,24 +157,10 @@ def _prefill_kernel(
 
 def _validate(q, kv_cache, block_tables, query_start_loc, seq_lens, out, max_query_len) -> None:
     """Shape, dtype, device and layout checks that read no device memory."""
-    if q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
-        raise ValueError(
-            f"need q [num_tokens, num_heads, head_dim] and kv_cache [2, num_blocks, block_size, "
-            f"num_kv_heads, head_dim]; got {tuple(q.shape)} and {tuple(kv_cache.shape)}"
-        )
-    _, num_heads, head_dim = q.shape
-    num_kv_heads = kv_cache.shape[3]
-    if kv_cache.shape[4] != head_dim or num_kv_heads == 0 or num_heads % num_kv_heads:
-        raise ValueError(
-            f"q {tuple(q.shape)} does not fit kv_cache {tuple(kv_cache.shape)}: head_dim must "
-            "match and num_heads be a multiple of num_kv_heads"
-        )
+    check_q_and_cache(q, kv_cache, rows="num_tokens")
+    head_dim = q.shape[2]
     if not 0 < head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}]; got {head_dim}")
-    if q.dtype not in _SUPPORTED_DTYPES or kv_cache.dtype != q.dtype:
-        raise ValueError(f"q and kv_cache must share one of fp16/bf16/fp32; got {q.dtype}, {kv_cache.dtype}")
-    if not kv_cache.is_contiguous() or q.stride(-1) != 1:
-        raise ValueError("kv_cache must be contiguous and q's last dimension unit-stride")
     num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     if seq_lens.dim() != 1 or seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous():
         raise ValueError(
@@ -186,18 +173,9 @@ def _validate(q, kv_cache, block_tables, query_start_loc, seq_lens, out, max_que
         )
     if not query_start_loc.is_contiguous():
         raise ValueError("query_start_loc must be contiguous")
-    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or block_tables.dtype != torch.int32:
-        raise ValueError(
-            f"block_tables must be int32 [{num_seqs}, max_blocks]; got "
-            f"{block_tables.dtype} {tuple(block_tables.shape)}"
-        )
-    if block_tables.stride(1) != 1:
-        raise ValueError("block_tables rows must be contiguous")
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1):
-        raise ValueError(f"out must be {q.dtype} {tuple(q.shape)} with a unit-stride last dimension")
-    tensors = (kv_cache, block_tables, query_start_loc, seq_lens) + (() if out is None else (out,))
-    if any(t.device != q.device for t in tensors):
-        raise ValueError("q, kv_cache, block_tables, query_start_loc, seq_lens and out must be on one device")
+    check_block_tables(block_tables, num_seqs)
+    check_out_and_devices(q, out, kv_cache=kv_cache, block_tables=block_tables,
+                          query_start_loc=query_start_loc, seq_lens=seq_lens)  # fmt: skip
     if isinstance(max_query_len, bool) or not isinstance(max_query_len, int) or max_query_len < 0:
         raise ValueError(f"max_query_len must be a host int >= 0; got {max_query_len!r}")
 
