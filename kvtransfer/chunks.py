@@ -63,11 +63,21 @@ def plan_chunks(
     ]
 
 
-def encode_chunk(lease_id: str, seq: int, span: ChunkSpan, data: bytes, last: bool) -> kvtransfer_pb2.KVChunk:
+def chunk_header(
+    lease_id: str, seq: int, span: ChunkSpan, payload: bytes | bytearray | memoryview, last: bool
+) -> kvtransfer_pb2.KVChunk:
+    """A chunk's fields without its data (as `frames` sends it), with the payload's CRC-32."""
     return kvtransfer_pb2.KVChunk(
         lease_id=lease_id, seq=seq, layer=span.layer, first_block=span.first_block,
-        num_blocks=span.num_blocks, data=data, crc32=zlib.crc32(data), last=last,
+        num_blocks=span.num_blocks, crc32=zlib.crc32(payload), last=last,
     )  # fmt: skip
+
+
+def encode_chunk(lease_id: str, seq: int, span: ChunkSpan, data: bytes, last: bool) -> kvtransfer_pb2.KVChunk:
+    """A whole KVChunk message, data included (what a generated stub would send)."""
+    chunk = chunk_header(lease_id, seq, span, data, last)
+    chunk.data = data
+    return chunk
 
 
 class ChunkValidator:

@@ -9,12 +9,11 @@ chunks; both ends are engines' `runner.kv_caches` and block ids from `Engine.hel
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator, Sequence
 
 import torch
 
-from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES, ChunkValidator, plan_chunks
+from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES, ChunkValidator, chunk_header, plan_chunks
 from splitserve.kvtransfer.frames import encode_frame
 from splitserve.kvtransfer.tensors import blocks_nbytes, read_blocks_into, write_blocks
 from splitserve.protos import common_pb2, kvtransfer_pb2
@@ -47,11 +46,7 @@ def send_frames(
         cache = kv_caches[span.layer]
         payload = bytearray(blocks_nbytes(cache, len(ids)))
         read_blocks_into(cache, ids, memoryview(payload))
-        header = kvtransfer_pb2.KVChunk(
-            lease_id=lease_id, seq=seq, layer=span.layer, first_block=span.first_block,
-            num_blocks=span.num_blocks, crc32=zlib.crc32(payload), last=seq == len(spans) - 1,
-        )  # fmt: skip
-        yield encode_frame(header, payload)
+        yield encode_frame(chunk_header(lease_id, seq, span, payload, last=seq == len(spans) - 1), payload)
 
 
 class ChunkSink:
