@@ -29,6 +29,7 @@ from splitserve.kvtransfer.events import EventHub, serve_events
 from splitserve.kvtransfer.frames import decode_frame
 from splitserve.kvtransfer.leases import Lease, LeaseTable, TransferState
 from splitserve.kvtransfer.requests import queue_request, sampling_from_proto, worker_load
+from splitserve.kvtransfer.same_host import SourceMaps, host_id
 from splitserve.kvtransfer.stream import ChunkSink, kv_layout
 from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
 
@@ -48,7 +49,10 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
         loop.call(engine.block_pool.add_listener, self.events.publish)
         self.lease_ttl_s = lease_ttl_s
         self._lock = threading.Lock()  # leases and sinks; never held while waiting on the network
+        self._lease_changed = threading.Condition(self._lock)  # a lease completed or ended
         self.leases = LeaseTable(self._free_lease_blocks)
+        self.sources = SourceMaps(self.layout, engine.device)
+        self.host_id = host_id()
         self._sinks: dict[str, ChunkSink] = {}
         self._stopped = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="lease-reaper", daemon=True)
@@ -67,6 +71,10 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
             check_layout(self.layout, request.layout)
             params = sampling_from_proto(request.sampling)
             salt = request.cache_salt if request.HasField("cache_salt") else None
+            with self._lock:  # a retried prefill (another worker, same request) replaces its lease
+                old = self.leases.open_lease_of(request.request_id)
+                if old is not None:
+                    self.leases.release(old.lease_id, "superseded by a new reservation", TransferState.FAILED)
             reservation = self.loop.call(
                 self.loop.engine.reserve_kv, request.request_id, list(request.prompt_token_ids), params, salt
             )
@@ -81,13 +89,14 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
             )
             self._sinks[lease.lease_id] = ChunkSink(
                 self.loop.engine.runner.kv_caches, self.layout, reservation.block_ids,
-                reservation.num_cached_blocks,
+                reservation.num_cached_blocks, self.sources,
             )  # fmt: skip
             # Every block already held (a full-block prompt, all cached): nothing will be pushed.
             lease.kv_complete = reservation.num_cached_blocks == len(reservation.block_ids)
         return kvtransfer_pb2.ReserveReply(
             lease_id=lease.lease_id, num_cached_blocks=reservation.num_cached_blocks,
-            num_blocks=len(reservation.block_ids), lease_ms=int(ttl_s * 1000),
+            num_blocks=len(reservation.block_ids), lease_ms=int(ttl_s * 1000), host_id=self.host_id,
+            same_host_devices=[self.loop.engine.device.type],
         )  # fmt: skip
 
     def Push(self, request_iterator, context: grpc.ServicerContext):
@@ -113,6 +122,7 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
             lease = self.leases.get(lease_id)
             lease.kv_complete = True  # waits for Generate, under the same time-to-live
             self.leases.renew(lease)
+            self._lease_changed.notify_all()
         return kvtransfer_pb2.PushReply(
             state=kvtransfer_pb2.COMPLETE, chunks_received=sink.validator.next_seq,
             bytes_received=sink.validator.bytes_received,
@@ -152,20 +162,30 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
                 return
 
     def _claim(self, request: workers_pb2.GenerateRequest, context: grpc.ServicerContext) -> None:
-        """End the request's lease by acknowledgement: its blocks now belong to the request. Aborts the
-        RPC, leaving the lease as it was, when the request does not match a lease with complete KV."""
+        """Wait until the request's lease holds all its KV (the transfer may still be running: the
+        caller starts Generate as soon as the prefill worker has the first token), then end the lease
+        by acknowledgement: the blocks now belong to the request. Aborts the RPC when the lease ends
+        otherwise (failed, released, expired: NOT_FOUND with the reason) or does not match the request,
+        leaving a matching lease as it was."""
         if not request.HasField("first_token_id"):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a request with pushed KV needs first_token_id")
-        with self._lock:
-            try:
-                lease = self.leases.get(request.lease_id)
-            except LeaseNotFound as exc:
-                context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-            if lease.request_id != request.request_id or not lease.kv_complete:
-                context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"lease {lease.lease_id!r} does not hold the complete KV of {request.request_id!r}",
-                )
+        with self._lease_changed:
+            while True:
+                try:
+                    lease = self.leases.get(request.lease_id)
+                except LeaseNotFound as exc:
+                    detail = f"the KV of {request.request_id!r} did not arrive: {exc}"
+                    context.abort(grpc.StatusCode.NOT_FOUND, detail)
+                if lease.request_id != request.request_id:
+                    context.abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"lease {lease.lease_id!r} is not for request {request.request_id!r}",
+                    )
+                if lease.kv_complete:
+                    break
+                if not context.is_active():
+                    context.abort(grpc.StatusCode.CANCELLED, "the caller went away")
+                self._lease_changed.wait(timeout=REAP_INTERVAL_S)
             self.leases.acknowledge(lease.lease_id)
             del self._sinks[lease.lease_id]
 
@@ -188,6 +208,7 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
         """LeaseTable callback (under self._lock): a released or expired lease gives its blocks back."""
         log.info("lease %s ended: %s (%s)", lease.lease_id, lease.state.name, lease.reason)
         self._sinks.pop(lease.lease_id, None)
+        self._lease_changed.notify_all()
         self.loop.call(self.loop.engine.cancel_kv, lease.request_id)
 
     def _reap(self) -> None:

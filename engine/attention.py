@@ -69,6 +69,7 @@ def prefill_attention(q, kv_cache, meta: AttentionMetadata, scale: float) -> tor
         out[q_start:q_end] = o[0].transpose(0, 1)
     return out
 
+
 def decode_attention(q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """One query token per sequence over its paged context. q [num_seqs, num_heads, head_dim]."""
     block_size = kv_cache.shape[2]

@@ -24,6 +24,8 @@ class CacheConfig:
     kv_cache_memory_gib: float = 1.0
     gpu_memory_utilization: float = 0.85
     enable_prefix_caching: bool = True
+    # CPU: put the caches in one memfd that a worker on the same host can map (same-host KV transfer).
+    shared_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):

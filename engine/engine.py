@@ -8,6 +8,7 @@ wrap it in their own loop. Knows nothing about tokenization or networking.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from splitserve.engine.block_pool import BlockPool, OutOfKVBlocks
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.errors import InvalidRequest
 from splitserve.engine.kv_cache_manager import KVCacheManager, cdiv
+from splitserve.engine.kv_watch import KVReady, KVWatch
 from splitserve.engine.model_config import ModelConfig, checkpoint_identity
 from splitserve.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from splitserve.engine.ops import select_ops
@@ -53,9 +55,15 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, cfg, self.device)
         self.model_id = config.model_id or checkpoint_identity(config.model)
         self.runner = ModelRunner(
-            cfg, config.model, config.cache, self.device, self.dtype,
-            self.max_model_len, config.scheduler.max_num_seqs,
-            ops=select_ops(self.device, config.kernels), enforce_eager=config.enforce_eager,
+            cfg,
+            config.model,
+            config.cache,
+            self.device,
+            self.dtype,
+            self.max_model_len,
+            config.scheduler.max_num_seqs,
+            ops=select_ops(self.device, config.kernels),
+            enforce_eager=config.enforce_eager,
         )
         self.block_pool = BlockPool(self.runner.num_blocks, config.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.block_pool, config.cache.block_size, self.model_id)
@@ -66,7 +74,11 @@ class Engine:
         self._reserved: dict[str, Sequence] = {}  # waiting for their KV by transfer (reserve_kv)
         log.info(
             "engine ready: %s %s on %s, %d KV blocks of %d tokens",
-            cfg.family, self.dtype, self.device, self.runner.num_blocks, config.cache.block_size,
+            cfg.family,
+            self.dtype,
+            self.device,
+            self.runner.num_blocks,
+            config.cache.block_size,
         )
 
     def add_request(
@@ -76,10 +88,13 @@ class Engine:
         params: SamplingParams,
         cache_salt: str | None = None,
         hold_kv: bool = False,
+        kv_watch: KVWatch | None = None,
     ) -> None:
         """Queue a request. Raises `InvalidRequest` (changing nothing) when it can never run. With
-        `hold_kv` its KV blocks outlive it (for a transfer: `held_kv`) until `release_kv`."""
+        `hold_kv` its KV blocks outlive it (for a transfer: `held_kv`) until `release_kv`; with
+        `kv_watch` its prompt KV is reported layer by layer as it is computed (see `kv_watch`)."""
         seq = self._new_sequence(request_id, prompt_token_ids, params, cache_salt, hold_kv)
+        seq.kv_watch = kv_watch
         self._sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -89,6 +104,10 @@ class Engine:
 
     def release_kv(self, request_id: str) -> bool:
         return self.scheduler.release_held(request_id)
+
+    def unpin_kv(self, block_ids: list[int] | tuple[int, ...]) -> None:
+        """Give back the references `KVReady` reports held on `block_ids` (each once)."""
+        self.block_pool.free(reversed(block_ids))
 
     def reserve_kv(
         self,
@@ -169,12 +188,48 @@ class Engine:
         return outputs
 
     def _launch(self, batch: ScheduledBatch) -> _InFlight:
-        logits = self.runner.execute(batch)
+        reports = self._kv_reports(batch)
+        logits = self.runner.execute(batch, self._layer_hook(reports) if reports else None)
         items = batch.sampling_items
         params, generators = [it.seq.params for it in items], [it.seq.generator for it in items]
         self.sampler(logits, params, generators, out=self.runner.sampled[: len(items)])
         tokens, done = self.runner.tokens_to_host(len(items))
         return _InFlight(batch, tokens, done)
+
+    def _kv_reports(self, batch: ScheduledBatch) -> list[tuple[Sequence, int, tuple[int, ...], bool]]:
+        """For each watched sequence of a prefill step whose blocks this step completes: (sequence, first
+        new block, the new blocks — pinned here for the watcher —, whether its prompt KV is then all
+        in). Counts are those after this step: the scheduler has advanced them already."""
+        reports = []
+        if batch.phase != "prefill":
+            return reports
+        for item in batch.items:
+            seq, watch = item.seq, item.seq.kv_watch
+            if watch is None:
+                continue
+            computed = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+            done = computed == seq.num_prompt_tokens  # the partial last block is final too
+            final = cdiv(computed, self.kv.block_size) if done else computed // self.kv.block_size
+            if final > watch.reported:
+                new = tuple(seq.block_ids[watch.reported : final])
+                self.block_pool.touch(new)
+                reports.append((seq, watch.reported, new, done))
+                watch.reported = final
+        return reports
+
+    def _layer_hook(self, reports) -> Callable[[int], None]:
+        """Called by the model after each layer's forward: report that layer's KV of `reports`."""
+        cuda = self.device.type == "cuda"
+
+        def layer_done(layer: int) -> None:
+            event = None
+            if cuda:
+                event = torch.cuda.Event()
+                event.record()
+            for seq, start, block_ids, done in reports:
+                seq.kv_watch.callback(KVReady(seq.request_id, layer, start, block_ids, event, done))
+
+        return layer_done
 
     def _complete(self, step: _InFlight) -> list[StepOutput]:
         if step.done is not None:

@@ -10,6 +10,8 @@ metadata; it holds no per-request state and knows nothing about scheduling, samp
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -159,11 +161,14 @@ class DecoderLM(nn.Module):
         positions: torch.Tensor,  # [num_tokens]
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
+        layer_done: Callable[[int], None] | None = None,  # after each layer: its KV is written
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             x, residual = layer(x, residual, positions, kv_cache, meta)
+            if layer_done is not None:
+                layer_done(i)
         x, _ = self.norm.add_forward(x, residual)
         return x
 

@@ -6,6 +6,9 @@ decide what runs (the scheduler) or pick tokens (the sampler).
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,19 @@ from splitserve.engine.ops import ModelOps
 from splitserve.engine.scheduler import ScheduledBatch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def shared_kv_caches(shape: tuple[int, ...], dtype: torch.dtype, num_layers: int):
+    """Zeroed per-layer CPU caches, back to back in one memfd (freed with the last process mapping it).
+    Returns (fd, caches); another process of the same user reads them through /proc/<pid>/fd/<fd>."""
+    layer_bytes = math.prod(shape) * dtype.itemsize
+    total = num_layers * layer_bytes
+    fd = os.memfd_create("splitserve-kv", os.MFD_CLOEXEC)
+    os.ftruncate(fd, total)
+    flat = torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=total, dtype=torch.uint8)
+    return fd, [
+        flat[i * layer_bytes : (i + 1) * layer_bytes].view(dtype).view(shape) for i in range(num_layers)
+    ]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -105,7 +121,11 @@ class ModelRunner:
         load_weights(self.model, path)
         self.num_blocks = num_kv_blocks(cache, cfg, dtype, device, max_num_seqs * max_model_len)
         shape = (2, self.num_blocks, cache.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.kv_memfd: int | None = None  # the caches' memfd when they are shared (CPU)
+        if cache.shared_memory and device.type == "cpu":
+            self.kv_memfd, self.kv_caches = shared_kv_caches(shape, dtype, cfg.num_layers)
+        else:
+            self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         # [sampled tokens (a row per sampling sequence) | the graphs' static inputs]: each step's sampler
         # writes the front, and the next step reads its pending input tokens from there.
         self.max_rows = max_num_seqs
@@ -158,9 +178,10 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+    def execute(self, batch: ScheduledBatch, layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
         """Launch one step; returns logits [num_sampling_seqs, vocab_size] in the model's dtype, in
-        batch order. Never waits for the device."""
+        batch order. Never waits for the device. `layer_done(i)` runs after layer i's forward is
+        launched (eager steps only: the caller passes it for prefill steps)."""
         inputs = self.prepare(batch)
         if batch.phase == "decode" and self.graphs is not None:
             # Every decode row samples, so the graph's logits rows are the sampling rows.
@@ -187,7 +208,7 @@ class ModelRunner:
             seq_lens_host=tuple(inputs.seq_lens),
         )
         input_ids = torch.cat([self.sampled, longs[:t]])[longs[t : 2 * t]]
-        hidden = self.model(input_ids, longs[2 * t : 3 * t], self.kv_caches, meta)
+        hidden = self.model(input_ids, longs[2 * t : 3 * t], self.kv_caches, meta, layer_done)
         return self.model.compute_logits(hidden[longs[4 * t :]])
 
     def tokens_to_host(self, num_rows: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:

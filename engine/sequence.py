@@ -15,6 +15,8 @@ from splitserve.engine.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from splitserve.engine.kv_watch import KVWatch
+
 
 class SequenceStatus(Enum):
     WAITING = auto()
@@ -42,12 +44,14 @@ class Sequence:
         cache_salt: str | None = None,
         generator: torch.Generator | None = None,
         hold_kv: bool = False,
+        kv_watch: KVWatch | None = None,
     ) -> None:
         self.request_id = request_id
         self.params = params
         self.cache_salt = cache_salt
         self.generator = generator
         self.hold_kv = hold_kv  # on finishing, keep the KV blocks (for a transfer) until released
+        self.kv_watch = kv_watch  # report the prompt's KV layer by layer as it is computed
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0

@@ -1,10 +1,12 @@
 """The wire format of a KV transfer: planning bounded chunks, encoding them, and validating them on receipt.
 
 A transfer moves `num_blocks` consecutive blocks of a request (counted from its `first_block`: the
-receiver's prefix hits are skipped) for every layer, layer by layer so that layer L can travel while
-layer L+1 is computed. A chunk holds whole blocks of one layer, K then V, raw little-endian bytes laid out
-[2, num_blocks, block_size, num_kv_heads, head_dim], with a CRC-32 of the bytes (integrity against
-corruption in transit, not authentication). Torch-free: tensors are turned into bytes by the workers.
+receiver's prefix hits are skipped) for every layer; the sender sends each layer's blocks as soon as it
+has computed them, so layer L travels while layer L+1 is computed. A chunk holds whole blocks of one
+layer, K then V, raw little-endian bytes laid out [2, num_blocks, block_size, num_kv_heads, head_dim],
+with a CRC-32 of the bytes (integrity against corruption in transit, not authentication) — or, on the
+same host, the sender's block ids to copy from (`same_host`). Torch-free: tensors are turned into bytes
+by the workers.
 """
 
 from __future__ import annotations
@@ -47,10 +49,15 @@ class ChunkSpan:
 
 
 def plan_chunks(
-    layout: common_pb2.KVLayout, first_block: int, num_blocks: int, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    layout: common_pb2.KVLayout,
+    first_block: int,
+    num_blocks: int,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    layers: range | None = None,
 ) -> list[ChunkSpan]:
-    """The chunks of a transfer in sending order: layer by layer, each at most `max_chunk_bytes` (and
-    at least one block). Raises ValueError when one block does not fit."""
+    """Blocks [first_block, first_block + num_blocks) of `layers` (default: all) as chunks in sending
+    order: layer by layer, each at most `max_chunk_bytes` (and at least one block). Raises ValueError
+    when one block does not fit."""
     per_block = block_bytes(layout)
     if per_block > max_chunk_bytes:
         raise ValueError(f"one block ({per_block} bytes) exceeds the chunk limit of {max_chunk_bytes} bytes")
@@ -58,7 +65,7 @@ def plan_chunks(
     end = first_block + num_blocks
     return [
         ChunkSpan(layer, start, min(step, end - start))
-        for layer in range(layout.num_layers)
+        for layer in (range(layout.num_layers) if layers is None else layers)
         for start in range(first_block, end, step)
     ]
 
@@ -82,8 +89,10 @@ def encode_chunk(lease_id: str, seq: int, span: ChunkSpan, data: bytes, last: bo
 
 class ChunkValidator:
     """The receiver's checks, chunk by chunk, for one lease: sequence numbers without gaps, spans inside
-    the reserved range, each (layer, block) sent once, sizes exact, checksums right, and a `last` chunk
-    that completes the coverage. Raises `MalformedChunk` or `CorruptChunk`; changes nothing on error."""
+    the reserved range, each (layer, block) sent once, one kind of chunk throughout (bytes over the
+    wire, or block ids of a same-host source named on chunk 0), sizes exact, checksums right, and a
+    `last` chunk that completes the coverage. Raises `MalformedChunk` or `CorruptChunk`; changes
+    nothing on error."""
 
     def __init__(self, layout: common_pb2.KVLayout, first_block: int, num_blocks: int) -> None:
         self.layout = layout
@@ -92,6 +101,7 @@ class ChunkValidator:
         self.block_bytes = block_bytes(layout)
         self.next_seq = 0
         self.bytes_received = 0
+        self.same_host: bool | None = None  # fixed by chunk 0
         self._next_block = [first_block] * layout.num_layers  # per layer: chunks arrive in block order
 
     @property
@@ -115,16 +125,32 @@ class ChunkValidator:
                 f"layer {chunk.layer}: blocks [{chunk.first_block}, {end}) "
                 f"where [{expected_start}, {done}) remain"
             )
+        self._check_kind(chunk, data)
+        others_done = all(b == done for i, b in enumerate(self._next_block) if i != chunk.layer)
+        if chunk.last and not (others_done and end == done):
+            raise MalformedChunk("the last chunk arrived before every block of every layer")
+        self.same_host = bool(chunk.src_block_ids)
+        self._next_block[chunk.layer] = end
+        self.next_seq += 1
+        self.bytes_received += chunk.num_blocks * self.block_bytes
+        return ChunkSpan(chunk.layer, chunk.first_block, chunk.num_blocks)
+
+    def _check_kind(self, chunk: kvtransfer_pb2.KVChunk, data: bytes | memoryview) -> None:
+        same_host = bool(chunk.src_block_ids)
+        if chunk.seq == 0 and same_host != chunk.HasField("source"):
+            raise MalformedChunk("a same-host transfer names its source on chunk 0, and only then")
+        if chunk.seq > 0 and (same_host != self.same_host or chunk.HasField("source")):
+            raise MalformedChunk("a transfer mixes same-host and wire chunks")
+        if same_host:
+            if len(data) or len(chunk.src_block_ids) != chunk.num_blocks:
+                raise MalformedChunk(
+                    f"a same-host chunk of {chunk.num_blocks} blocks names {len(chunk.src_block_ids)} "
+                    f"source blocks and carries {len(data)} bytes"
+                )
+            return
         if len(data) != chunk.num_blocks * self.block_bytes:
             raise MalformedChunk(
                 f"{len(data)} bytes for {chunk.num_blocks} blocks of {self.block_bytes} bytes"
             )
         if zlib.crc32(data) != chunk.crc32:
             raise CorruptChunk(f"chunk {chunk.seq} (layer {chunk.layer}) fails its checksum")
-        others_done = all(b == done for i, b in enumerate(self._next_block) if i != chunk.layer)
-        if chunk.last and not (others_done and end == done):
-            raise MalformedChunk("the last chunk arrived before every block of every layer")
-        self._next_block[chunk.layer] = end
-        self.next_seq += 1
-        self.bytes_received += len(data)
-        return ChunkSpan(chunk.layer, chunk.first_block, chunk.num_blocks)

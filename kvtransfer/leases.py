@@ -31,6 +31,7 @@ class TransferState(Enum):
 
 
 _OPEN = (TransferState.RESERVED, TransferState.RECEIVING)
+_ENDED_KEPT = 1024
 
 
 @dataclass
@@ -51,6 +52,7 @@ class LeaseTable:
         self._on_release = on_release
         self._clock = clock
         self._leases: dict[str, Lease] = {}
+        self._ended: dict[str, Lease] = {}  # the last leases to end, for errors that say why
         self._ids = itertools.count()
 
     def __len__(self) -> int:
@@ -69,8 +71,14 @@ class LeaseTable:
         self.expire_overdue()
         lease = self._leases.get(lease_id)
         if lease is None:
-            raise LeaseNotFound(f"no open lease {lease_id!r} (unknown, finished or expired)")
+            ended = self._ended.get(lease_id)
+            if ended is not None:
+                raise LeaseNotFound(f"lease {lease_id!r} has ended: {ended.state.name} ({ended.reason})")
+            raise LeaseNotFound(f"no open lease {lease_id!r} (unknown, or ended long ago)")
         return lease
+
+    def open_lease_of(self, request_id: str) -> Lease | None:
+        return next((lease for lease in self._leases.values() if lease.request_id == request_id), None)
 
     def renew(self, lease: Lease) -> None:
         """Progress on the lease (a chunk arrived): its time-to-live starts again."""
@@ -81,7 +89,7 @@ class LeaseTable:
         """The transfer is complete and its blocks are handed over: the lease ends without a release."""
         lease = self.get(lease_id)
         lease.state = TransferState.COMPLETE
-        del self._leases[lease_id]
+        self._forget(lease)
         return lease
 
     def release(self, lease_id: str, reason: str, state: TransferState = TransferState.ABORTED) -> Lease:
@@ -104,5 +112,11 @@ class LeaseTable:
     def _end(self, lease: Lease, state: TransferState, reason: str) -> None:
         assert lease.state in _OPEN
         lease.state, lease.reason = state, reason
-        del self._leases[lease.lease_id]
+        self._forget(lease)
         self._on_release(lease)
+
+    def _forget(self, lease: Lease) -> None:
+        del self._leases[lease.lease_id]
+        self._ended[lease.lease_id] = lease
+        if len(self._ended) > _ENDED_KEPT:
+            del self._ended[next(iter(self._ended))]

@@ -9,6 +9,7 @@ import grpc
 
 from splitserve.engine.engine import Engine
 from splitserve.engine.errors import InvalidRequest
+from splitserve.engine.kv_watch import KVWatch
 from splitserve.engine.loop import EngineLoop
 from splitserve.engine.outputs import StepOutput
 from splitserve.engine.sampling_params import SamplingParams
@@ -60,17 +61,18 @@ def queue_request(
     context: grpc.ServicerContext,
     request: workers_pb2.PrefillRequest | workers_pb2.GenerateRequest,
     max_queued_tokens: int | None,
-    hold_kv: bool = False,
+    kv_watch: KVWatch | None = None,
     **sampling_overrides,
 ) -> queue.Queue[StepOutput]:
     """Queue a worker request on its engine and return the queue of its outputs. A request the engine
-    rejects ends the RPC with INVALID_ARGUMENT, one past the queue bound with RESOURCE_EXHAUSTED."""
+    rejects ends the RPC with INVALID_ARGUMENT, one past the queue bound with RESOURCE_EXHAUSTED
+    (raised as the `grpc.RpcError` that `context.abort` raises, with nothing left queued)."""
     rid, prompt = request.request_id, list(request.prompt_token_ids)
     salt = request.cache_salt if request.HasField("cache_salt") else None
 
     def add() -> None:  # on the loop thread: the bound and the add are one step
         check_room(loop.engine, len(prompt), max_queued_tokens)
-        loop.engine.add_request(rid, prompt, params, salt, hold_kv=hold_kv)
+        loop.engine.add_request(rid, prompt, params, salt, kv_watch=kv_watch)
 
     outputs = loop.listen(rid)
     try:

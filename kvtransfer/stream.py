@@ -3,8 +3,8 @@
 The sender reads blocks [first_block, num_blocks) of a request from its per-layer caches, layer by
 layer, into bounded chunks sent as frames (`frames`: protobuf-compatible, payload never copied by
 protobuf); the receiver validates each (`ChunkValidator`) and writes it into the blocks reserved for the
-request. Transport-free: the gRPC service and the same-host paths move the
-chunks; both ends are engines' `runner.kv_caches` and block ids from `Engine.held_kv` / `reserve_kv`.
+request, or copies them from the sender's cache on the same host (`same_host`). Transport-free: the
+services move the chunks; both ends are engines' `runner.kv_caches` and block ids.
 """
 
 from __future__ import annotations
@@ -13,8 +13,16 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES, ChunkValidator, chunk_header, plan_chunks
+from splitserve.kvtransfer.chunks import (
+    DEFAULT_CHUNK_BYTES,
+    ChunkSpan,
+    ChunkValidator,
+    chunk_header,
+    plan_chunks,
+)
+from splitserve.kvtransfer.errors import MalformedChunk
 from splitserve.kvtransfer.frames import encode_frame
+from splitserve.kvtransfer.same_host import SourceMaps, copy_blocks
 from splitserve.kvtransfer.tensors import blocks_nbytes, read_blocks_into, write_blocks
 from splitserve.protos import common_pb2, kvtransfer_pb2
 
@@ -43,15 +51,22 @@ def send_frames(
     spans = plan_chunks(layout, first_block, len(block_ids) - first_block, max_chunk_bytes)
     for seq, span in enumerate(spans):
         ids = block_ids[span.first_block : span.first_block + span.num_blocks]
-        cache = kv_caches[span.layer]
-        payload = bytearray(blocks_nbytes(cache, len(ids)))
-        read_blocks_into(cache, ids, memoryview(payload))
-        yield encode_frame(chunk_header(lease_id, seq, span, payload, last=seq == len(spans) - 1), payload)
+        yield wire_frame(kv_caches[span.layer], ids, lease_id, seq, span, last=seq == len(spans) - 1)
+
+
+def wire_frame(
+    cache: torch.Tensor, ids: Sequence[int], lease_id: str, seq: int, span: ChunkSpan, last: bool
+) -> bytes:
+    """The frame of one chunk: blocks `ids` of one layer's cache gathered into a buffer, checksummed."""
+    payload = bytearray(blocks_nbytes(cache, len(ids)))
+    read_blocks_into(cache, ids, memoryview(payload))
+    return encode_frame(chunk_header(lease_id, seq, span, payload, last), payload)
 
 
 class ChunkSink:
-    """Writes a request's validated frames into its reserved blocks. `accept` raises `MalformedChunk` or
-    `CorruptChunk` before writing anything of a bad frame."""
+    """Writes a request's validated chunks into its reserved blocks: a wire chunk's bytes, or a
+    same-host chunk's blocks copied from the sender's cache (mapped through `sources`). `accept` raises
+    `MalformedChunk` or `CorruptChunk` before writing anything of a bad chunk."""
 
     def __init__(
         self,
@@ -59,10 +74,13 @@ class ChunkSink:
         layout: common_pb2.KVLayout,
         block_ids: Sequence[int],
         first_block: int,
+        sources: SourceMaps | None = None,
     ) -> None:
         self.kv_caches = kv_caches
         self.block_ids = list(block_ids)
         self.validator = ChunkValidator(layout, first_block, len(block_ids) - first_block)
+        self.sources = sources
+        self._source_caches: list[torch.Tensor] | None = None
 
     @property
     def complete(self) -> bool:
@@ -70,6 +88,18 @@ class ChunkSink:
 
     def accept(self, header: kvtransfer_pb2.KVChunk, payload: bytes | memoryview) -> None:
         """Validate and store one chunk (a frame decoded by `frames.decode_frame`)."""
+        if header.HasField("source") and header.seq == 0:
+            if self.sources is None:
+                raise MalformedChunk("this receiver takes no same-host transfers")
+            self._source_caches = self.sources.caches(header.source)
+        if header.src_block_ids and self._source_caches is not None:
+            limit = self._source_caches[0].shape[1]
+            if max(header.src_block_ids) >= limit:
+                raise MalformedChunk(f"source block {max(header.src_block_ids)} of a {limit}-block cache")
         span = self.validator.accept(header, payload)
         ids = self.block_ids[span.first_block : span.first_block + span.num_blocks]
-        write_blocks(self.kv_caches[span.layer], ids, payload)
+        if self.validator.same_host:
+            src = self._source_caches[span.layer]
+            copy_blocks(self.kv_caches[span.layer], ids, src, list(header.src_block_ids))
+        else:
+            write_blocks(self.kv_caches[span.layer], ids, payload)

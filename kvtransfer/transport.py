@@ -93,14 +93,15 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse new requests (RESOURCE_EXHAUSTED) past this many queued prompt tokens")
 
 
-def build_engine(args: argparse.Namespace):
-    """The engine described by `add_worker_arguments`' options (imports torch)."""
+def build_engine(args: argparse.Namespace, shared_kv: bool = False):
+    """The engine described by `add_worker_arguments`' options (imports torch). `shared_kv`: CPU caches
+    in shared memory, for the same-host transfer path."""
     from splitserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from splitserve.engine.engine import Engine
 
     return Engine(EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks),
+        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks, shared_memory=shared_kv),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs),
     ))  # fmt: skip
 

@@ -14,16 +14,20 @@ def main(argv: list[str] | None = None) -> int:
     add_worker_arguments(parser)
     parser.add_argument("--pool", default="fresh", choices=["fresh", "warm"])
     parser.add_argument("--max-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
+    parser.add_argument("--kv-transport", default="auto", choices=["auto", "grpc"],
+                        help="auto: a decode worker on this host copies the KV from this worker's "
+                             "memory (CPU: shared memory; CUDA: IPC); others, or all with grpc: over gRPC")
     args = parser.parse_args(argv)
 
     from splitserve.engine.loop import EngineLoop
     from splitserve.prefill_worker.service import PrefillService
     from splitserve.protos import workers_pb2_grpc
 
-    loop = EngineLoop(build_engine(args))
+    loop = EngineLoop(build_engine(args, shared_kv=args.kv_transport == "auto"))
     service = PrefillService(
-        loop, pool=args.pool, max_chunk_bytes=args.max_chunk_bytes, max_queued_tokens=args.max_queued_tokens
-    )
+        loop, pool=args.pool, max_chunk_bytes=args.max_chunk_bytes, max_queued_tokens=args.max_queued_tokens,
+        kv_transport=args.kv_transport,
+    )  # fmt: skip
 
     def close() -> None:
         service.close()

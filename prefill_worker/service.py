@@ -1,26 +1,35 @@
-"""The prefill worker's gRPC service: prefill a prompt's uncached suffix, return its first token, and push
-the KV blocks the named decode worker lacks.
+"""The prefill worker's gRPC service: prefill a prompt's uncached suffix, return its first token at once,
+and push the KV blocks the named decode worker lacks while the prefill computes.
 
-The engine is reached only through its `EngineLoop`; its prefix cache makes repeated prefixes cheap.
-The request's blocks are held from the end of its prefill until the push is over (acknowledged or
-failed), then released, so a failed transfer never leaks them. The push starts after the prefill step
-(layer-wise overlap with compute is not done yet).
+With a decode target, a request first reserves room there (no room: an early RESOURCE_EXHAUSTED, before
+any compute), then runs with a `KVWatch`: each layer's finished blocks go out on the Push stream while
+the next layer computes (`kvtransfer.push`), over gRPC or, when the target shares this host, as block ids
+the target copies from this worker's exported cache (`kvtransfer.same_host`). The engine pins what it
+reports until the transfer is over; the blocks are given back whatever the outcome. The engine is
+reached only through its `EngineLoop`; its prefix cache makes repeated prefixes cheap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from splitserve.engine.kv_watch import KVWatch
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES
 from splitserve.kvtransfer.events import EventHub, serve_events
+from splitserve.kvtransfer.push import KVPush
 from splitserve.kvtransfer.requests import queue_request, worker_load
-from splitserve.kvtransfer.stream import kv_layout, send_frames
+from splitserve.kvtransfer.same_host import export_source, host_id
+from splitserve.kvtransfer.stream import kv_layout
 from splitserve.kvtransfer.transport import channel, push_stub
 from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
+
+KV_TRANSPORTS = ("auto", "grpc")  # auto: same-host when the target shares this host, else gRPC
 
 
 class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
@@ -30,73 +39,134 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         pool: str = "fresh",
         max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_queued_tokens: int | None = None,
+        kv_transport: str = "auto",
     ) -> None:
         """`max_queued_tokens`: the bound on prompt tokens waiting to be computed; a request past it is
-        refused with RESOURCE_EXHAUSTED. None: unbounded."""
-        self.max_queued_tokens = max_queued_tokens
+        refused with RESOURCE_EXHAUSTED. None: unbounded. `kv_transport`: see KV_TRANSPORTS (on CPU the
+        same-host path needs the engine's caches in shared memory, `CacheConfig.shared_memory`)."""
         if pool not in ("fresh", "warm"):
             raise ValueError(f"pool must be 'fresh' or 'warm', got {pool!r}")
+        if kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {kv_transport!r}")
+        self.max_queued_tokens = max_queued_tokens
         self.loop = loop
         self.pool = pool
         self.max_chunk_bytes = max_chunk_bytes
-        self.layout = kv_layout(loop.engine.runner.kv_caches, loop.engine.model_id)
+        runner = loop.engine.runner
+        self.layout = kv_layout(runner.kv_caches, loop.engine.model_id)
+        self.source = export_source(runner.kv_caches, runner.kv_memfd) if kv_transport == "auto" else None
+        self.host_id = host_id()
         self.events = EventHub()
         loop.call(loop.engine.block_pool.add_listener, self.events.publish)
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
+        self._pushes = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kv-push")
 
     def close(self) -> None:
+        self._pushes.shutdown(wait=True)
         with self._lock:
-            for channel in self._channels.values():
-                channel.close()
+            for ch in self._channels.values():
+                ch.close()
             self._channels.clear()
 
     def Prefill(self, request: workers_pb2.PrefillRequest, context: grpc.ServicerContext):
         start = time.perf_counter()
-        rid, prompt = request.request_id, list(request.prompt_token_ids)
-        push = bool(request.decode_address)
-        outputs = queue_request(
-            self.loop, context, request, self.max_queued_tokens, hold_kv=push, max_tokens=1
-        )  # the first token only
-        context.add_callback(lambda: self.loop.abort(rid))  # no-op once finished; frees work if cancelled
+        if not request.decode_address:
+            outputs = queue_request(self.loop, context, request, self.max_queued_tokens, max_tokens=1)
+            yield self._first_reply(self._first_token(context, outputs), start)
+            return
+        target = self._channel(request.decode_address)
+        stub = kvtransfer_pb2_grpc.KVTransferStub(target)
+        try:
+            lease = stub.Reserve(self._reserve_request(request))
+        except grpc.RpcError as exc:
+            context.abort(exc.code(), f"decode worker {request.decode_address}: {exc.details()}")
+        push = self._new_push(target, lease) if lease.num_cached_blocks < lease.num_blocks else None
+        try:
+            yield from self._prefill_and_push(request, context, lease, push, start)
+        finally:
+            if push is not None and push.pinned:
+                self.loop.call(self.loop.engine.unpin_kv, push.pinned)
+
+    def _new_push(self, target: grpc.Channel, lease: kvtransfer_pb2.ReserveReply) -> KVPush:
+        source = self.source if self._same_host(lease) else None
+        kv_caches = self.loop.engine.runner.kv_caches
+        return KVPush(push_stub(target), kv_caches, self.layout, lease.lease_id, self.max_chunk_bytes, source)
+
+    def _prefill_and_push(self, request, context, lease, push: KVPush | None, start: float):
+        """Run the prefill with its transfer; reply with the first token, then with the transfer's end.
+        Every way out but a completed transfer releases the decode worker's lease."""
+        rid = request.request_id
+        watch = KVWatch(push.on_ready, lease.num_cached_blocks) if push is not None else None
+        transfer, completed = None, False
+        try:
+            outputs = queue_request(self.loop, context, request, self.max_queued_tokens, watch, max_tokens=1)
+            if push is not None:
+                transfer = self._pushes.submit(push.run)
+            context.add_callback(lambda: self.loop.abort(rid))  # no-op once finished; frees work if cancelled
+            first = self._first_reply(self._first_token(context, outputs), start)
+            first.lease_id = lease.lease_id
+            yield first
+            reply = workers_pb2.PrefillReply(
+                first_token_id=first.first_token_id, num_cached_tokens=first.num_cached_tokens,
+                lease_id=lease.lease_id, num_blocks_skipped=lease.num_cached_blocks,
+                num_blocks_sent=lease.num_blocks - lease.num_cached_blocks, transfer_done=True,
+                transport="none" if push is None else push.transport,
+            )  # fmt: skip
+            if transfer is not None:
+                transfer.result()
+                reply.bytes_sent = push.bytes_sent
+            completed = True
+            reply.transfer_tail_ms = (time.perf_counter() - start) * 1e3 - first.first_token_ms
+            yield reply
+        except grpc.RpcError as exc:
+            if transfer is not None and transfer.done() and transfer.exception() is exc:
+                # UNAVAILABLE: the caller may recompute on another prefill worker (its failure policy)
+                target = request.decode_address
+                detail = f"KV transfer to {target} failed ({exc.code().name}): {exc.details()}"
+                context.abort(grpc.StatusCode.UNAVAILABLE, detail)
+            raise
+        finally:
+            if push is not None:
+                push.stop()  # no-op after the last chunk; else the stream ends short and the lease fails
+            if transfer is not None:
+                with contextlib.suppress(grpc.RpcError):
+                    transfer.result()
+            if not completed:
+                self._release(request.decode_address, lease.lease_id, f"prefill of {rid!r} did not complete")
+
+    @staticmethod
+    def _first_token(context, outputs):
         out = outputs.get()
         while not out.finished:
             out = outputs.get()
         if not out.new_token_ids:
-            context.abort(grpc.StatusCode.ABORTED, f"request {rid!r} was aborted during prefill")
-        first_ms = (time.perf_counter() - start) * 1e3
-        reply = workers_pb2.PrefillReply(
-            first_token_id=out.new_token_ids[0], num_cached_tokens=out.num_cached_tokens,
-            first_token_ms=first_ms,
-        )  # fmt: skip
-        if push:
-            try:
-                self._push(request, prompt, reply)
-            except grpc.RpcError as exc:
-                context.abort(exc.code(), f"KV transfer to {request.decode_address} failed: {exc.details()}")
-            finally:
-                self.loop.call(self.loop.engine.release_kv, rid)
-            reply.transfer_tail_ms = (time.perf_counter() - start) * 1e3 - first_ms
-        return reply
+            context.abort(grpc.StatusCode.ABORTED, f"request {out.request_id!r} was aborted during prefill")
+        return out
 
-    def _push(self, request: workers_pb2.PrefillRequest, prompt: list[int], reply: workers_pb2.PrefillReply):
-        """Reserve on the decode worker, then stream the blocks it lacks."""
-        stub = kvtransfer_pb2_grpc.KVTransferStub(self._channel(request.decode_address))
+    @staticmethod
+    def _first_reply(out, start: float) -> workers_pb2.PrefillReply:
+        return workers_pb2.PrefillReply(
+            first_token_id=out.new_token_ids[0], num_cached_tokens=out.num_cached_tokens,
+            first_token_ms=(time.perf_counter() - start) * 1e3,
+        )  # fmt: skip
+
+    def _reserve_request(self, request: workers_pb2.PrefillRequest) -> kvtransfer_pb2.ReserveRequest:
         salt = request.cache_salt if request.HasField("cache_salt") else None
-        reservation = stub.Reserve(kvtransfer_pb2.ReserveRequest(
-            request_id=request.request_id, layout=self.layout, prompt_token_ids=prompt,
+        return kvtransfer_pb2.ReserveRequest(
+            request_id=request.request_id, layout=self.layout, prompt_token_ids=request.prompt_token_ids,
             sampling=request.sampling, cache_salt=salt, lease_ms=request.lease_ms,
-        ))  # fmt: skip
-        block_ids = self.loop.call(self.loop.engine.held_kv, request.request_id)
-        first = reservation.num_cached_blocks
-        if first < len(block_ids):
-            kv_caches = self.loop.engine.runner.kv_caches
-            lease = reservation.lease_id
-            push = push_stub(self._channel(request.decode_address))
-            push(send_frames(kv_caches, self.layout, block_ids, first, lease, self.max_chunk_bytes))
-        reply.lease_id = reservation.lease_id
-        reply.num_blocks_sent = len(block_ids) - first
-        reply.num_blocks_skipped = first
+        )  # fmt: skip
+
+    def _same_host(self, lease: kvtransfer_pb2.ReserveReply) -> bool:
+        device = self.loop.engine.device.type
+        return self.source is not None and lease.host_id == self.host_id and device in lease.same_host_devices
+
+    def _release(self, address: str, lease_id: str, reason: str) -> None:
+        """Give the decode worker's lease up (best effort: an unreachable worker's lease expires)."""
+        stub = kvtransfer_pb2_grpc.KVTransferStub(self._channel(address))
+        with contextlib.suppress(grpc.RpcError):
+            stub.Release(kvtransfer_pb2.ReleaseRequest(lease_id=lease_id, reason=reason), timeout=5.0)
 
     def Events(self, request, context):
         return serve_events(self.events, context)

@@ -42,19 +42,73 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., cache_salt: _Optional[str] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class ReserveReply(_message.Message):
-    __slots__ = ("lease_id", "num_cached_blocks", "num_blocks", "lease_ms")
+    __slots__ = ("lease_id", "num_cached_blocks", "num_blocks", "lease_ms", "host_id", "same_host_devices")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    SAME_HOST_DEVICES_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     num_cached_blocks: int
     num_blocks: int
     lease_ms: int
-    def __init__(self, lease_id: _Optional[str] = ..., num_cached_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    host_id: str
+    same_host_devices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, lease_id: _Optional[str] = ..., num_cached_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., lease_ms: _Optional[int] = ..., host_id: _Optional[str] = ..., same_host_devices: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class KVSource(_message.Message):
+    __slots__ = ("host_id", "num_blocks", "shm", "cuda")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
+    CUDA_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    num_blocks: int
+    shm: SharedMemorySource
+    cuda: CudaIpcSource
+    def __init__(self, host_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., shm: _Optional[_Union[SharedMemorySource, _Mapping]] = ..., cuda: _Optional[_Union[CudaIpcSource, _Mapping]] = ...) -> None: ...
+
+class SharedMemorySource(_message.Message):
+    __slots__ = ("pid", "fd", "nbytes")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    FD_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    fd: int
+    nbytes: int
+    def __init__(self, pid: _Optional[int] = ..., fd: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class CudaIpcSource(_message.Message):
+    __slots__ = ("layers", "device_uuid")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[CudaIpcStorage]
+    device_uuid: str
+    def __init__(self, layers: _Optional[_Iterable[_Union[CudaIpcStorage, _Mapping]]] = ..., device_uuid: _Optional[str] = ...) -> None: ...
+
+class CudaIpcStorage(_message.Message):
+    __slots__ = ("device", "handle", "storage_bytes", "offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    device: int
+    handle: bytes
+    storage_bytes: int
+    offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, device: _Optional[int] = ..., handle: _Optional[bytes] = ..., storage_bytes: _Optional[int] = ..., offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("lease_id", "seq", "layer", "first_block", "num_blocks", "data", "crc32", "last")
+    __slots__ = ("lease_id", "seq", "layer", "first_block", "num_blocks", "data", "crc32", "last", "src_block_ids", "source")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +117,8 @@ class KVChunk(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    SRC_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     seq: int
     layer: int
@@ -71,7 +127,9 @@ class KVChunk(_message.Message):
     data: bytes
     crc32: int
     last: bool
-    def __init__(self, lease_id: _Optional[str] = ..., seq: _Optional[int] = ..., layer: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
+    src_block_ids: _containers.RepeatedScalarFieldContainer[int]
+    source: KVSource
+    def __init__(self, lease_id: _Optional[str] = ..., seq: _Optional[int] = ..., layer: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., last: _Optional[bool] = ..., src_block_ids: _Optional[_Iterable[int]] = ..., source: _Optional[_Union[KVSource, _Mapping]] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("state", "chunks_received", "bytes_received")

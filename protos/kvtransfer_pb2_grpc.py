@@ -65,7 +65,8 @@ class KVTransferServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Push(self, request_iterator, context):
-        """Stream the missing blocks, layer by layer, in bounded chunks. Ends with the receiver's verdict.
+        """Stream the missing blocks in bounded chunks, each layer's as soon as the sender has computed it.
+        Ends with the receiver's verdict once every block is in place.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

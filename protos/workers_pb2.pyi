@@ -24,7 +24,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., cache_salt: _Optional[str] = ..., decode_address: _Optional[str] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class PrefillReply(_message.Message):
-    __slots__ = ("first_token_id", "num_cached_tokens", "lease_id", "num_blocks_sent", "num_blocks_skipped", "first_token_ms", "transfer_tail_ms")
+    __slots__ = ("first_token_id", "num_cached_tokens", "lease_id", "num_blocks_sent", "num_blocks_skipped", "first_token_ms", "transfer_tail_ms", "transfer_done", "bytes_sent", "transport")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,9 @@ class PrefillReply(_message.Message):
     NUM_BLOCKS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TAIL_MS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     num_cached_tokens: int
     lease_id: str
@@ -39,7 +42,10 @@ class PrefillReply(_message.Message):
     num_blocks_skipped: int
     first_token_ms: float
     transfer_tail_ms: float
-    def __init__(self, first_token_id: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., lease_id: _Optional[str] = ..., num_blocks_sent: _Optional[int] = ..., num_blocks_skipped: _Optional[int] = ..., first_token_ms: _Optional[float] = ..., transfer_tail_ms: _Optional[float] = ...) -> None: ...
+    transfer_done: bool
+    bytes_sent: int
+    transport: str
+    def __init__(self, first_token_id: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., lease_id: _Optional[str] = ..., num_blocks_sent: _Optional[int] = ..., num_blocks_skipped: _Optional[int] = ..., first_token_ms: _Optional[float] = ..., transfer_tail_ms: _Optional[float] = ..., transfer_done: _Optional[bool] = ..., bytes_sent: _Optional[int] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "cache_salt", "lease_id", "first_token_id")

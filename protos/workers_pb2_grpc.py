@@ -35,7 +35,7 @@ class PrefillWorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Prefill = channel.unary_unary(
+        self.Prefill = channel.unary_stream(
                 '/splitserve.v1.PrefillWorker/Prefill',
                 request_serializer=splitserve_dot_protos_dot_workers__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_workers__pb2.PrefillReply.FromString,
@@ -56,9 +56,10 @@ class PrefillWorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Prefill(self, request, context):
-        """Compute a prompt's uncached suffix, sample its first token and, when a decode target is named,
-        push the KV blocks that target lacks. Replies once the first token is known and the transfer is
-        done (TTFT is the first token's time, reported in the reply).
+        """Compute a prompt's uncached suffix and sample its first token. When a decode target is named, the
+        KV blocks that target lacks are pushed layer by layer while the prefill computes. Replies as soon as
+        the first token is known (with the target's lease: the caller may start Generate there at once),
+        then, with a target, once more when the transfer is over (`transfer_done`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -81,7 +82,7 @@ class PrefillWorkerServicer:
 
 def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Prefill': grpc.unary_unary_rpc_method_handler(
+            'Prefill': grpc.unary_stream_rpc_method_handler(
                     servicer.Prefill,
                     request_deserializer=splitserve_dot_protos_dot_workers__pb2.PrefillRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_workers__pb2.PrefillReply.SerializeToString,
@@ -118,7 +119,7 @@ class PrefillWorker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/splitserve.v1.PrefillWorker/Prefill',

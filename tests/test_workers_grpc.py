@@ -1,7 +1,9 @@
 """Prefill and decode workers over real gRPC channels (servers in this process, engines on their own
-loop threads): disaggregated tokens equal the offline API's, also for 16 concurrent requests and with a
-decode worker that already holds part of the prefix; corrupt or malformed chunks, no room and expired
-leases fail clearly; block pools end where they started."""
+loop threads) — the transfer contract, run for both KV paths (`transport`: bytes over gRPC, or the
+same-host path copying from the prefill worker's shared memory): disaggregated tokens equal the offline
+API's, also for 16 concurrent requests and with a decode worker that already holds part of the prefix;
+corrupt or malformed chunks, no room and expired leases fail clearly; block pools end where they
+started."""
 
 from __future__ import annotations
 
@@ -11,68 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from workers_cluster import GREEDY, Cluster, offline
 
-from splitserve import LLM, SamplingParams
-from splitserve.decode_worker.service import DecodeService
-from splitserve.engine.loop import EngineLoop
+from splitserve import SamplingParams
 from splitserve.kvtransfer.chunks import encode_chunk, plan_chunks
 from splitserve.kvtransfer.requests import sampling_to_proto
-from splitserve.kvtransfer.transport import add_kvtransfer_servicer, channel, make_server
-from splitserve.prefill_worker.service import PrefillService
-from splitserve.protos import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
-
-GREEDY = {"temperature": 0.0, "ignore_eos": True}
-
-
-class Cluster:
-    """One prefill and one decode worker, each with its own engine, serving on localhost."""
-
-    def __init__(self, model, num_blocks=256, lease_ttl_s=10.0, max_chunk_bytes=4096):
-        def engine(n):
-            return LLM(str(model), num_blocks=n, block_size=8, max_num_seqs=16).engine
-
-        self.prefill_loop, self.decode_loop = EngineLoop(engine(256)), EngineLoop(engine(num_blocks))
-        self.decode = DecodeService(self.decode_loop, lease_ttl_s=lease_ttl_s)
-        self.prefill = PrefillService(self.prefill_loop, max_chunk_bytes=max_chunk_bytes)
-        self.decode_server, port = make_server("127.0.0.1:0")
-        add_kvtransfer_servicer(self.decode, self.decode_server)
-        workers_pb2_grpc.add_DecodeWorkerServicer_to_server(self.decode, self.decode_server)
-        self.decode_address = f"127.0.0.1:{port}"
-        self.prefill_server, pport = make_server("127.0.0.1:0")
-        workers_pb2_grpc.add_PrefillWorkerServicer_to_server(self.prefill, self.prefill_server)
-        self.decode_server.start()
-        self.prefill_server.start()
-        self.channels = [channel(self.decode_address), channel(f"127.0.0.1:{pport}")]
-        self.kv = kvtransfer_pb2_grpc.KVTransferStub(self.channels[0])
-        self.decoder = workers_pb2_grpc.DecodeWorkerStub(self.channels[0])
-        self.prefiller = workers_pb2_grpc.PrefillWorkerStub(self.channels[1])
-        self.free_at_start = self.free_blocks()
-
-    def free_blocks(self):
-        return (self.prefill_loop.call(lambda: self.prefill_loop.engine.block_pool.num_free_blocks),
-                self.decode_loop.call(lambda: self.decode_loop.engine.block_pool.num_free_blocks))
-
-    def generate(self, rid, prompt, max_tokens):
-        sampling = sampling_to_proto(SamplingParams(max_tokens=max_tokens, **GREEDY))
-        reply = self.prefiller.Prefill(workers_pb2.PrefillRequest(
-            request_id=rid, prompt_token_ids=prompt, sampling=sampling, decode_address=self.decode_address))
-        tokens = [reply.first_token_id]
-        stream = self.decoder.Generate(workers_pb2.GenerateRequest(
-            request_id=rid, prompt_token_ids=prompt, sampling=sampling, lease_id=reply.lease_id,
-            first_token_id=reply.first_token_id))
-        for chunk in stream:
-            tokens.extend(chunk.token_ids)
-        return tokens, reply
-
-    def close(self):
-        for ch in self.channels:
-            ch.close()
-        self.prefill_server.stop(0).wait()
-        self.decode_server.stop(0).wait()
-        self.prefill.close()
-        self.decode.close()
-        self.prefill_loop.stop()
-        self.decode_loop.stop()
+from splitserve.protos import common_pb2, kvtransfer_pb2, workers_pb2, workers_pb2_grpc
 
 
 @pytest.fixture(scope="module")
@@ -80,26 +26,25 @@ def model(tiny_model):
     return tiny_model("llama", max_position_embeddings=512)
 
 
+@pytest.fixture(params=["grpc", "same-host"])
+def transport(request):
+    return request.param
+
+
 @pytest.fixture
-def cluster(model):
-    c = Cluster(model)
+def cluster(model, transport):
+    c = Cluster(model, transport)
     yield c
     c.close()
 
 
-def offline(model, prompts, max_tokens):
-    llm = LLM(str(model), num_blocks=256, block_size=8)
-    params = SamplingParams(max_tokens=max_tokens, **GREEDY)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    return [o.outputs[0].token_ids for o in outs]
-
-
-def test_disaggregated_requests_match_the_offline_api_also_concurrently(model, cluster):
+def test_disaggregated_requests_match_the_offline_api_also_concurrently(model, cluster, transport):
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randrange(1, 90))] for _ in range(16)]
     expected = offline(model, prompts, 10)
     tokens, reply = cluster.generate("solo", prompts[0], 10)
     assert tokens == expected[0] and reply.num_blocks_sent == -(-len(prompts[0]) // 8)
+    assert reply.transport == transport
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda i: cluster.generate(f"c{i}", prompts[i], 10)[0], range(16)))
     assert results == expected
@@ -157,8 +102,8 @@ def test_malformed_frame_and_wrong_layout_are_rejected(cluster):
     assert cluster.free_blocks() == cluster.free_at_start
 
 
-def test_no_room_is_rejected_early_and_an_abandoned_lease_expires(model):
-    c = Cluster(model, num_blocks=6, lease_ttl_s=0.3)  # 5 usable blocks on the decode worker
+def test_no_room_is_rejected_early_and_an_abandoned_lease_expires(model, transport):
+    c = Cluster(model, transport, num_blocks=6, lease_ttl_s=0.3)  # 5 usable blocks on the decode worker
     try:
         reserve(c, "big", list(range(3, 35)))  # 4 blocks, never pushed
         with pytest.raises(grpc.RpcError) as info:
@@ -219,8 +164,8 @@ def test_overloaded_workers_refuse_at_once(model):
     try:
         sampling = sampling_to_proto(SamplingParams(max_tokens=2, **GREEDY))
         with pytest.raises(grpc.RpcError) as info:
-            c.prefiller.Prefill(workers_pb2.PrefillRequest(
-                request_id="big", prompt_token_ids=list(range(3, 63)), sampling=sampling))
+            list(c.prefiller.Prefill(workers_pb2.PrefillRequest(
+                request_id="big", prompt_token_ids=list(range(3, 63)), sampling=sampling)))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "overloaded" in info.value.details()
         with pytest.raises(grpc.RpcError) as info:
@@ -237,7 +182,7 @@ def test_overloaded_workers_refuse_at_once(model):
 def test_a_bad_generate_leaves_the_lease_for_a_correct_one(model, cluster):
     prompt = list(range(3, 30))
     sampling = sampling_to_proto(SamplingParams(max_tokens=4, **GREEDY))
-    reply = cluster.prefiller.Prefill(workers_pb2.PrefillRequest(
+    *_, reply = cluster.prefiller.Prefill(workers_pb2.PrefillRequest(
         request_id="g", prompt_token_ids=prompt, sampling=sampling, decode_address=cluster.decode_address))
     base = {"prompt_token_ids": prompt, "sampling": sampling, "lease_id": reply.lease_id}
     for bad, code in (({"request_id": "g"}, grpc.StatusCode.INVALID_ARGUMENT),  # no first token

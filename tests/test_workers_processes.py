@@ -1,7 +1,8 @@
 """The workers as real processes (`python -m splitserve.{prefill,decode}_worker`) over real gRPC: a
 disaggregated request equals the offline API; a prefill worker killed mid-transfer leaves the decode
 worker's reserved blocks to its lease, which expires and frees them, and the request fails clearly;
-SIGTERM stops both cleanly."""
+SIGTERM stops both cleanly. Run for both KV paths (`--kv-transport grpc`, and `auto`: same host, so the
+decode worker copies from the prefill worker's shared memory)."""
 
 from __future__ import annotations
 
@@ -44,12 +45,14 @@ def model(tiny_model):
     return tiny_model("llama", max_position_embeddings=512)
 
 
-@pytest.fixture(scope="module")
-def workers(model):
+@pytest.fixture(scope="module", params=["grpc", "auto"])
+def workers(model, request):
     decode, decode_address = start("splitserve.decode_worker", model, "--lease-ttl", "1.0")
-    prefill, prefill_address = start("splitserve.prefill_worker", model, "--pool", "warm")
+    prefill, prefill_address = start(
+        "splitserve.prefill_worker", model, "--pool", "warm", "--kv-transport", request.param
+    )
     channels = [channel(decode_address), channel(prefill_address)]
-    yield {"decode": decode, "prefill": prefill, "decode_address": decode_address,
+    yield {"decode": decode, "prefill": prefill, "decode_address": decode_address, "mode": request.param,
            "decoder": workers_pb2_grpc.DecodeWorkerStub(channels[0]),
            "prefiller": workers_pb2_grpc.PrefillWorkerStub(channels[1])}
     for ch in channels:
@@ -71,20 +74,23 @@ def test_disaggregated_request_across_processes(model, workers):
         {"prompt_token_ids": prompt}, SamplingParams(max_tokens=8, **GREEDY))[0].outputs[0].token_ids
     free = free_blocks(workers)
     address = workers["decode_address"]
-    reply = workers["prefiller"].Prefill(workers_pb2.PrefillRequest(
+    first, reply = workers["prefiller"].Prefill(workers_pb2.PrefillRequest(
         request_id="p1", prompt_token_ids=prompt, sampling=sampling, decode_address=address))
-    tokens = [reply.first_token_id]
+    tokens = [first.first_token_id]
     for chunk in workers["decoder"].Generate(workers_pb2.GenerateRequest(
             request_id="p1", prompt_token_ids=prompt, sampling=sampling, lease_id=reply.lease_id,
             first_token_id=reply.first_token_id)):
         tokens.extend(chunk.token_ids)
     assert tokens == expected and reply.num_blocks_sent == 8
+    assert reply.transport == {"grpc": "grpc", "auto": "same-host"}[workers["mode"]]
     assert free_blocks(workers) == free
 
 
 KILLED_SENDER = textwrap.dedent("""
     import os, signal, sys
+    from splitserve import LLM
     from splitserve.kvtransfer.chunks import plan_chunks, encode_chunk, block_bytes
+    from splitserve.kvtransfer.same_host import export_source
     from splitserve.kvtransfer.transport import channel
     from splitserve.protos import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc
     stub = kvtransfer_pb2_grpc.KVTransferStub(channel(sys.argv[1]))
@@ -94,8 +100,15 @@ KILLED_SENDER = textwrap.dedent("""
         sampling=common_pb2.SamplingParams(max_tokens=4)))
     print(lease.lease_id, flush=True)
     spans = plan_chunks(layout, 0, lease.num_blocks, block_bytes(layout))
+    if sys.argv[3] == "grpc":
+        first = encode_chunk(lease.lease_id, 0, spans[0], bytes(block_bytes(layout)), last=False)
+    else:  # same-host: chunk 0 names this process's shared cache and its blocks
+        runner = LLM(sys.argv[4], num_blocks=64, block_size=8, shared_memory=True).engine.runner
+        first = kvtransfer_pb2.KVChunk(lease_id=lease.lease_id, seq=0, layer=0, first_block=0,
+                                       num_blocks=1, src_block_ids=[1])
+        first.source.CopyFrom(export_source(runner.kv_caches, runner.kv_memfd))
     def chunks():
-        yield encode_chunk(lease.lease_id, 0, spans[0], bytes(block_bytes(layout)), last=False)
+        yield first
         os.kill(os.getpid(), signal.SIGKILL)  # the prefill worker dies mid-transfer
     stub.Push(chunks())
 """)
@@ -106,7 +119,8 @@ def test_sender_killed_mid_transfer_frees_blocks_when_the_lease_expires(model, w
     layout = kv_layout(engine.runner.kv_caches, engine.model_id)
     free = free_blocks(workers)
     sender = subprocess.run(
-        [sys.executable, "-c", KILLED_SENDER, workers["decode_address"], layout.SerializeToString().hex()],
+        [sys.executable, "-c", KILLED_SENDER, workers["decode_address"], layout.SerializeToString().hex(),
+         workers["mode"], str(model)],
         capture_output=True, text=True, timeout=60,
     )
     assert sender.returncode == -signal.SIGKILL, sender.stderr
@@ -120,7 +134,8 @@ def test_sender_killed_mid_transfer_frees_blocks_when_the_lease_expires(model, w
         list(workers["decoder"].Generate(workers_pb2.GenerateRequest(
             request_id="dies", prompt_token_ids=list(range(100, 140)), sampling=sampling, lease_id=lease_id,
             first_token_id=5)))
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "no open lease" in info.value.details()
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "did not arrive" in info.value.details() and "EXPIRED" in info.value.details()
 
 
 def test_sigterm_stops_both_workers_cleanly(workers):

@@ -1,0 +1,122 @@
+"""The sending side of one transfer: a prefill engine's layer-by-layer KV reports (`engine.kv_watch`)
+become chunks on one Push stream while the prefill still computes, so that when the last layer of the
+last prefill step is done only that layer's blocks remain to travel.
+
+Two ways for the bytes, one stream of chunks: over the wire (each chunk's blocks gathered into a
+checksummed frame; on CUDA the gather and the copy to the host run on a side stream once the layer's
+event has fired, never behind the rest of the prefill), or same-host (chunks name the sender's block
+ids and the receiver copies them from the exported `KVSource`).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import grpc
+import torch
+
+from splitserve.engine.kv_watch import KVReady
+from splitserve.kvtransfer.chunks import block_bytes, chunk_header, plan_chunks
+from splitserve.kvtransfer.frames import encode_frame
+from splitserve.kvtransfer.tensors import blocks_nbytes, read_blocks_into
+from splitserve.protos import common_pb2, kvtransfer_pb2
+
+_END = object()  # the engine will report nothing more (the request ended early): close the stream
+
+
+class KVPush:
+    """One request's KV, blocks [first_block, num_blocks) of every layer, to one receiver's lease.
+
+    `on_ready` is the request's `KVWatch` callback (engine thread). `run` (any other thread) performs
+    the Push RPC until the last chunk is acknowledged and returns the receiver's `PushReply`, or raises
+    `grpc.RpcError`. `stop` ends the stream early (the prefill was aborted): the receiver then fails the
+    lease. `pinned` lists the blocks the engine pinned for this transfer: the owner gives them back
+    (`Engine.unpin_kv`) once the request has ended and `run` has returned."""
+
+    def __init__(
+        self,
+        push: grpc.StreamUnaryMultiCallable,
+        kv_caches: list[torch.Tensor],
+        layout: common_pb2.KVLayout,
+        lease_id: str,
+        max_chunk_bytes: int,
+        source: kvtransfer_pb2.KVSource | None = None,
+    ) -> None:
+        self._push = push
+        self.kv_caches = kv_caches
+        self.layout = layout
+        self.lease_id = lease_id
+        self.max_chunk_bytes = max_chunk_bytes
+        self.source = source  # None: over the wire
+        self.transport = "grpc" if source is None else "same-host"
+        self.pinned: list[int] = []
+        self.bytes_sent = 0
+        self._reports: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+
+    def on_ready(self, ready: KVReady) -> None:
+        if ready.layer == 0:  # one pin per block, whatever the number of layers
+            with self._lock:
+                self.pinned.extend(ready.block_ids)
+        self._reports.put(ready)
+
+    def stop(self) -> None:
+        self._reports.put(_END)
+
+    def run(self) -> kvtransfer_pb2.PushReply:
+        return self._push(self._chunks())
+
+    def _chunks(self) -> Iterator[bytes]:
+        seq, per_block = 0, block_bytes(self.layout)
+        last_layer = self.layout.num_layers - 1
+        while True:
+            ready = self._reports.get()
+            if ready is _END:
+                return
+            spans = plan_chunks(
+                self.layout, ready.start, len(ready.block_ids), self.max_chunk_bytes,
+                layers=range(ready.layer, ready.layer + 1),
+            )  # fmt: skip
+            cache = self.kv_caches[ready.layer]
+            if self.source is not None and ready.event is not None:
+                ready.event.synchronize()  # the receiver reads these blocks as soon as it has the chunk
+            for i, span in enumerate(spans):
+                offset = span.first_block - ready.start
+                ids = ready.block_ids[offset : offset + span.num_blocks]
+                last = ready.last and ready.layer == last_layer and i == len(spans) - 1
+                if self.source is None:
+                    payload = _gather(cache, ids, ready.event)
+                    yield encode_frame(chunk_header(self.lease_id, seq, span, payload, last), payload)
+                else:
+                    header = kvtransfer_pb2.KVChunk(
+                        lease_id=self.lease_id, seq=seq, layer=span.layer, first_block=span.first_block,
+                        num_blocks=span.num_blocks, last=last, src_block_ids=ids,
+                    )  # fmt: skip
+                    if seq == 0:
+                        header.source.CopyFrom(self.source)
+                    yield header.SerializeToString()
+                self.bytes_sent += span.num_blocks * per_block
+                seq += 1
+            if ready.last and ready.layer == last_layer:
+                return
+
+
+def _gather(cache: torch.Tensor, ids: tuple[int, ...], event: torch.cuda.Event | None) -> memoryview:
+    """The blocks' bytes on the host. On CUDA: gathered on a side stream once `event` (the end of the
+    layer's forward) has fired, then copied to pinned memory — not queued behind the rest of the step."""
+    if cache.device.type != "cuda":
+        payload = bytearray(blocks_nbytes(cache, len(ids)))
+        read_blocks_into(cache, ids, memoryview(payload))
+        return memoryview(payload)
+    side = torch.cuda.Stream(cache.device)
+    with torch.cuda.stream(side):
+        if event is not None:
+            side.wait_event(event)
+        index = torch.tensor(ids, dtype=torch.int64).to(cache.device, non_blocking=True)
+        blocks = cache.index_select(1, index)
+        host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
+        host.copy_(blocks, non_blocking=True)
+    side.synchronize()
+    return memoryview(host.reshape(-1).view(torch.uint8).numpy())

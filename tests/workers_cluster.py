@@ -1,0 +1,80 @@
+"""In-process workers for the worker tests: one prefill and one decode worker, each with its own engine
+on its own loop thread, serving on localhost over real gRPC."""
+
+from __future__ import annotations
+
+from splitserve import LLM, SamplingParams
+from splitserve.decode_worker.service import DecodeService
+from splitserve.engine.loop import EngineLoop
+from splitserve.kvtransfer.requests import sampling_to_proto
+from splitserve.kvtransfer.transport import add_kvtransfer_servicer, channel, make_server
+from splitserve.prefill_worker.service import PrefillService
+from splitserve.protos import kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+class Cluster:
+    """One prefill and one decode worker, each with its own engine, serving on localhost."""
+
+    def __init__(self, model, transport="grpc", num_blocks=256, lease_ttl_s=10.0, max_chunk_bytes=4096):
+        def engine(n, **kw):
+            return LLM(str(model), num_blocks=n, block_size=8, max_num_seqs=16, **kw).engine
+
+        same_host = transport == "same-host"
+        self.prefill_loop = EngineLoop(engine(256, shared_memory=same_host))
+        self.decode_loop = EngineLoop(engine(num_blocks))
+        self.decode = DecodeService(self.decode_loop, lease_ttl_s=lease_ttl_s)
+        self.prefill = PrefillService(self.prefill_loop, max_chunk_bytes=max_chunk_bytes,
+                                      kv_transport="auto" if same_host else "grpc")
+        self.decode_server, port = make_server("127.0.0.1:0")
+        add_kvtransfer_servicer(self.decode, self.decode_server)
+        workers_pb2_grpc.add_DecodeWorkerServicer_to_server(self.decode, self.decode_server)
+        self.decode_address = f"127.0.0.1:{port}"
+        self.prefill_server, pport = make_server("127.0.0.1:0")
+        workers_pb2_grpc.add_PrefillWorkerServicer_to_server(self.prefill, self.prefill_server)
+        self.decode_server.start()
+        self.prefill_server.start()
+        self.channels = [channel(self.decode_address), channel(f"127.0.0.1:{pport}")]
+        self.kv = kvtransfer_pb2_grpc.KVTransferStub(self.channels[0])
+        self.decoder = workers_pb2_grpc.DecodeWorkerStub(self.channels[0])
+        self.prefiller = workers_pb2_grpc.PrefillWorkerStub(self.channels[1])
+        self.free_at_start = self.free_blocks()
+
+    def free_blocks(self):
+        return (self.prefill_loop.call(lambda: self.prefill_loop.engine.block_pool.num_free_blocks),
+                self.decode_loop.call(lambda: self.decode_loop.engine.block_pool.num_free_blocks))
+
+    def generate(self, rid, prompt, max_tokens):
+        """As a router does: Generate starts on the first token, while the KV may still be travelling.
+        Returns (tokens, the prefill worker's transfer report)."""
+        sampling = sampling_to_proto(SamplingParams(max_tokens=max_tokens, **GREEDY))
+        replies = self.prefiller.Prefill(workers_pb2.PrefillRequest(
+            request_id=rid, prompt_token_ids=prompt, sampling=sampling, decode_address=self.decode_address))
+        first = next(replies)
+        stream = self.decoder.Generate(workers_pb2.GenerateRequest(
+            request_id=rid, prompt_token_ids=prompt, sampling=sampling, lease_id=first.lease_id,
+            first_token_id=first.first_token_id))
+        done = next(replies)
+        assert done.transfer_done and done.lease_id == first.lease_id
+        tokens = [first.first_token_id] + [t for chunk in stream for t in chunk.token_ids]
+        return tokens, done
+
+    def close(self):
+        for ch in self.channels:
+            ch.close()
+        self.prefill_server.stop(0).wait()
+        self.decode_server.stop(0).wait()
+        self.prefill.close()
+        self.decode.close()
+        self.prefill_loop.stop()
+        self.decode_loop.stop()
+
+
+def offline(model, prompts, max_tokens):
+    llm = LLM(str(model), num_blocks=256, block_size=8)
+    params = SamplingParams(max_tokens=max_tokens, **GREEDY)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    return [o.outputs[0].token_ids for o in outs]
+
+
