@@ -4,19 +4,23 @@ One run prints the machine and versions, then:
   1. raw TCP socket throughput on loopback (one connection, 4 MiB sendall / recv_into; median of five
      1 GiB runs), the ceiling;
   2. the KV transfer between two real engines, a prefill engine in this process and a decode worker
-     process (`python -m splitserve.decode_worker`), through its KVTransfer service (Reserve,
-     then Push of every block, validated and written into the reserved blocks), for the KV of a
-     4k-token prompt of the tiny model and of a model with the Llama-3.2-1B KV layout (16 layers,
-     8 KV heads, head_dim 64, bf16), by chunk size; reported as KV bytes / transfer time and as a
-     fraction of (1) — target >= 0.5;
-  3. the transfer tail of a whole prefill-worker request (prefill, first token, push): the time from
-     the first token to the end of the push, against one decode step of the same engine.
+     process (`python -m splitserve.decode_worker`), through its KVTransfer service (Reserve, then
+     the prefill worker's sender, `KVPush`, fed every layer's blocks at once; validated and written
+     into the reserved blocks), for the KV of a 4k-token prompt of the tiny model and of a model with
+     the Llama-3.2-1B KV layout (16 layers, 8 KV heads, head_dim 64, bf16): over gRPC by chunk size
+     (on CUDA this includes the device-to-host staging), and by the same-host path (the decode worker
+     copies the blocks from the prefill engine's shared memory, or through CUDA IPC); reported as KV
+     bytes / transfer time and, for gRPC, as a fraction of (1) — target >= 0.5;
+  3. the transfer tail of whole prefill-worker requests (a real prefill worker service, layer-wise
+     streaming during the prefill): the time from the first token to the end of the transfer,
+     against one decode step of the same decode worker — target <= 1 step.
 Usage: python benchmarks/kv_transfer.py [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import signal
 import socket
@@ -31,9 +35,12 @@ import grpc
 import torch
 
 from splitserve import LLM, SamplingParams
+from splitserve.engine.kv_watch import KVReady
 from splitserve.engine.loop import EngineLoop
+from splitserve.kvtransfer.push import KVPush
 from splitserve.kvtransfer.requests import sampling_to_proto
-from splitserve.kvtransfer.stream import kv_layout, send_frames
+from splitserve.kvtransfer.same_host import export_source
+from splitserve.kvtransfer.stream import kv_layout
 from splitserve.kvtransfer.transport import channel, make_server, push_stub
 from splitserve.prefill_worker.service import PrefillService
 from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
@@ -82,7 +89,10 @@ class Pair:
 
     def __init__(self, path: str, dtype: str) -> None:
         blocks = PROMPT_TOKENS // 16 + 8
-        self.prefill = LLM(path, dtype=dtype, num_blocks=blocks, max_num_batched_tokens=PROMPT_TOKENS).engine
+        self.prefill = LLM(path, dtype=dtype, num_blocks=blocks, max_num_batched_tokens=PROMPT_TOKENS,
+                           shared_memory=True).engine  # fmt: skip
+        runner = self.prefill.runner
+        self.source = export_source(runner.kv_caches, runner.kv_memfd)
         self.worker, self.address = start_decode_worker(path, dtype, blocks)
         self.channel = channel(self.address)
         self.stub = kvtransfer_pb2_grpc.KVTransferStub(self.channel)
@@ -97,16 +107,22 @@ class Pair:
         caches = self.prefill.runner.kv_caches
         self.kv_bytes = sum(c[:, self.block_ids].numel() * c.element_size() for c in caches)
 
-    def transfer_s(self, chunk_bytes: int, rid: str) -> float:
-        """One Reserve + Push of every block; the decode side then drops the request."""
+    def transfer_s(self, chunk_bytes: int, rid: str, same_host: bool) -> float:
+        """One Reserve + Push of every block by the prefill worker's sender; the decode side then drops
+        the request."""
         start = time.perf_counter()
         lease = self.stub.Reserve(kvtransfer_pb2.ReserveRequest(
             request_id=rid, layout=self.layout, prompt_token_ids=self.prompt,
             sampling=sampling_to_proto(GREEDY),
         ))  # fmt: skip
         assert lease.num_cached_blocks == 0
+        source = self.source if same_host else None
         caches = self.prefill.runner.kv_caches
-        self.push(send_frames(caches, self.layout, self.block_ids, 0, lease.lease_id, chunk_bytes))
+        push = KVPush(self.push, caches, self.layout, lease.lease_id, chunk_bytes, source)
+        blocks = tuple(self.block_ids)
+        for layer in range(self.layout.num_layers):  # as if the whole prefill had just ended
+            push.on_ready(KVReady(rid, layer, 0, blocks, None, last=True))
+        push.run()
         elapsed = time.perf_counter() - start
         self.stub.Release(kvtransfer_pb2.ReleaseRequest(lease_id=lease.lease_id, reason="benchmark"))
         return elapsed
@@ -134,30 +150,35 @@ def stop_worker(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def transfer_tail(path: str) -> tuple[float, float]:
-    """(transfer tail ms of a 4k-token prefill-worker request, one decode step ms), tiny model; the
-    prefill service serves from this process, the decode worker from its own."""
+def transfer_tail(path: str, dtype: str, transport: str) -> tuple[float, float, float]:
+    """(median transfer tail ms of 4k-token prefill-worker requests, median first-token ms, median
+    decode step ms): a real prefill worker service in this process streaming layer by layer to a
+    decode worker process, then that worker's decode of 32 tokens."""
     blocks = PROMPT_TOKENS // 16 + 16
-    worker, address = start_decode_worker(path, "float32", blocks)
-    prefill_loop = EngineLoop(LLM(path, num_blocks=blocks, max_num_batched_tokens=PROMPT_TOKENS).engine)
-    prefill = PrefillService(prefill_loop)
+    worker, address = start_decode_worker(path, dtype, blocks)
+    engine = LLM(path, dtype=dtype, num_blocks=blocks, max_num_batched_tokens=PROMPT_TOKENS,
+                 shared_memory=transport == "auto").engine  # fmt: skip
+    prefill_loop = EngineLoop(engine)
+    prefill = PrefillService(prefill_loop, kv_transport=transport)
     server, port = make_server("127.0.0.1:0")
     workers_pb2_grpc.add_PrefillWorkerServicer_to_server(prefill, server)
     server.start()
     ch, prefill_ch = channel(address), channel(f"127.0.0.1:{port}")
-    tails, steps = [], []
+    tails, firsts, steps = [], [], []
     try:
-        for i in range(3):
+        for i in range(4):
             gen = torch.Generator().manual_seed(i)
             prompt = torch.randint(3, 500, (PROMPT_TOKENS,), generator=gen).tolist()
             sampling = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=33, ignore_eos=True))
-            reply = workers_pb2_grpc.PrefillWorkerStub(prefill_ch).Prefill(workers_pb2.PrefillRequest(
+            first, done = workers_pb2_grpc.PrefillWorkerStub(prefill_ch).Prefill(workers_pb2.PrefillRequest(
                 request_id=f"t{i}", prompt_token_ids=prompt, sampling=sampling, decode_address=address,
             ))  # fmt: skip
-            tails.append(reply.transfer_tail_ms)
+            if i > 0:  # the first request warms both workers up
+                tails.append(done.transfer_tail_ms)
+                firsts.append(first.first_token_ms)
             stream = workers_pb2_grpc.DecodeWorkerStub(ch).Generate(workers_pb2.GenerateRequest(
-                request_id=f"t{i}", prompt_token_ids=prompt, sampling=sampling, lease_id=reply.lease_id,
-                first_token_id=reply.first_token_id,
+                request_id=f"t{i}", prompt_token_ids=prompt, sampling=sampling, lease_id=done.lease_id,
+                first_token_id=first.first_token_id,
             ))  # fmt: skip
             last = None
             for chunk in stream:
@@ -172,14 +193,15 @@ def transfer_tail(path: str) -> tuple[float, float]:
         prefill.close()
         prefill_loop.stop()
         stop_worker(worker)
-    return statistics.median(tails), statistics.median(steps)
+    return statistics.median(tails), statistics.median(firsts), statistics.median(steps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one chunk size, fewer repeats")
     args = parser.parse_args()
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; python "
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu")
+    print(f"{device}; {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; python "
           f"{platform.python_version()}, torch {torch.__version__}, grpcio {grpc.__version__}")
     raws = [raw_socket_gbs() for _ in range(5)]  # loopback throughput on a shared 2-core box varies
     raw = statistics.median(raws)
@@ -194,23 +216,34 @@ def main() -> None:
             vocab_size=1024, max_position_embeddings=8192)), "bfloat16"),
     }  # fmt: skip
     chunk_sizes = [4 * 2**20] if args.quick else [2**20, 4 * 2**20, 16 * 2**20]
+    paths = [("grpc", c) for c in chunk_sizes] + [("same-host", 4 * 2**20)]
     rows = []
     for name, (path, dtype) in models.items():
         pair = Pair(str(path), dtype)
         try:
-            for chunk in chunk_sizes:
-                times = [pair.transfer_s(chunk, f"{name}-{chunk}-{i}") for i in range(2 if args.quick else 5)]
+            for transport, chunk in paths:
+                times = [pair.transfer_s(chunk, f"{name}-{transport}-{chunk}-{i}", transport == "same-host")
+                         for i in range(2 if args.quick else 5)]  # fmt: skip
                 gbs = pair.kv_bytes / statistics.median(times) / 1e9
-                rows.append((name, pair.kv_bytes, chunk, statistics.median(times) * 1e3, gbs, gbs / raw))
+                rows.append((name, transport, pair.kv_bytes, chunk, statistics.median(times) * 1e3, gbs))
         finally:
             pair.close()
-    tail_ms, step_ms = transfer_tail(str(models["tiny (fp32)"][0]))
-    print("\n| KV of a 4k-token prompt | MB | chunk MiB | transfer ms | GB/s | × raw TCP |")
+    print("\n| KV of a 4k-token prompt | path | MB | chunk MiB | transfer ms | GB/s | × raw TCP |")
+    print("|---|---|---|---|---|---|---|")
+    for name, transport, size, chunk, ms, gbs in rows:
+        chunk_mib = f"{chunk / 2**20:.0f}" if transport == "grpc" else "–"
+        ratio = f"{gbs / raw:.2f}"
+        cells = [name, transport, f"{size / 1e6:.1f}", chunk_mib, f"{ms:.1f}", f"{gbs:.2f}", ratio]
+        print("| " + " | ".join(cells) + " |")
+    print("\n| prefill worker → decode worker, 4k prompt | path | first token ms | tail ms | decode step ms "
+          "| tail / step |")
     print("|---|---|---|---|---|---|")
-    for name, size, chunk, ms, gbs, frac in rows:
-        print(f"| {name} | {size / 1e6:.1f} | {chunk / 2**20:.0f} | {ms:.1f} | {gbs:.2f} | {frac:.2f} |")
-    print(f"\ntransfer tail after the first token (tiny model, 4k prompt): {tail_ms:.1f} ms; "
-          f"one decode step: {step_ms:.2f} ms; tail / step = {tail_ms / step_ms:.1f}")
+    for name, (path, dtype) in models.items():
+        for transport in ("grpc", "auto"):
+            tail, first, step = transfer_tail(str(path), dtype, transport)
+            label = "same-host" if transport == "auto" else "grpc"
+            cells = [name, label, f"{first:.1f}", f"{tail:.1f}", f"{step:.2f}", f"{tail / step:.2f}"]
+            print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

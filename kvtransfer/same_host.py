@@ -26,6 +26,9 @@ from splitserve.kvtransfer.errors import MalformedChunk
 from splitserve.protos import common_pb2, kvtransfer_pb2
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# This process's exported caches: a receiver in the same process (one-process deployments, tests) uses
+# them as they are (CUDA cannot open its own IPC handles).
+_EXPORTED: dict[bytes, list[torch.Tensor]] = {}
 
 
 def host_id() -> str:
@@ -43,7 +46,7 @@ def readable_devices() -> list[str]:
 def export_source(kv_caches: list[torch.Tensor], kv_memfd: int | None) -> kvtransfer_pb2.KVSource | None:
     """The source describing these caches, or None when they cannot be shared (CPU caches outside a
     memfd). Call once per engine: CUDA handles stay valid while the caches live."""
-    source = kvtransfer_pb2.KVSource(host_id=host_id(), num_blocks=kv_caches[0].shape[1])
+    source = kvtransfer_pb2.KVSource(host_id=host_id(), num_blocks=kv_caches[0].shape[1], pid=os.getpid())
     if kv_caches[0].device.type == "cuda":
         for cache in kv_caches:
             (device, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync) = (
@@ -55,11 +58,12 @@ def export_source(kv_caches: list[torch.Tensor], kv_memfd: int | None) -> kvtran
                 event_handle=ev_handle or b"", event_sync_required=ev_sync,
             )  # fmt: skip
         source.cuda.device_uuid = str(torch.cuda.get_device_properties(kv_caches[0].device).uuid)
-        return source
-    if kv_memfd is None:
+    elif kv_memfd is None:
         return None
-    nbytes = sum(cache.numel() * cache.element_size() for cache in kv_caches)
-    source.shm.CopyFrom(kvtransfer_pb2.SharedMemorySource(pid=os.getpid(), fd=kv_memfd, nbytes=nbytes))
+    else:
+        nbytes = sum(cache.numel() * cache.element_size() for cache in kv_caches)
+        source.shm.CopyFrom(kvtransfer_pb2.SharedMemorySource(fd=kv_memfd, nbytes=nbytes))
+    _EXPORTED[source_key(source)] = kv_caches
     return source
 
 
@@ -92,24 +96,26 @@ class SourceMaps:
     def _open(self, source: kvtransfer_pb2.KVSource) -> list[torch.Tensor]:
         if source.host_id != host_id():
             raise MalformedChunk("a same-host source from another host")
+        if source.pid == os.getpid() and source_key(source) in _EXPORTED:
+            return _EXPORTED[source_key(source)]
         layout, num_blocks = self.layout, source.num_blocks
         shape = (2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
         layer_bytes = num_blocks * block_bytes(layout)
         dtype = _DTYPES[layout.dtype]
         kind = source.WhichOneof("memory")
         if kind == "shm" and self.device.type == "cpu":
-            return _map_shm(source.shm, shape, dtype, layer_bytes, layout.num_layers)
+            return _map_shm(source.pid, source.shm, shape, dtype, layer_bytes, layout.num_layers)
         if kind == "cuda" and self.device.type == "cuda":
             return _open_cuda(source.cuda, shape, dtype, layer_bytes, layout.num_layers)
         raise MalformedChunk(f"a same-host source in {kind!r} memory for a receiver on {self.device.type}")
 
 
-def _map_shm(shm, shape, dtype, layer_bytes: int, num_layers: int) -> list[torch.Tensor]:
+def _map_shm(pid: int, shm, shape, dtype, layer_bytes: int, num_layers: int) -> list[torch.Tensor]:
     if shm.nbytes != layer_bytes * num_layers:
         need = layer_bytes * num_layers
         raise MalformedChunk(f"a shared KV source of {shm.nbytes} bytes; the layout needs {need}")
     try:
-        fd = os.open(f"/proc/{shm.pid}/fd/{shm.fd}", os.O_RDONLY)
+        fd = os.open(f"/proc/{pid}/fd/{shm.fd}", os.O_RDONLY)
     except OSError as exc:
         raise MalformedChunk(f"cannot open the sender's KV memory: {exc}") from exc
     try:
@@ -135,7 +141,7 @@ def _open_cuda(cuda, shape, dtype, layer_bytes: int, num_layers: int) -> list[to
             layer.ref_counter_offset, layer.event_handle or None, layer.event_sync_required,
         )  # fmt: skip
         tensor = torch.empty(0, dtype=dtype, device=torch.device("cuda", layer.device))
-        caches.append(tensor.set_(storage, 0, shape))
+        caches.append(tensor.set_(storage, 0, shape, torch.empty(shape, device="meta").stride()))
     return caches
 
 

@@ -58,26 +58,26 @@ class ReserveReply(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., num_cached_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., lease_ms: _Optional[int] = ..., host_id: _Optional[str] = ..., same_host_devices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KVSource(_message.Message):
-    __slots__ = ("host_id", "num_blocks", "shm", "cuda")
+    __slots__ = ("host_id", "num_blocks", "shm", "cuda", "pid")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
     CUDA_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     num_blocks: int
     shm: SharedMemorySource
     cuda: CudaIpcSource
-    def __init__(self, host_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., shm: _Optional[_Union[SharedMemorySource, _Mapping]] = ..., cuda: _Optional[_Union[CudaIpcSource, _Mapping]] = ...) -> None: ...
+    pid: int
+    def __init__(self, host_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., shm: _Optional[_Union[SharedMemorySource, _Mapping]] = ..., cuda: _Optional[_Union[CudaIpcSource, _Mapping]] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class SharedMemorySource(_message.Message):
-    __slots__ = ("pid", "fd", "nbytes")
-    PID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("fd", "nbytes")
     FD_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
-    pid: int
     fd: int
     nbytes: int
-    def __init__(self, pid: _Optional[int] = ..., fd: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, fd: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class CudaIpcSource(_message.Message):
     __slots__ = ("layers", "device_uuid")
