@@ -41,7 +41,7 @@ from splitserve.kvtransfer.push import KVPush
 from splitserve.kvtransfer.requests import sampling_to_proto
 from splitserve.kvtransfer.same_host import export_source
 from splitserve.kvtransfer.stream import kv_layout
-from splitserve.kvtransfer.transport import channel, make_server, push_stub
+from splitserve.kvtransfer.transport import channel, make_server, push_stub, tune_malloc_for_transfers
 from splitserve.prefill_worker.service import PrefillService
 from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
 from splitserve.tiny_model import TinyModelSpec, make_tiny_model
@@ -200,6 +200,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one chunk size, fewer repeats")
     args = parser.parse_args()
+    tune_malloc_for_transfers()  # this process plays the prefill worker, which does the same
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu")
     print(f"{device}; {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; python "
           f"{platform.python_version()}, torch {torch.__version__}, grpcio {grpc.__version__}")

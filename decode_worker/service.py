@@ -107,8 +107,14 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
                 with self._lock:
                     lease = self.leases.get(header.lease_id)
                     lease_id, sink = lease.lease_id, self._sinks[lease.lease_id]
+                # Outside the service lock, so transfers to this worker run side by side; the sink's own
+                # lock keeps the lease's blocks from being freed while a chunk is written into them.
+                with sink.lock:
+                    if sink.closed:
+                        raise LeaseNotFound(f"lease {lease_id!r} ended during the transfer")
                     sink.accept(header, payload)
-                    self.leases.renew(lease)
+                with self._lock:
+                    self.leases.renew(self.leases.get(lease_id))
         except LeaseNotFound as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except (MalformedChunk, CorruptChunk) as exc:
@@ -207,7 +213,10 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
     def _free_lease_blocks(self, lease: Lease) -> None:
         """LeaseTable callback (under self._lock): a released or expired lease gives its blocks back."""
         log.info("lease %s ended: %s (%s)", lease.lease_id, lease.state.name, lease.reason)
-        self._sinks.pop(lease.lease_id, None)
+        sink = self._sinks.pop(lease.lease_id, None)
+        if sink is not None:
+            with sink.lock:  # waits for a chunk being written into these blocks
+                sink.closed = True
         self._lease_changed.notify_all()
         self.loop.call(self.loop.engine.cancel_kv, lease.request_id)
 

@@ -39,7 +39,9 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 
 def encode_frame(header: kvtransfer_pb2.KVChunk, payload: bytes | bytearray | memoryview) -> bytes:
-    """`header` (its `data` empty) and the payload as one frame; copies the payload once."""
+    """`header` (its `data` empty) and the payload as one frame; copies the payload once. Returns `bytes`
+    on purpose: grpcio (1.84) sends only `bytes` through an identity serializer (a bytearray or memoryview
+    frame fails the RPC), so this one copy cannot be saved by handing gRPC the gathered buffer."""
     return b"".join((header.SerializeToString(), _varint_bytes(_DATA_FIELD << 3 | _LEN),
                      _varint_bytes(len(payload)), payload))  # fmt: skip
 

@@ -10,6 +10,7 @@ ids and the receiver copies them from the exported `KVSource`).
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import grpc
 import torch
 
 from splitserve.engine.kv_watch import KVReady
-from splitserve.kvtransfer.chunks import block_bytes, chunk_header, plan_chunks
+from splitserve.kvtransfer.chunks import ChunkSpan, block_bytes, chunk_header, plan_chunks
 from splitserve.kvtransfer.frames import encode_frame
 from splitserve.kvtransfer.tensors import blocks_nbytes, read_blocks_into
 from splitserve.protos import common_pb2, kvtransfer_pb2
@@ -31,7 +32,7 @@ class KVPush:
 
     `on_ready` is the request's `KVWatch` callback (engine thread). `run` (any other thread) performs
     the Push RPC until the last chunk is acknowledged and returns the receiver's `PushReply`, or raises
-    `grpc.RpcError`. `stop` ends the stream early (the prefill was aborted): the receiver then fails the
+    `grpc.RpcError`. `abort` ends the stream early (the prefill was aborted): the receiver then fails the
     lease. `pinned` lists the blocks the engine pinned for this transfer: the owner gives them back
     (`Engine.unpin_kv`) once the request has ended and `run` has returned."""
 
@@ -53,6 +54,7 @@ class KVPush:
         self.transport = "grpc" if source is None else "same-host"
         self.pinned: list[int] = []
         self.bytes_sent = 0
+        self._block_bytes = block_bytes(layout)
         self._reports: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
 
@@ -62,45 +64,89 @@ class KVPush:
                 self.pinned.extend(ready.block_ids)
         self._reports.put(ready)
 
-    def stop(self) -> None:
+    def abort(self) -> None:
+        """End the stream where it is (the request ended early); the receiver fails the lease."""
         self._reports.put(_END)
 
     def run(self) -> kvtransfer_pb2.PushReply:
         return self._push(self._chunks())
 
     def _chunks(self) -> Iterator[bytes]:
-        seq, per_block = 0, block_bytes(self.layout)
-        last_layer = self.layout.num_layers - 1
+        """The stream's messages. Wire frames are prepared on a helper thread, at most two ahead (the
+        gather, the copy from the device and the checksum release the GIL), while gRPC sends."""
+        if self.source is not None:
+            yield from (self._same_host_chunk(*piece) for piece in self._pieces())
+            return
+        frames: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()  # the stream ended early: the producer drops what it has
+
+        def offer(item) -> bool:  # False once the stream has ended
+            while not stop.is_set():
+                with contextlib.suppress(queue.Full):
+                    frames.put(item, timeout=0.1)
+                    return True
+            return False
+
+        def produce() -> None:
+            try:
+                for piece in self._pieces():
+                    if not offer(self._wire_frame(*piece)):
+                        return
+                offer(_END)
+            except BaseException as exc:  # handed to the stream, which fails with it
+                offer(exc)
+
+        producer = threading.Thread(target=produce, name="kv-frames", daemon=True)
+        producer.start()
+        try:
+            while (item := frames.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            producer.join()
+
+    def _pieces(self) -> Iterator[tuple[int, ChunkSpan, tuple[int, ...], KVReady, bool]]:
+        """(seq, span, block ids, report, last) of each chunk, in sending order, as the engine reports
+        layers. Wire chunks are bounded by `max_chunk_bytes`; a same-host chunk takes a whole report
+        (it carries block ids, not bytes)."""
+        seq, last_layer = 0, self.layout.num_layers - 1
         while True:
             ready = self._reports.get()
             if ready is _END:
                 return
-            spans = plan_chunks(
-                self.layout, ready.start, len(ready.block_ids), self.max_chunk_bytes,
-                layers=range(ready.layer, ready.layer + 1),
-            )  # fmt: skip
-            cache = self.kv_caches[ready.layer]
-            if self.source is not None and ready.event is not None:
-                ready.event.synchronize()  # the receiver reads these blocks as soon as it has the chunk
+            final = ready.last and ready.layer == last_layer
+            if self.source is None:
+                spans = plan_chunks(
+                    self.layout, ready.start, len(ready.block_ids), self.max_chunk_bytes,
+                    layers=range(ready.layer, ready.layer + 1),
+                )  # fmt: skip
+            else:
+                spans = [ChunkSpan(ready.layer, ready.start, len(ready.block_ids))]
             for i, span in enumerate(spans):
                 offset = span.first_block - ready.start
                 ids = ready.block_ids[offset : offset + span.num_blocks]
-                last = ready.last and ready.layer == last_layer and i == len(spans) - 1
-                if self.source is None:
-                    payload = _gather(cache, ids, ready.event)
-                    yield encode_frame(chunk_header(self.lease_id, seq, span, payload, last), payload)
-                else:
-                    header = kvtransfer_pb2.KVChunk(
-                        lease_id=self.lease_id, seq=seq, layer=span.layer, first_block=span.first_block,
-                        num_blocks=span.num_blocks, last=last, src_block_ids=ids,
-                    )  # fmt: skip
-                    if seq == 0:
-                        header.source.CopyFrom(self.source)
-                    yield header.SerializeToString()
-                self.bytes_sent += span.num_blocks * per_block
+                yield seq, span, ids, ready, final and i == len(spans) - 1
+                self.bytes_sent += span.num_blocks * self._block_bytes
                 seq += 1
-            if ready.last and ready.layer == last_layer:
+            if final:
                 return
+
+    def _wire_frame(self, seq: int, span: ChunkSpan, ids, ready: KVReady, last: bool) -> bytes:
+        payload = _gather(self.kv_caches[span.layer], ids, ready.event)
+        return encode_frame(chunk_header(self.lease_id, seq, span, payload, last), payload)
+
+    def _same_host_chunk(self, seq: int, span: ChunkSpan, ids, ready: KVReady, last: bool) -> bytes:
+        if ready.event is not None:
+            ready.event.synchronize()  # the receiver reads these blocks as soon as it has the chunk
+        header = kvtransfer_pb2.KVChunk(
+            lease_id=self.lease_id, seq=seq, layer=span.layer, first_block=span.first_block,
+            num_blocks=span.num_blocks, last=last, src_block_ids=ids,
+        )  # fmt: skip
+        if seq == 0:
+            header.source.CopyFrom(self.source)
+        return header.SerializeToString()
 
 
 def _gather(cache: torch.Tensor, ids: tuple[int, ...], event: torch.cuda.Event | None) -> memoryview:

@@ -9,6 +9,7 @@ services move the chunks; both ends are engines' `runner.kv_caches` and block id
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -81,6 +82,8 @@ class ChunkSink:
         self.validator = ChunkValidator(layout, first_block, len(block_ids) - first_block)
         self.sources = sources
         self._source_caches: list[torch.Tensor] | None = None
+        self.lock = threading.Lock()  # held by the owner around `accept` and when closing
+        self.closed = False  # the lease ended: its blocks may belong to another request now
 
     @property
     def complete(self) -> bool:

@@ -4,7 +4,9 @@ the engine's command-line options and the serve-until-signalled loop."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -18,7 +20,47 @@ from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_CHUNK_BYTES + 2**20),  # a chunk plus its framing
     ("grpc.max_send_message_length", MAX_CHUNK_BYTES + 2**20),
+    # Bulk KV frames (1-16 MiB): a 16 MiB stream lookahead (the flow-control window starts at a frame's size
+    # instead of growing to it via BDP probes), HTTP/2 DATA frames up to the protocol maximum (fewer frame
+    # headers and wake-ups per message), larger TCP reads (4 MiB target, 1-16 MiB) and a 16 MiB write
+    # buffer. Measured as one set, 2-core loopback, 4 MiB frames with crc32 and a copy at each end: +5-20%
+    # throughput in each of 4 interleaved runs (0.91 -> 0.99 GB/s on a quiet box), CPU per GB -3..-7%; no
+    # single option of the set stood out of the noise. Fixing the windows instead (bdp_probe off, 64 MiB
+    # initial windows) measured 10% slower.
+    ("grpc.http2.lookahead_bytes", 16 * 2**20),
+    ("grpc.http2.max_frame_size", 16 * 2**20 - 1),
+    ("grpc.experimental.tcp_read_chunk_size", 4 * 2**20),
+    ("grpc.experimental.tcp_min_read_chunk_size", 2**20),
+    ("grpc.experimental.tcp_max_read_chunk_size", 16 * 2**20),
+    ("grpc.http2.write_buffer_size", 16 * 2**20),
 ]
+
+
+# glibc malloc in the worker processes. A Push moves 1-16 MiB frames through fresh buffers: gRPC's read
+# slices, the `bytes` grpcio hands the servicer, the sender's `encode_frame` join. With glibc's defaults that
+# memory goes back to the kernel when freed, so every frame page-faults in and is zeroed again (page faults,
+# clear_page and unmapping: ~25% of the receiver's CPU in `perf`). Serving such buffers from the heap and
+# not trimming it eagerly, 2-core loopback microbenchmark (4 MiB frames, crc32 + one copy at each end):
+# throughput +8-30% (0.66 -> 0.87 GB/s), CPU per GB (sender + receiver) -6..-19% over three interleaved
+# runs; pure transport (no checksum or copy) 0.97 -> 1.48 GB/s.
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 * 2**20  # glibc's maximum; above the largest chunk the senders are configured with
+_TRIM_THRESHOLD = 256 * 2**20  # freed memory an arena may keep resident (1 GiB measured no better)
+
+
+def tune_malloc_for_transfers() -> bool:
+    """Make glibc serve KV-frame-sized buffers from its heap (see above). Both thresholds must be set:
+    either alone fixes the other at its small default and measured slower than neither. A no-op (False)
+    when they are set in the environment already or the C library is not glibc."""
+    if any(name in os.environ for name in _MALLOC_ENV):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mmap_set = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+    return mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and mmap_set
 
 
 def make_server(address: str, max_workers: int = 256) -> tuple[grpc.Server, int]:
@@ -110,6 +152,7 @@ def run_worker(name: str, args: argparse.Namespace, add_services: Callable, clos
     """Bind, start, announce the port on stdout ("<name> listening on HOST:PORT", for supervisors and
     tests), serve until SIGTERM/SIGINT, then stop and `close`."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    tune_malloc_for_transfers()
     server, port = make_server(f"{args.host}:{args.port}")
     add_services(server)
     server.start()
