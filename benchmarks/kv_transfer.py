@@ -20,6 +20,7 @@ Usage: python benchmarks/kv_transfer.py [--quick]
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import signal
@@ -150,10 +151,12 @@ def stop_worker(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def transfer_tail(path: str, dtype: str, transport: str) -> tuple[float, float, float]:
-    """(median transfer tail ms of 4k-token prefill-worker requests, median first-token ms, median
-    decode step ms): a real prefill worker service in this process streaming layer by layer to a
-    decode worker process, then that worker's decode of 32 tokens."""
+def transfer_tail(path: str, dtype: str, transport: str) -> tuple[float, float, float, float]:
+    """Medians over 4k-token requests (ms): the transfer tail the prefill worker reports (first token to
+    the receiver's acknowledgement of the last chunk), its first-token time, the gap from the first
+    token to the second (from the decode worker, whose Generate started on the first token: the tail
+    as the user sees it, plus one decode step), and the decode step. A real prefill worker service in
+    this process streams layer by layer to a decode worker process, which then decodes 32 tokens."""
     blocks = PROMPT_TOKENS // 16 + 16
     worker, address = start_decode_worker(path, dtype, blocks)
     engine = LLM(path, dtype=dtype, num_blocks=blocks, max_num_batched_tokens=PROMPT_TOKENS,
@@ -164,28 +167,28 @@ def transfer_tail(path: str, dtype: str, transport: str) -> tuple[float, float, 
     workers_pb2_grpc.add_PrefillWorkerServicer_to_server(prefill, server)
     server.start()
     ch, prefill_ch = channel(address), channel(f"127.0.0.1:{port}")
-    tails, firsts, steps = [], [], []
+    tails, firsts, gaps, steps = [], [], [], []
     try:
         for i in range(4):
             gen = torch.Generator().manual_seed(i)
             prompt = torch.randint(3, 500, (PROMPT_TOKENS,), generator=gen).tolist()
             sampling = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=33, ignore_eos=True))
-            first, done = workers_pb2_grpc.PrefillWorkerStub(prefill_ch).Prefill(workers_pb2.PrefillRequest(
+            replies = workers_pb2_grpc.PrefillWorkerStub(prefill_ch).Prefill(workers_pb2.PrefillRequest(
                 request_id=f"t{i}", prompt_token_ids=prompt, sampling=sampling, decode_address=address,
             ))  # fmt: skip
+            first = next(replies)
+            first_at = time.perf_counter()
+            stream = workers_pb2_grpc.DecodeWorkerStub(ch).Generate(workers_pb2.GenerateRequest(
+                request_id=f"t{i}", prompt_token_ids=prompt, sampling=sampling, lease_id=first.lease_id,
+                first_token_id=first.first_token_id,
+            ))  # fmt: skip (started at once, as a router does: the decode worker waits for the KV)
+            done = next(replies)
+            arrivals = [time.perf_counter() for chunk in stream if chunk.token_ids]
             if i > 0:  # the first request warms both workers up
                 tails.append(done.transfer_tail_ms)
                 firsts.append(first.first_token_ms)
-            stream = workers_pb2_grpc.DecodeWorkerStub(ch).Generate(workers_pb2.GenerateRequest(
-                request_id=f"t{i}", prompt_token_ids=prompt, sampling=sampling, lease_id=done.lease_id,
-                first_token_id=first.first_token_id,
-            ))  # fmt: skip
-            last = None
-            for chunk in stream:
-                now = time.perf_counter()
-                if last is not None and chunk.token_ids:
-                    steps.append((now - last) * 1e3)
-                last = now
+                gaps.append((arrivals[0] - first_at) * 1e3)
+                steps += [(b - a) * 1e3 for a, b in itertools.pairwise(arrivals)]
     finally:
         ch.close()
         prefill_ch.close()
@@ -193,7 +196,7 @@ def transfer_tail(path: str, dtype: str, transport: str) -> tuple[float, float, 
         prefill.close()
         prefill_loop.stop()
         stop_worker(worker)
-    return statistics.median(tails), statistics.median(firsts), statistics.median(steps)
+    return tuple(statistics.median(v) for v in (tails, firsts, gaps, steps))
 
 
 def main() -> None:
@@ -236,14 +239,15 @@ def main() -> None:
         ratio = f"{gbs / raw:.2f}"
         cells = [name, transport, f"{size / 1e6:.1f}", chunk_mib, f"{ms:.1f}", f"{gbs:.2f}", ratio]
         print("| " + " | ".join(cells) + " |")
-    print("\n| prefill worker → decode worker, 4k prompt | path | first token ms | tail ms | decode step ms "
-          "| tail / step |")
-    print("|---|---|---|---|---|---|")
+    print("\n| prefill worker → decode worker, 4k prompt | path | first token ms | tail ms | "
+          "token 1→2 gap ms | decode step ms | tail / step | (gap − step) / step |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, (path, dtype) in models.items():
         for transport in ("grpc", "auto"):
-            tail, first, step = transfer_tail(str(path), dtype, transport)
+            tail, first, gap, step = transfer_tail(str(path), dtype, transport)
             label = "same-host" if transport == "auto" else "grpc"
-            cells = [name, label, f"{first:.1f}", f"{tail:.1f}", f"{step:.2f}", f"{tail / step:.2f}"]
+            ratios = f"{tail / step:.2f}", f"{(gap - step) / step:.2f}"
+            cells = [name, label, f"{first:.1f}", f"{tail:.1f}", f"{gap:.1f}", f"{step:.2f}", *ratios]
             print("| " + " | ".join(cells) + " |", flush=True)
 
 

@@ -99,7 +99,9 @@ class DecodeGraphs:
                 self._forward(size)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: CUDA calls of other threads in this process (another engine's loop, a KV
+            # sender's copies) do not invalidate this capture; only this thread's would.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self.logits[size] = self._forward(size)
             pool = graph.pool()
             self.graphs[size] = graph
