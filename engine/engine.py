@@ -137,6 +137,7 @@ class Engine:
         it joins continuous batching from its second token on. Returns the finishing output when the
         first token already ends it (its blocks are then freed), else None."""
         seq = self._reserved.pop(request_id)
+        seq.num_computed_tokens = seq.num_prompt_tokens  # the prompt's KV is in place: never recomputed
         seq.token_ids.append(first_token_id)
         self.sampler.skip_draw(seq.params, seq.generator, self.model_config.vocab_size)
         seq.ever_scheduled = True  # cached-token accounting belongs to the worker that prefilled

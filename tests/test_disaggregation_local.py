@@ -52,7 +52,20 @@ def disaggregated(prefill, decode, rid, prompt, max_tokens, max_chunk_bytes=2048
     assert sink.complete
     assert prefill.release_kv(rid)
     assert decode.admit_kv(rid, first) is None
-    rest = [t for o in run(decode) if o.request_id == rid for t in o.new_token_ids]
+    computed = []  # (first position, tokens) the decode engine computes for this request
+    execute = decode.runner.execute
+
+    def recording(batch, *args):
+        computed.extend((it.start, it.num_new_tokens) for it in batch.items if it.seq.request_id == rid)
+        return execute(batch, *args)
+
+    decode.runner.execute = recording
+    try:
+        rest = [t for o in run(decode) if o.request_id == rid for t in o.new_token_ids]
+    finally:
+        decode.runner.execute = execute
+    # The transferred prompt KV is used as it is: from the first token on, one position per step.
+    assert computed == [(len(prompt) + i, 1) for i in range(len(computed))]
     return [first, *rest], len(src_blocks) - reservation.num_cached_blocks
 
 
