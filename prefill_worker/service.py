@@ -128,7 +128,7 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
             raise
         finally:
             if push is not None:
-                push.stop()  # no-op after the last chunk; else the stream ends short and the lease fails
+                push.abort()  # no-op after the last chunk; else the stream ends short and the lease fails
             if transfer is not None:
                 with contextlib.suppress(grpc.RpcError):
                     transfer.result()
