@@ -1,0 +1,198 @@
+"""Routing policies: pure objects that pick a prefill target and a decode worker for one request.
+
+A policy sees the request's shape and, for every live worker, how many of the request's leading blocks
+it holds (from the router's prefix-index mirror) and its own reported load; it returns a `Decision` with
+the score terms that led to it. No I/O and no clock: the live router, the A/B framework and the simulator
+share these objects. `round_robin` keeps a cursor; the others are functions of their inputs.
+
+Policies (`make_policy(name, **config)`):
+- `round_robin`: prefill workers (both pools) and decode workers in turn.
+- `least_loaded`: the prefill and the decode worker with the least queued work.
+- `prefix_affinity`: the prefill worker holding most of the prompt, net of load, with a guard against hot
+  spots; the decode worker by load.
+- `cpd`: cache-aware prefill/decode split — see `CPD`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+FRESH, WARM, DECODE = "fresh", "warm", "decode"
+LOCAL = "decode-local"  # the decode worker prefills the request itself
+
+
+class NoWorker(Exception):
+    """No live worker can take the request (no decode worker, or no prefill target at all)."""
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """One live worker as a policy sees it. `matched_blocks`: leading blocks of this request's prompt
+    the worker holds. Load is what the worker reports (queued tokens include its running prefills)."""
+
+    worker_id: str
+    role: str  # FRESH, WARM or DECODE
+    matched_blocks: int = 0
+    queued_tokens: int = 0
+    running_requests: int = 0
+    kv_usage: float = 0.0
+
+
+@dataclass(frozen=True)
+class RequestShape:
+    num_prompt_tokens: int
+    block_size: int
+    session_id: str | None = None
+
+    @property
+    def num_full_blocks(self) -> int:
+        return self.num_prompt_tokens // self.block_size
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where the request goes. `prefill` is None when the decode worker prefills it (`pool` LOCAL)."""
+
+    policy: str
+    pool: str  # FRESH, WARM or LOCAL
+    prefill: str | None
+    decode: str
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+def _split(workers: Sequence[WorkerView]) -> tuple[list[WorkerView], list[WorkerView]]:
+    prefills = [w for w in workers if w.role in (FRESH, WARM)]
+    decodes = [w for w in workers if w.role == DECODE]
+    if not decodes:
+        raise NoWorker("no live decode worker")
+    return prefills, decodes
+
+
+def _load_key(w: WorkerView) -> tuple:
+    """Least loaded first: queued tokens, then running requests, then KV usage, then id (determinism)."""
+    return (w.queued_tokens, w.running_requests, w.kv_usage, w.worker_id)
+
+
+def _require(prefills: list[WorkerView]) -> list[WorkerView]:
+    if not prefills:
+        raise NoWorker("no live prefill worker")
+    return prefills
+
+
+class RoundRobin:
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._turn = itertools.count()
+
+    def route(self, request: RequestShape, workers: Sequence[WorkerView]) -> Decision:
+        prefills, decodes = _split(workers)
+        prefills = sorted(_require(prefills), key=lambda w: w.worker_id)
+        decodes = sorted(decodes, key=lambda w: w.worker_id)
+        turn = next(self._turn)
+        p, d = prefills[turn % len(prefills)], decodes[turn % len(decodes)]
+        return Decision(self.name, p.role, p.worker_id, d.worker_id, {"turn": float(turn)})
+
+
+class LeastLoaded:
+    name = "least_loaded"
+
+    def route(self, request: RequestShape, workers: Sequence[WorkerView]) -> Decision:
+        prefills, decodes = _split(workers)
+        p = min(_require(prefills), key=_load_key)
+        d = min(decodes, key=_load_key)
+        terms = {"prefill_queued_tokens": float(p.queued_tokens),
+                 "decode_queued_tokens": float(d.queued_tokens)}  # fmt: skip
+        return Decision(self.name, p.role, p.worker_id, d.worker_id, terms)
+
+
+@dataclass
+class PrefixAffinity:
+    """Score = cached tokens the worker saves − `load_weight` × its queued tokens; the best scorer wins
+    unless its queue exceeds the least loaded worker's by more than `max_queue_gap_tokens` (hot-spot
+    guard: then the least loaded one takes the request)."""
+
+    load_weight: float = 1.0
+    max_queue_gap_tokens: int = 8192
+    name: str = "prefix_affinity"
+
+    def route(self, request: RequestShape, workers: Sequence[WorkerView]) -> Decision:
+        prefills, decodes = _split(workers)
+        prefills = _require(prefills)
+
+        def score(w: WorkerView) -> float:
+            return w.matched_blocks * request.block_size - self.load_weight * w.queued_tokens
+
+        best = max(prefills, key=lambda w: (score(w), -w.queued_tokens, w.worker_id))
+        idle = min(prefills, key=_load_key)
+        guarded = best.queued_tokens - idle.queued_tokens > self.max_queue_gap_tokens
+        p = idle if guarded else best
+        d = min(decodes, key=_load_key)
+        terms = {"cached_tokens": float(p.matched_blocks * request.block_size), "score": score(p),
+                 "queued_tokens": float(p.queued_tokens), "hot_spot_guard": float(guarded)}  # fmt: skip
+        return Decision(self.name, p.role, p.worker_id, d.worker_id, terms)
+
+
+@dataclass
+class CPD:
+    """Cache-aware prefill/decode split.
+
+    1. Decode worker: the most cached tokens of this prompt net of `decode_load_weight` × queued tokens
+       (a decode worker holding the context saves a transfer of those blocks) — every decode worker that
+       holds a conversation's earlier turns has its KV.
+    2. If that worker's uncached suffix is at most `local_prefill_max_tokens`, it prefills the request
+       itself (LOCAL): a short suffix costs less to compute than a round trip plus a transfer, and
+       interferes little with its decode batch.
+    3. Else the predicted hit ratio (the best match anywhere / prompt length) picks the pool: at least
+       `warm_min_hit_ratio` → the warm pool worker with the best match net of `load_weight` × queued
+       tokens (with `PrefixAffinity`'s hot-spot guard); below it → the least loaded fresh worker (fresh
+       prompts gain nothing from affinity, and keeping them off the warm pool protects its cache).
+       An empty pool falls back to the other.
+
+    Defaults: a suffix of ≤ 256 tokens is one chunked-prefill slice that a decode step absorbs; a hit
+    ratio of 0.5 splits "mostly cached" from "mostly new"; one queued token costs one cached token.
+    """
+
+    local_prefill_max_tokens: int = 256
+    warm_min_hit_ratio: float = 0.5
+    load_weight: float = 1.0
+    decode_load_weight: float = 1.0
+    max_queue_gap_tokens: int = 8192
+    name: str = "cpd"
+
+    def route(self, request: RequestShape, workers: Sequence[WorkerView]) -> Decision:
+        prefills, decodes = _split(workers)
+        bs = request.block_size
+        d = max(decodes, key=lambda w: (w.matched_blocks * bs - self.decode_load_weight * w.queued_tokens,
+                                        -w.queued_tokens, w.worker_id))  # fmt: skip
+        best_match = max(w.matched_blocks for w in workers)
+        hit_ratio = best_match * bs / request.num_prompt_tokens
+        decode_suffix = request.num_prompt_tokens - d.matched_blocks * bs
+        terms = {"hit_ratio": hit_ratio, "decode_cached_tokens": float(d.matched_blocks * bs),
+                 "decode_uncached_tokens": float(decode_suffix)}  # fmt: skip
+        if decode_suffix <= self.local_prefill_max_tokens or not prefills:
+            return Decision(self.name, LOCAL, None, d.worker_id, terms)
+        warm = [w for w in prefills if w.role == WARM]
+        fresh = [w for w in prefills if w.role == FRESH]
+        if (hit_ratio >= self.warm_min_hit_ratio and warm) or not fresh:
+            guard = PrefixAffinity(self.load_weight, self.max_queue_gap_tokens)
+            inner = guard.route(request, [*warm, d] if warm else [*fresh, d])
+            p = next(w for w in prefills if w.worker_id == inner.prefill)
+            terms.update(inner.terms)
+        else:
+            p = min(fresh, key=_load_key)
+            terms["queued_tokens"] = float(p.queued_tokens)
+        return Decision(self.name, p.role, p.worker_id, d.worker_id, terms)
+
+
+POLICIES = {"round_robin": RoundRobin, "least_loaded": LeastLoaded, "prefix_affinity": PrefixAffinity,
+            "cpd": CPD}  # fmt: skip
+
+
+def make_policy(name: str, **config):
+    """A policy by name, configured. Raises ValueError naming the known policies for an unknown one."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(sorted(POLICIES))}")
+    return POLICIES[name](**config)
