@@ -1,0 +1,229 @@
+"""The router's request path: hash the prompt, let the request's policy decide, run it on the workers.
+
+`WorkerSet` holds the live workers with the load they report (polled through their Load RPC, so a busy
+worker never looks idle because this router did not send its work). `ArmAssigner` maps a session to an
+A/B arm deterministically. `Router.generate` hashes the prompt's full blocks (the workers' own chain, with
+the tenant salt applied here, server-side), reads per-worker prefix matches from the index mirror (an
+in-memory call), asks the arm's policy, and runs the request: on the decode worker alone (LOCAL), or
+prefill → KV transfer → decode through `dispatch.run_disaggregated` with the failure policy, the chosen
+prefill worker first and the rest of its pool, least loaded first, as recompute targets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from splitserve.engine.block_hash import BlockHash, HashContext, hash_blocks
+from splitserve.protos import common_pb2, workers_pb2, workers_pb2_grpc
+from splitserve.router.dispatch import Emitted, FailurePolicy, PrefillTarget, run_disaggregated
+from splitserve.router.policies import DECODE, LOCAL, Decision, RequestShape, WorkerView
+
+log = logging.getLogger(__name__)
+
+Matches = Callable[[Sequence[BlockHash]], dict[str, int]]  # worker id → leading blocks it holds
+
+
+@dataclass
+class WorkerHandle:
+    worker_id: str
+    role: str  # "fresh", "warm" or "decode"
+    address: str
+    channel: grpc.Channel
+    stub: workers_pb2_grpc.PrefillWorkerStub | workers_pb2_grpc.DecodeWorkerStub
+    load: common_pb2.WorkerLoad = field(default_factory=common_pb2.WorkerLoad)
+    healthy: bool = False  # answered its last Load poll
+
+
+class WorkerSet:
+    """Live workers and their reported load. `poll()` asks each for its load once (a background thread
+    does it every `poll_s` after `start()`); a worker that does not answer within `timeout_s` is marked
+    unhealthy and left out of routing until it answers again."""
+
+    def __init__(self, poll_s: float = 0.1, timeout_s: float = 1.0) -> None:
+        self.poll_s = poll_s
+        self.timeout_s = timeout_s
+        self._workers: dict[str, WorkerHandle] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, worker_id: str, role: str, address: str) -> WorkerHandle:
+        if role not in ("fresh", "warm", DECODE):
+            raise ValueError(f"worker role must be fresh, warm or decode; got {role!r}")
+        ch = grpc.insecure_channel(address)
+        stubs = workers_pb2_grpc
+        stub = (stubs.DecodeWorkerStub if role == DECODE else stubs.PrefillWorkerStub)(ch)
+        handle = WorkerHandle(worker_id, role, address, ch, stub)
+        with self._lock:
+            if worker_id in self._workers:
+                ch.close()
+                raise ValueError(f"worker {worker_id!r} is already registered")
+            self._workers[worker_id] = handle
+        self._poll_one(handle)
+        return handle
+
+    def remove(self, worker_id: str) -> None:
+        with self._lock:
+            handle = self._workers.pop(worker_id, None)
+        if handle is not None:
+            handle.channel.close()
+
+    def get(self, worker_id: str) -> WorkerHandle:
+        with self._lock:
+            return self._workers[worker_id]
+
+    def healthy(self) -> list[WorkerHandle]:
+        with self._lock:
+            return [h for h in self._workers.values() if h.healthy]
+
+    def poll(self) -> None:
+        with self._lock:
+            handles = list(self._workers.values())
+        for handle in handles:
+            self._poll_one(handle)
+
+    def _poll_one(self, handle: WorkerHandle) -> None:
+        try:
+            handle.load = handle.stub.Load(common_pb2.LoadRequest(), timeout=self.timeout_s)
+            if not handle.healthy:
+                log.info("worker %s (%s) at %s is up", handle.worker_id, handle.role, handle.address)
+            handle.healthy = True
+        except grpc.RpcError as exc:
+            if handle.healthy:
+                log.warning("worker %s stopped answering: %s", handle.worker_id, exc.code().name)
+            handle.healthy = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="load-poll", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            for handle in self._workers.values():
+                handle.channel.close()
+            self._workers.clear()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.poll()
+
+
+class ArmAssigner:
+    """A/B arms by share (e.g. {"cpd": 0.5, "least_loaded": 0.5}): a session always gets the same arm
+    (SHA-256 of its id mapped to [0, 1)), so a conversation's turns see one policy."""
+
+    def __init__(self, shares: dict[str, float]) -> None:
+        if not shares or any(v <= 0 for v in shares.values()):
+            raise ValueError(f"A/B shares must be positive, got {shares}")
+        total = sum(shares.values())
+        self.arms = list(shares)
+        self._bounds, acc = [], 0.0
+        for name in self.arms:
+            acc += shares[name] / total
+            self._bounds.append(acc)
+
+    def arm_for(self, key: str) -> str:
+        point = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+        return next((arm for arm, bound in zip(self.arms, self._bounds, strict=True) if point < bound),
+                    self.arms[-1])  # fmt: skip
+
+
+def parse_ab(spec: str) -> dict[str, float]:
+    """"cpd:0.5,least_loaded:0.5" → {"cpd": 0.5, "least_loaded": 0.5}. Raises ValueError when malformed."""
+    shares = {}
+    for part in spec.split(","):
+        name, sep, share = part.strip().partition(":")
+        if not sep or not name:
+            raise ValueError(f"an A/B arm is NAME:SHARE, got {part!r}")
+        shares[name] = float(share)
+    return shares
+
+
+@dataclass(frozen=True)
+class RoutedRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: common_pb2.SamplingParams
+    session_id: str | None = None
+    tenant_salt: str | None = None  # set by the router from the caller's identity, never by the caller
+
+
+@dataclass
+class Routed:
+    """What `Router.generate` yields first: the decision (with its A/B arm), then `Emitted` outputs."""
+
+    arm: str
+    decision: Decision
+
+
+class Router:
+    """Decides and runs requests. `policies`: arm name → policy object; `arms` picks the arm per session
+    (None: the single policy). `matches`: the index mirror's query (no network)."""
+
+    def __init__(
+        self,
+        workers: WorkerSet,
+        policies: dict[str, object],
+        model_id: str,
+        block_size: int,
+        matches: Matches,
+        arms: ArmAssigner | None = None,
+        failure_policy: FailurePolicy = FailurePolicy.RECOMPUTE,
+    ) -> None:
+        if arms is None and len(policies) != 1:
+            raise ValueError("several policies need an A/B assignment")
+        self.workers = workers
+        self.policies = policies
+        self.model_id = model_id
+        self.block_size = block_size
+        self.matches = matches
+        self.arms = arms
+        self.failure_policy = failure_policy
+
+    def decide(self, request: RoutedRequest) -> tuple[str, Decision]:
+        """The request's arm and its policy's decision (hashing and an in-memory index lookup only)."""
+        arm = next(iter(self.policies)) if self.arms is None else self.arms.arm_for(
+            request.session_id or request.request_id)
+        ctx = HashContext(self.model_id, request.tenant_salt)
+        hashes = hash_blocks(request.prompt_token_ids, self.block_size, ctx)
+        matched = self.matches(hashes)
+        views = [
+            WorkerView(h.worker_id, h.role, matched.get(h.worker_id, 0), h.load.queued_tokens,
+                       h.load.running_requests, h.load.kv_usage)
+            for h in self.workers.healthy()
+        ]  # fmt: skip
+        shape = RequestShape(len(request.prompt_token_ids), self.block_size, request.session_id)
+        return arm, self.policies[arm].route(shape, views)
+
+    def generate(self, request: RoutedRequest) -> Iterator[Routed | Emitted]:
+        arm, decision = self.decide(request)
+        yield Routed(arm, decision)
+        decode = self.workers.get(decision.decode)
+        salt = request.tenant_salt
+        if decision.pool == LOCAL:
+            stream = decode.stub.Generate(workers_pb2.GenerateRequest(
+                request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+                sampling=request.sampling, cache_salt=salt,
+            ))  # fmt: skip
+            for i, chunk in enumerate(stream):
+                yield Emitted(list(chunk.token_ids), chunk.finish_reason,
+                              num_cached_tokens=chunk.num_cached_tokens if i == 0 else 0)  # fmt: skip
+            return
+        chosen = self.workers.get(decision.prefill)
+        others = sorted((h for h in self.workers.healthy() if h.role == chosen.role and h is not chosen),
+                        key=lambda h: h.load.queued_tokens)  # fmt: skip
+        targets = [PrefillTarget(h.worker_id, h.stub) for h in (chosen, *others)]
+        prefill = workers_pb2.PrefillRequest(
+            request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+            sampling=request.sampling, cache_salt=salt, decode_address=decode.address,
+        )  # fmt: skip
+        yield from run_disaggregated(prefill, targets, decode.stub, self.failure_policy)

@@ -1,0 +1,103 @@
+"""The router's request path over real gRPC workers (fresh and warm prefill, decode, in this process):
+outputs equal the offline API whatever the policy decides; cpd routes a conversation's first turn to the
+fresh pool and its second to the decode worker holding the context (short suffix) or to the warm pool;
+A/B arms are per session and deterministic. Prefix matches here come straight from the workers' block
+pools (the index mirror's job in a deployment)."""
+
+from __future__ import annotations
+
+import pytest
+from workers_cluster import GREEDY, offline
+
+from splitserve import LLM, SamplingParams
+from splitserve.decode_worker.service import DecodeService
+from splitserve.engine.loop import EngineLoop
+from splitserve.kvtransfer.requests import sampling_to_proto
+from splitserve.kvtransfer.transport import add_kvtransfer_servicer, make_server
+from splitserve.prefill_worker.service import PrefillService
+from splitserve.protos import workers_pb2_grpc
+from splitserve.router.core import ArmAssigner, RoutedRequest, Router, WorkerSet, parse_ab
+from splitserve.router.dispatch import Emitted
+from splitserve.router.policies import FRESH, LOCAL, WARM, make_policy
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model("llama", max_position_embeddings=512)
+
+
+@pytest.fixture
+def cluster(model):
+    loops, servers, services = {}, [], []
+    workers = WorkerSet()
+    for wid, role in (("f1", "fresh"), ("w1", "warm"), ("d1", "decode")):
+        loop = EngineLoop(LLM(str(model), num_blocks=256, block_size=8, max_num_seqs=16).engine)
+        server, port = make_server("127.0.0.1:0")
+        if role == "decode":
+            service = DecodeService(loop)
+            add_kvtransfer_servicer(service, server)
+            workers_pb2_grpc.add_DecodeWorkerServicer_to_server(service, server)
+        else:
+            service = PrefillService(loop, pool=role, max_chunk_bytes=4096, kv_transport="grpc")
+            workers_pb2_grpc.add_PrefillWorkerServicer_to_server(service, server)
+        server.start()
+        loops[wid], servers, services = loop, [*servers, server], [*services, service]
+        workers.add(wid, role, f"127.0.0.1:{port}")
+
+    def matches(hashes):
+        return {wid: len(loop.call(loop.engine.block_pool.lookup, hashes)) for wid, loop in loops.items()}
+
+    model_id = loops["d1"].engine.model_id
+    yield workers, matches, model_id
+    workers.close()
+    for server in servers:
+        server.stop(0).wait()
+    for service in services:
+        service.close()
+    for loop in loops.values():
+        loop.stop()
+
+
+def run(router, rid, prompt, max_tokens, session=None):
+    request = RoutedRequest(rid, prompt, sampling_to_proto(SamplingParams(max_tokens=max_tokens, **GREEDY)),
+                            session_id=session)  # fmt: skip
+    outs = list(router.generate(request))
+    routed, emitted = outs[0], [o for o in outs[1:] if isinstance(o, Emitted)]
+    return routed, [t for o in emitted for t in o.token_ids], emitted
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_loaded", "prefix_affinity", "cpd"])
+def test_every_policy_gives_the_offline_tokens(model, cluster, policy):
+    workers, matches, model_id = cluster
+    router = Router(workers, {policy: make_policy(policy)}, model_id, 8, matches)
+    prompt = list(range(3, 70))
+    routed, tokens, _ = run(router, f"r-{policy}", prompt, 8)
+    assert tokens == offline(model, [prompt], 8)[0]
+    assert routed.arm == policy and routed.decision.decode == "d1"
+
+
+def test_cpd_routes_a_conversation_fresh_then_local_or_warm(model, cluster):
+    workers, matches, model_id = cluster
+    router = Router(workers, {"cpd": make_policy("cpd", local_prefill_max_tokens=16)}, model_id, 8, matches)
+    turn1 = list(range(3, 83))  # 80 tokens, nothing cached anywhere
+    routed, out1, _ = run(router, "t1", turn1, 8, session="s")
+    assert (routed.decision.pool, routed.decision.prefill) == (FRESH, "f1")
+    turn2 = [*turn1, *out1, 7, 8, 9]  # the decode worker holds turn 1's prompt: an 11-token suffix
+    routed, out2, emitted = run(router, "t2", turn2, 6, session="s")
+    assert routed.decision.pool == LOCAL and routed.decision.prefill is None
+    assert emitted[0].num_cached_tokens >= len(turn1) - 8
+    assert out2 == offline(model, [turn2], 6)[0]
+    turn3 = [*turn1, *range(100, 160)]  # 60 new tokens after an 80-token cached prefix: hit ratio 0.57
+    routed, out3, _ = run(router, "t3", turn3, 4, session="s")
+    assert (routed.decision.pool, routed.decision.prefill) == (WARM, "w1")
+    assert out3 == offline(model, [turn3], 4)[0]
+
+
+def test_ab_arms_are_per_session_and_follow_the_shares():
+    arms = ArmAssigner(parse_ab("cpd:0.25,least_loaded:0.75"))
+    picks = [arms.arm_for(f"session-{i}") for i in range(8000)]
+    assert picks == [arms.arm_for(f"session-{i}") for i in range(8000)]
+    assert abs(picks.count("cpd") / len(picks) - 0.25) < 0.02
+    for bad in ("cpd", "cpd:0", ":0.5"):
+        with pytest.raises(ValueError):
+            ArmAssigner(parse_ab(bad))
