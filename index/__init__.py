@@ -1,0 +1,1 @@
+"""The global prefix index in Redis: which worker holds which KV block, under worker leases."""
