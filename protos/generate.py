@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
-PROTOS = ("common.proto", "kvtransfer.proto", "workers.proto")
+PROTOS = ("common.proto", "kvtransfer.proto", "workers.proto", "router.proto")
 SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 

@@ -82,6 +82,10 @@ class WorkerSet:
         with self._lock:
             return [h for h in self._workers.values() if h.healthy]
 
+    def all(self) -> list[WorkerHandle]:
+        with self._lock:
+            return list(self._workers.values())
+
     def poll(self) -> None:
         with self._lock:
             handles = list(self._workers.values())
@@ -214,9 +218,12 @@ class Router:
                 request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
                 sampling=request.sampling, cache_salt=salt,
             ))  # fmt: skip
-            for i, chunk in enumerate(stream):
-                yield Emitted(list(chunk.token_ids), chunk.finish_reason,
-                              num_cached_tokens=chunk.num_cached_tokens if i == 0 else 0)  # fmt: skip
+            try:
+                for i, chunk in enumerate(stream):
+                    yield Emitted(list(chunk.token_ids), chunk.finish_reason,
+                                  num_cached_tokens=chunk.num_cached_tokens if i == 0 else 0)  # fmt: skip
+            finally:
+                stream.cancel()  # no-op once finished; if the caller went away, the decode worker aborts
             return
         chosen = self.workers.get(decision.prefill)
         others = sorted((h for h in self.workers.healthy() if h.role == chosen.role and h is not chosen),

@@ -71,7 +71,7 @@ def run_disaggregated(
     tries = list(prefills if policy is FailurePolicy.RECOMPUTE else prefills[:1])
     first_token: int | None = None
     for attempt, target in enumerate(tries):
-        stream = None
+        stream = replies = None
         try:
             replies = target.stub.Prefill(request, timeout=timeout_s)
             first = next(replies)
@@ -81,6 +81,11 @@ def run_disaggregated(
             generate = _generate_request(request, first.lease_id, first_token)
             stream = decoder.Generate(generate, timeout=timeout_s)
             next(replies)  # the transfer's end; the decode worker starts by itself once the KV is in
+        except GeneratorExit:  # the caller went away after the first token: both workers abort
+            for call in (replies, stream):
+                if call is not None:
+                    call.cancel()
+            raise
         except grpc.RpcError as exc:
             if stream is not None:
                 stream.cancel()
@@ -93,8 +98,11 @@ def run_disaggregated(
             log.warning("request %s: %s; recomputing on %s", request.request_id, cause,
                         tries[attempt + 1].name)
             continue
-        for chunk in stream:
-            yield Emitted(list(chunk.token_ids), chunk.finish_reason)
+        try:
+            for chunk in stream:
+                yield Emitted(list(chunk.token_ids), chunk.finish_reason)
+        finally:
+            stream.cancel()  # no-op once finished; if the caller went away, the decode worker aborts
         return
 
 

@@ -6,6 +6,8 @@ pools (the index mirror's job in a deployment)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from workers_cluster import GREEDY, offline
 
@@ -101,3 +103,50 @@ def test_ab_arms_are_per_session_and_follow_the_shares():
     for bad in ("cpd", "cpd:0", ":0.5"):
         with pytest.raises(ValueError):
             ArmAssigner(parse_ab(bad))
+
+
+def test_the_router_front_door_over_grpc(model, cluster):
+    import grpc
+
+    from splitserve.protos import router_pb2, router_pb2_grpc
+    from splitserve.router.service import RouterService
+
+    workers, matches, model_id = cluster
+    router = Router(workers, {"cpd": make_policy("cpd", local_prefill_max_tokens=16)}, model_id, 8, matches)
+    server, port = make_server("127.0.0.1:0")
+    router_pb2_grpc.add_RouterServicer_to_server(RouterService(router), server)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = router_pb2_grpc.RouterStub(channel)
+    try:
+        prompt = list(range(3, 90))
+        sampling = sampling_to_proto(SamplingParams(max_tokens=8, **GREEDY))
+        reply = stub.Generate(router_pb2.RouterRequest(prompt_token_ids=prompt, sampling=sampling))
+        assert list(reply.token_ids) == offline(model, [prompt], 8)[0] and reply.finish_reason == "length"
+        assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt), 8)
+        assert reply.route.pool == FRESH and reply.ttft_ms > 0 and reply.request_id
+        chunks = list(stub.GenerateStream(router_pb2.RouterRequest(
+            prompt_token_ids=[*prompt, 5], sampling=sampling, session_id="s")))
+        assert chunks[0].route.decode_worker == "d1" and chunks[-1].usage.cached_tokens >= 80
+        long = router_pb2.RouterRequest(prompt_token_ids=list(range(3, 40)), sampling=sampling_to_proto(
+            SamplingParams(max_tokens=400, **GREEDY)))
+        stream = stub.GenerateStream(long)
+        next(stream)
+        stream.cancel()  # the client goes away: the decode worker aborts the request
+        decode = workers.get("d1")
+        for _ in range(100):
+            workers.poll()
+            if decode.load.running_requests == 0:
+                break
+            time.sleep(0.05)
+        assert decode.load.running_requests == 0
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(router_pb2.RouterRequest(sampling=sampling))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        status = stub.Status(router_pb2.StatusRequest())
+        assert {w.worker_id for w in status.workers} == {"f1", "w1", "d1"}
+        assert status.arms[0].arm == "cpd" and status.arms[0].requests >= 2
+        assert stub.Health(router_pb2.HealthRequest()).serving
+    finally:
+        channel.close()
+        server.stop(0).wait()

@@ -1,0 +1,132 @@
+"""The router's gRPC front door (`protos/router.proto`): Generate, GenerateStream, Health, Status.
+
+Requests arrive as token ids (the SDK and the HTTP front tokenize); each is routed by `core.Router` and
+its outputs relayed, with its route, usage and time to first token. Errors are typed: a bad request is
+INVALID_ARGUMENT, no worker to run it UNAVAILABLE, a failed transfer under the `fail` policy UNAVAILABLE
+with the cause; a worker's own status is passed through. A client that cancels a stream aborts the
+request on the workers it reached. Per-arm counters feed Status (and the A/B reports).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from splitserve.protos import router_pb2, router_pb2_grpc
+from splitserve.router.core import Routed, RoutedRequest, Router
+from splitserve.router.dispatch import TransferFailed
+from splitserve.router.policies import NoWorker
+
+
+@dataclass
+class _ArmCounters:
+    requests: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_ms_sum: float = 0.0
+
+
+class RouterService(router_pb2_grpc.RouterServicer):
+    def __init__(self, router: Router, index_stale: Callable[[], bool] = lambda: False) -> None:
+        self.router = router
+        self.index_stale = index_stale
+        self._ids = itertools.count()
+        self._arms: dict[str, _ArmCounters] = {}
+        self._lock = threading.Lock()
+
+    def Generate(self, request: router_pb2.RouterRequest, context: grpc.ServicerContext):
+        start = time.perf_counter()
+        rid = request.request_id or f"req-{next(self._ids)}"
+        reply = router_pb2.RouterReply(request_id=rid)
+        for chunk in self._run(request, context, rid):
+            reply.token_ids.extend(chunk.token_ids)
+            if chunk.HasField("route"):
+                reply.route.CopyFrom(chunk.route)
+                reply.ttft_ms = chunk.ttft_ms
+            if chunk.finish_reason:
+                reply.finish_reason = chunk.finish_reason
+                reply.usage.CopyFrom(chunk.usage)
+        reply.total_ms = (time.perf_counter() - start) * 1e3
+        return reply
+
+    def GenerateStream(self, request: router_pb2.RouterRequest, context: grpc.ServicerContext):
+        return self._run(request, context, request.request_id or f"req-{next(self._ids)}")
+
+    def _run(self, request: router_pb2.RouterRequest, context: grpc.ServicerContext, rid: str):
+        start = time.perf_counter()
+        if not request.prompt_token_ids:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty")
+        if request.sampling.max_tokens <= 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens must be positive")
+        routed = RoutedRequest(rid, list(request.prompt_token_ids), request.sampling,
+                               session_id=request.session_id or None)  # fmt: skip
+        counters, completion, cached = None, 0, 0
+        try:
+            for out in self.router.generate(routed):
+                if isinstance(out, Routed):
+                    counters = self._counters(out.arm)
+                    route = _route(out)
+                    continue
+                chunk = router_pb2.RouterChunk(token_ids=out.token_ids, finish_reason=out.finish_reason)
+                if completion == 0 and out.token_ids:  # the first token
+                    cached = out.num_cached_tokens
+                    chunk.route.CopyFrom(route)
+                    chunk.ttft_ms = (time.perf_counter() - start) * 1e3
+                    with self._lock:
+                        counters.ttft_ms_sum += chunk.ttft_ms
+                completion += len(out.token_ids)
+                if out.finish_reason:
+                    chunk.usage.CopyFrom(router_pb2.Usage(
+                        prompt_tokens=len(routed.prompt_token_ids), cached_tokens=cached,
+                        completion_tokens=completion,
+                    ))  # fmt: skip
+                yield chunk
+        except NoWorker as exc:
+            self._fail(counters, context, grpc.StatusCode.UNAVAILABLE, str(exc))
+        except TransferFailed as exc:
+            self._fail(counters, context, grpc.StatusCode.UNAVAILABLE, str(exc))
+        except grpc.RpcError as exc:  # a worker's verdict (e.g. the prompt is too long), passed on
+            self._fail(counters, context, exc.code(), exc.details())
+        with self._lock:
+            counters.requests += 1
+            counters.prompt_tokens += len(routed.prompt_token_ids)
+            counters.cached_tokens += cached
+
+    def Health(self, request, context):
+        serving = any(h.role == "decode" for h in self.router.workers.healthy())
+        return router_pb2.HealthReply(serving=serving, index_stale=self.index_stale())
+
+    def Status(self, request, context):
+        reply = router_pb2.StatusReply(index_stale=self.index_stale())
+        for h in self.router.workers.all():
+            reply.workers.add(worker_id=h.worker_id, role=h.role, address=h.address, healthy=h.healthy,
+                              load=h.load)  # fmt: skip
+        with self._lock:
+            for arm, c in sorted(self._arms.items()):
+                reply.arms.add(arm=arm, requests=c.requests, failures=c.failures,
+                               prompt_tokens=c.prompt_tokens, cached_tokens=c.cached_tokens,
+                               ttft_ms_sum=c.ttft_ms_sum)  # fmt: skip
+        return reply
+
+    def _counters(self, arm: str) -> _ArmCounters:
+        with self._lock:
+            return self._arms.setdefault(arm, _ArmCounters())
+
+    def _fail(self, counters: _ArmCounters | None, context, code: grpc.StatusCode, detail: str) -> None:
+        if counters is not None:
+            with self._lock:
+                counters.failures += 1
+        context.abort(code, detail)
+
+
+def _route(routed: Routed) -> router_pb2.Route:
+    d = routed.decision
+    return router_pb2.Route(arm=routed.arm, pool=d.pool, prefill_worker=d.prefill or "",
+                            decode_worker=d.decode, terms=d.terms)  # fmt: skip
+
