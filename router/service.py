@@ -17,10 +17,13 @@ from dataclasses import dataclass
 
 import grpc
 
+from splitserve.engine.errors import InvalidRequest
+from splitserve.engine.sampling_params import SamplingParams
 from splitserve.protos import router_pb2, router_pb2_grpc
 from splitserve.router.core import Routed, RoutedRequest, Router
 from splitserve.router.dispatch import TransferFailed
 from splitserve.router.policies import NoWorker
+from splitserve.router.text import Detokenizer, TextCodec
 
 
 @dataclass
@@ -33,8 +36,13 @@ class _ArmCounters:
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
-    def __init__(self, router: Router, index_stale: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self, router: Router, codec: TextCodec | None = None, index_stale: Callable[[], bool] = lambda: False
+    ) -> None:
+        """`codec`: the checkpoint's tokenizer, for text and chat prompts and text output (None: token
+        ids only)."""
         self.router = router
+        self.codec = codec
         self.index_stale = index_stale
         self._ids = itertools.count()
         self._arms: dict[str, _ArmCounters] = {}
@@ -45,6 +53,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         rid = request.request_id or f"req-{next(self._ids)}"
         reply = router_pb2.RouterReply(request_id=rid)
         for chunk in self._run(request, context, rid):
+            reply.text += chunk.text
             reply.token_ids.extend(chunk.token_ids)
             if chunk.HasField("route"):
                 reply.route.CopyFrom(chunk.route)
@@ -60,20 +69,24 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     def _run(self, request: router_pb2.RouterRequest, context: grpc.ServicerContext, rid: str):
         start = time.perf_counter()
-        if not request.prompt_token_ids:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty")
+        prompt, detok = self._prompt(request, context)
         if request.sampling.max_tokens <= 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens must be positive")
-        routed = RoutedRequest(rid, list(request.prompt_token_ids), request.sampling,
-                               session_id=request.session_id or None)  # fmt: skip
+        routed = RoutedRequest(rid, prompt, request.sampling, session_id=request.session_id or None)
         counters, completion, cached = None, 0, 0
+        outputs = self.router.generate(routed)
         try:
-            for out in self.router.generate(routed):
+            for out in outputs:
                 if isinstance(out, Routed):
                     counters = self._counters(out.arm)
                     route = _route(out)
                     continue
                 chunk = router_pb2.RouterChunk(token_ids=out.token_ids, finish_reason=out.finish_reason)
+                if detok is not None:
+                    seen = len(detok.text)
+                    if detok.add(out.token_ids):
+                        chunk.finish_reason = "stop"  # a stop string: the workers stop when we hang up
+                    chunk.text = detok.text[seen:]
                 if completion == 0 and out.token_ids:  # the first token
                     cached = out.num_cached_tokens
                     chunk.route.CopyFrom(route)
@@ -81,22 +94,48 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     with self._lock:
                         counters.ttft_ms_sum += chunk.ttft_ms
                 completion += len(out.token_ids)
-                if out.finish_reason:
+                if chunk.finish_reason:
                     chunk.usage.CopyFrom(router_pb2.Usage(
                         prompt_tokens=len(routed.prompt_token_ids), cached_tokens=cached,
                         completion_tokens=completion,
                     ))  # fmt: skip
                 yield chunk
+                if chunk.finish_reason:
+                    break
         except NoWorker as exc:
             self._fail(counters, context, grpc.StatusCode.UNAVAILABLE, str(exc))
         except TransferFailed as exc:
             self._fail(counters, context, grpc.StatusCode.UNAVAILABLE, str(exc))
         except grpc.RpcError as exc:  # a worker's verdict (e.g. the prompt is too long), passed on
             self._fail(counters, context, exc.code(), exc.details())
+        finally:
+            outputs.close()  # after a stop string or a cancelled call: the workers abort the request
         with self._lock:
             counters.requests += 1
             counters.prompt_tokens += len(routed.prompt_token_ids)
             counters.cached_tokens += cached
+
+    def _prompt(self, request: router_pb2.RouterRequest, context) -> tuple[list[int], Detokenizer | None]:
+        """The prompt's token ids and, with a tokenizer, the output's detokenizer (stop strings)."""
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        if sum(map(bool, (request.prompt_token_ids, request.prompt, request.messages))) != 1:
+            context.abort(bad, "give exactly one of prompt_token_ids, prompt, messages")
+        if self.codec is None:
+            if not request.prompt_token_ids or request.stop:
+                context.abort(bad, "this router has no tokenizer: token ids only, no stop strings")
+            return list(request.prompt_token_ids), None
+        try:
+            if request.messages:
+                messages = [{"role": m.role, "content": m.content} for m in request.messages]
+                ids = self.codec.encode(self.codec.apply_chat_template(messages))
+            else:
+                ids = list(request.prompt_token_ids) or self.codec.encode(request.prompt)
+            detok = Detokenizer(self.codec, SamplingParams(stop=tuple(request.stop)))
+        except InvalidRequest as exc:
+            context.abort(bad, str(exc))
+        if not ids:
+            context.abort(bad, "the prompt is empty")
+        return ids, detok
 
     def Health(self, request, context):
         serving = any(h.role == "decode" for h in self.router.workers.healthy())

@@ -16,14 +16,19 @@ _LAZY = {
     "SamplingParams": "splitserve.engine.sampling_params",
     "RequestOutput": "splitserve.engine.outputs",
     "CompletionOutput": "splitserve.engine.outputs",
+    "Client": "splitserve.client",
+    "AsyncClient": "splitserve.client",
 }
 
 if TYPE_CHECKING:
+    from splitserve.client import AsyncClient, Client
     from splitserve.engine.outputs import CompletionOutput, RequestOutput
     from splitserve.engine.sampling_params import SamplingParams
     from splitserve.llm import LLM
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = [
+    "LLM", "AsyncClient", "Client", "CompletionOutput", "RequestOutput", "SamplingParams", "__version__",
+]  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

@@ -150,3 +150,46 @@ def test_the_router_front_door_over_grpc(model, cluster):
     finally:
         channel.close()
         server.stop(0).wait()
+
+
+def test_the_client_sdk_blocking_and_async(model, cluster):
+    import asyncio
+
+    from splitserve import AsyncClient, Client
+    from splitserve.client import InvalidRequestError
+    from splitserve.protos import router_pb2_grpc
+    from splitserve.router.service import RouterService
+    from splitserve.router.text import TextCodec
+
+    workers, matches, model_id = cluster
+    router = Router(workers, {"cpd": make_policy("cpd", local_prefill_max_tokens=4)}, model_id, 8, matches)
+    server, port = make_server("127.0.0.1:0")
+    router_pb2_grpc.add_RouterServicer_to_server(RouterService(router, TextCodec(model)), server)
+    server.start()
+    llm = LLM(str(model), num_blocks=256, block_size=8)
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            text = "The weather in the mountains is"
+            out = client.generate(text, max_tokens=12, temperature=0.0, ignore_eos=True, session_id="u1")
+            expected = llm.generate(text, SamplingParams(max_tokens=12, **GREEDY))[0].outputs[0]
+            assert (out.text, out.token_ids) == (expected.text, expected.token_ids)
+            assert out.finish_reason == "length" and out.usage.completion_tokens == 12 and out.ttft_ms > 0
+            chunks = list(client.stream(text, max_tokens=12, temperature=0.0, ignore_eos=True))
+            assert "".join(c.text for c in chunks) == expected.text and chunks[-1].usage.prompt_tokens > 0
+            stop = expected.text[len(expected.text) // 2 :][:3]
+            cut = client.generate(text, max_tokens=12, temperature=0.0, ignore_eos=True, stop=stop)
+            assert cut.finish_reason == "stop" and cut.text == expected.text[: expected.text.index(stop)]
+            messages = [{"role": "user", "content": "How do I plant tomatoes?"}]
+            chat = client.generate(messages=messages, max_tokens=6, temperature=0.0, ignore_eos=True)
+            offline_chat = llm.chat(messages, SamplingParams(max_tokens=6, **GREEDY))[0].outputs[0]
+            assert chat.token_ids == offline_chat.token_ids
+            with pytest.raises(InvalidRequestError):
+                client.generate("", max_tokens=4)
+
+        async def use_async():
+            async with AsyncClient(f"127.0.0.1:{port}") as client:
+                return await client.generate(text, max_tokens=12, temperature=0.0, ignore_eos=True)
+
+        assert asyncio.run(use_async()).token_ids == expected.token_ids
+    finally:
+        server.stop(0).wait()
