@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         service.close()
         loop.stop()
 
-    run_worker("decode-worker", args, add, close)
+    run_worker("decode-worker", args, add, close, loop, "decode")
     return 0
 
 

@@ -89,6 +89,10 @@ class BlockPool:
         """Free block ids in eviction order (for tests and diagnostics)."""
         return list(self._free)
 
+    def cached_hashes(self) -> list[BlockHash]:
+        """Every hash in the prefix cache now (an index snapshot; call on the pool's owning thread)."""
+        return list(self._cached)
+
     def lookup(self, block_hashes: Iterable[BlockHash]) -> list[int]:
         """Block ids of the longest cached prefix of the chain `block_hashes`. Changes nothing."""
         found: list[int] = []

@@ -133,6 +133,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-queued-tokens", type=int, default=None,
                         help="refuse new requests (RESOURCE_EXHAUSTED) past this many queued prompt tokens")
+    parser.add_argument("--redis-url", default=None,
+                        help="publish this worker and its cached blocks to the prefix index there")
+    parser.add_argument("--worker-id", default=None, help="its name in the index (default: its address)")
+    parser.add_argument("--advertise", default=None,
+                        help="the address routers reach this worker at (default: the bound host:port)")
 
 
 def build_engine(args: argparse.Namespace, shared_kv: bool = False):
@@ -148,13 +153,43 @@ def build_engine(args: argparse.Namespace, shared_kv: bool = False):
     ))  # fmt: skip
 
 
-def run_worker(name: str, args: argparse.Namespace, add_services: Callable, close: Callable[[], None]):
-    """Bind, start, announce the port on stdout ("<name> listening on HOST:PORT", for supervisors and
-    tests), serve until SIGTERM/SIGINT, then stop and `close`."""
+def run_worker(
+    name: str, args: argparse.Namespace, add_services: Callable, close: Callable[[], None], loop=None, role=""
+):
+    """Bind, start, register with the prefix index when `--redis-url` is given (the engine `loop`'s block
+    events become index records; `role` is the worker's pool), announce the port on stdout ("<name>
+    listening on HOST:PORT", for supervisors and tests), serve until SIGTERM/SIGINT, then stop, leave the
+    index and `close`."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
     tune_malloc_for_transfers()
     server, port = make_server(f"{args.host}:{args.port}")
     add_services(server)
     server.start()
+    address = args.advertise or f"{args.host}:{port}"
+    publisher = start_publisher(args, loop, role, address) if args.redis_url else None
     print(f"{name} listening on {args.host}:{port}", flush=True)
-    serve_until_signalled(server, close)
+
+    def stop() -> None:
+        if publisher is not None:
+            publisher.stop()
+        close()
+
+    serve_until_signalled(server, stop)
+
+
+def start_publisher(args: argparse.Namespace, loop, role: str, address: str):
+    """Publish the worker (`role`, `address`) and its engine's block events to the index at
+    `args.redis_url`; a Redis outage never blocks the engine (see `index.publisher`)."""
+    from splitserve.index.config import IndexConfig
+    from splitserve.index.publisher import IndexPublisher
+    from splitserve.index.schema import WorkerInfo, probe_hash
+
+    engine = loop.engine
+    block_size = engine.config.cache.block_size
+    info = WorkerInfo(args.worker_id or address, role, address, engine.model_id, block_size,
+                      probe_hash(engine.model_id, block_size))  # fmt: skip
+    publisher = IndexPublisher(IndexConfig(args.redis_url), info,
+                               lambda: loop.call(engine.block_pool.cached_hashes))  # fmt: skip
+    loop.call(engine.block_pool.add_listener, publisher.on_block_event)
+    publisher.start()
+    return publisher

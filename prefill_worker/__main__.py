@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         loop.stop()
 
     run_worker(f"prefill-worker[{args.pool}]", args,
-               lambda server: workers_pb2_grpc.add_PrefillWorkerServicer_to_server(service, server), close)
+               lambda server: workers_pb2_grpc.add_PrefillWorkerServicer_to_server(service, server), close,
+               loop, args.pool)
     return 0
 
 

@@ -14,16 +14,17 @@ PACKAGES = ("engine", "kernels", "router", "prefill_worker", "decode_worker", "k
 ALLOWED: dict[str, set[str]] = {
     "kernels": set(),
     "engine": {"kernels"},
-    "kvtransfer": {"engine", "kernels", "protos"},
+    "kvtransfer": {"engine", "kernels", "protos", "index"},  # its transport module is the workers' toolkit
     "prefill_worker": {"engine", "kernels", "kvtransfer", "protos", "index"},
     "decode_worker": {"engine", "kernels", "kvtransfer", "protos", "index"},
-    "router": {"protos", "index", "engine.block_hash", "engine.errors", "engine.sampling_params"},
+    "router": {"protos", "index", "engine.block_hash", "engine.errors", "engine.sampling_params",
+               "engine.model_config"},
     "protos": set(),
     # The publisher is a BlockPool listener, so it names BlockEvent (block_pool is torch-free too).
     "index": {"engine.block_hash", "engine.block_pool"},
 }
 TORCH_FREE = {"router", "protos", "index", "engine/block_hash.py", "engine/block_pool.py", "engine/errors.py",
-              "engine/sampling_params.py"}
+              "engine/sampling_params.py", "engine/model_config.py"}
 HEAVY = ("torch", "triton", "transformers", "numpy", "safetensors")
 
 

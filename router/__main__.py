@@ -1,0 +1,115 @@
+"""`python -m splitserve.router --model DIR --port P --redis-url URL [--policy cpd | --ab A:S,B:S] ...`: one
+router process. Workers register themselves through the prefix index (`--redis-url`); a worker whose block
+hashes would differ from the router's (model, block size) is refused with a log line. `--worker
+ID=ROLE@HOST:PORT` adds workers by hand (then the index is optional: routing uses load only). Never
+imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from splitserve.engine.model_config import checkpoint_identity
+from splitserve.index.config import IndexConfig
+from splitserve.index.mirror import IndexMirror
+from splitserve.index.schema import WorkerInfo
+from splitserve.protos import router_pb2_grpc
+from splitserve.router.core import ArmAssigner, Router, WorkerSet, parse_ab
+from splitserve.router.dispatch import FailurePolicy
+from splitserve.router.policies import POLICIES, make_policy
+from splitserve.router.service import RouterService
+from splitserve.router.text import TextCodec
+
+log = logging.getLogger("splitserve.router")
+
+
+def registrar(workers: WorkerSet, model_id: str, block_size: int):
+    """The index mirror's worker-change callback: add agreeing workers, refuse the others, drop leavers."""
+
+    def on_change(worker_id: str, info: WorkerInfo | None) -> None:
+        if info is None:
+            workers.remove(worker_id)
+            return
+        if not info.agrees_with(model_id, block_size):
+            log.error("refusing worker %s at %s: it hashes blocks for model %s, block size %d; this router "
+                      "uses model %s, block size %d", worker_id, info.address, info.model_id, info.block_size,
+                      model_id, block_size)  # fmt: skip
+            return
+        known = {h.worker_id: h for h in workers.all()}
+        if worker_id in known and known[worker_id].address == info.address:
+            return  # re-registered (a new epoch or a Redis restart): nothing changed for routing
+        workers.remove(worker_id)
+        workers.add(worker_id, info.role, info.address)
+
+    return on_change
+
+
+def _options_for(policy: str, options: dict[str, float]) -> dict[str, float]:
+    """The `--policy-option`s a policy takes (each policy's dataclass fields); ints stay ints."""
+    fields = getattr(POLICIES[policy], "__dataclass_fields__", {})
+    return {k: (int(v) if fields[k].type == "int" else v) for k, v in options.items() if k in fields}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m splitserve.router", description=__doc__)
+    parser.add_argument("--model", required=True, help="the workers' checkpoint (for its tokenizer)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True, help="gRPC port (0: any free port)")
+    parser.add_argument("--block-size", type=int, default=16, help="the workers' KV block size")
+    parser.add_argument("--redis-url", default=None, help="the prefix index (workers register there)")
+    parser.add_argument("--policy", default="cpd", choices=sorted(POLICIES))
+    parser.add_argument("--ab", default=None, help="A/B arms by share, e.g. cpd:0.5,least_loaded:0.5")
+    parser.add_argument("--policy-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="a policy threshold, e.g. local_prefill_max_tokens=128 (repeatable)")
+    parser.add_argument("--failure-policy", default="recompute", choices=[p.value for p in FailurePolicy])
+    parser.add_argument("--worker", action="append", default=[], metavar="ID=ROLE@HOST:PORT",
+                        help="a worker added by hand (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
+
+    model_id = checkpoint_identity(args.model)
+    workers = WorkerSet()
+    for spec in args.worker:
+        worker_id, _, rest = spec.partition("=")
+        role, _, address = rest.partition("@")
+        workers.add(worker_id, role, address)
+    mirror = None
+    if args.redis_url:
+        mirror = IndexMirror(IndexConfig(args.redis_url), registrar(workers, model_id, args.block_size))
+        if not mirror.start():
+            log.warning("prefix index at %s not reachable yet: routing on load until it is", args.redis_url)
+    workers.start()
+    shares = parse_ab(args.ab) if args.ab else {args.policy: 1.0}
+    options = {name: float(value) for name, _, value in (o.partition("=") for o in args.policy_option)}
+    policies = {name: make_policy(name, **_options_for(name, options)) for name in shares}
+    router = Router(
+        workers, policies, model_id, args.block_size,
+        mirror.match if mirror is not None else (lambda hashes: {}),
+        ArmAssigner(shares) if args.ab else None, FailurePolicy(args.failure_policy),
+    )  # fmt: skip
+    service = RouterService(router, TextCodec(args.model), lambda: mirror is not None and mirror.stale)
+    server = grpc.server(ThreadPoolExecutor(max_workers=128))
+    router_pb2_grpc.add_RouterServicer_to_server(service, server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    server.start()
+    print(f"router listening on {args.host}:{port}", flush=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(5.0).wait()
+    if mirror is not None:
+        mirror.stop()
+    workers.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
