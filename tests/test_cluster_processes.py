@@ -6,28 +6,17 @@ with Redis down requests are still served (stale index) and index routing resume
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
+from workers_cluster import start_process
 
 from splitserve import LLM, Client, SamplingParams
 from splitserve.index.redis_server import EmbeddedRedis
 
 WORKER = ["--port", "0", "--block-size", "8", "--num-blocks", "256", "--max-num-seqs", "8"]
-
-
-def start(args: list[str], stderr=subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=stderr, text=True)
-    line = proc.stdout.readline()
-    match = re.search(r"listening on (\S+)", line)
-    if match is None:
-        proc.kill()
-        raise RuntimeError(f"{args[0]} did not start: {line!r}")
-    return proc, match.group(1)
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +29,18 @@ def cluster(tiny_model, tmp_path_factory):
                                    ("f1", "splitserve.prefill_worker", ["--pool", "fresh"]),
                                    ("w1", "splitserve.prefill_worker", ["--pool", "warm"])):
             args = [module, "--model", str(model), *WORKER, "--redis-url", redis.url, "--worker-id", wid]
-            proc, _ = start([*args, *extra])
+            proc, _ = start_process([*args, *extra])
             procs.append(proc)
-        odd, _ = start(["splitserve.decode_worker", "--model", str(model), "--port", "0", "--block-size",
-                        "16", "--num-blocks", "64", "--redis-url", redis.url, "--worker-id", "odd"])
+        odd, _ = start_process(["splitserve.decode_worker", "--model", str(model), "--port", "0",
+                                "--block-size", "16", "--num-blocks", "64", "--redis-url", redis.url,
+                                "--worker-id", "odd"])  # fmt: skip
         procs.append(odd)
         log = tmp_path_factory.mktemp("router") / "router.log"
         with open(log, "w") as err:
-            router, address = start(["splitserve.router", "--model", str(model), "--port", "0",
-                                     "--block-size", "8", "--redis-url", redis.url, "--policy", "cpd",
-                                     "--policy-option", "local_prefill_max_tokens=16"], stderr=err)
+            router, address = start_process(["splitserve.router", "--model", str(model), "--port", "0",
+                                             "--block-size", "8", "--redis-url", redis.url, "--policy", "cpd",
+                                             "--policy-option", "local_prefill_max_tokens=16"],
+                                            stderr=err)  # fmt: skip
         procs.append(router)
         client = Client(address, timeout=60)
         deadline = time.monotonic() + 30

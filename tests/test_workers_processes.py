@@ -7,7 +7,6 @@ decode worker copies from the prefill worker's shared memory)."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import time
 
 import grpc
 import pytest
+from workers_cluster import start_process
 
 from splitserve import LLM, SamplingParams
 from splitserve.kvtransfer.requests import sampling_to_proto
@@ -28,16 +28,7 @@ WORKER_ARGS = ["--port", "0", "--block-size", "8", "--num-blocks", "64", "--max-
 
 
 def start(module: str, model, *extra: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, "--model", str(model), *WORKER_ARGS, *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    line = proc.stdout.readline()  # "<name> listening on HOST:PORT" once serving
-    match = re.search(r"listening on (\S+)", line)
-    if match is None:
-        proc.kill()
-        raise RuntimeError(f"{module} did not start: {line!r}")
-    return proc, match.group(1)
+    return start_process([module, "--model", str(model), *WORKER_ARGS, *extra])
 
 
 @pytest.fixture(scope="module")

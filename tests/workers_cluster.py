@@ -3,6 +3,10 @@ on its own loop thread, serving on localhost over real gRPC."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 from splitserve import LLM, SamplingParams
 from splitserve.decode_worker.service import DecodeService
 from splitserve.engine.loop import EngineLoop
@@ -78,3 +82,15 @@ def offline(model, prompts, max_tokens):
     return [o.outputs[0].token_ids for o in outs]
 
 
+
+
+def start_process(args: list[str], stderr=subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
+    """`python -m ARGS...` (a worker or the router), once it prints "<name> listening on HOST:PORT".
+    Returns the process and that address."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=stderr, text=True)
+    line = proc.stdout.readline()
+    match = re.search(r"listening on (\S+)", line)
+    if match is None:
+        proc.kill()
+        raise RuntimeError(f"{args[0]} did not start: {line!r}")
+    return proc, match.group(1)
