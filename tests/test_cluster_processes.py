@@ -1,8 +1,9 @@
 """The cluster as real processes: an embedded Redis, fresh / warm prefill and decode workers that register
 in the prefix index, and a router (`python -m splitserve.router`), used through the client SDK. Outputs
-equal the offline API; a conversation's first turn goes to the fresh pool and a later, mostly cached
-turn to the warm pool with its cached tokens reported; a worker that hashes differently is refused;
-with Redis down requests are still served (stale index) and index routing resumes when it returns."""
+equal the offline API; a conversation's first turn goes to the fresh pool and later, mostly cached turns
+to the warm pool, whose cache then serves them (cached tokens reported); a worker that hashes
+differently is refused; with Redis down requests are still served (stale index) and index routing
+resumes when it returns."""
 
 from __future__ import annotations
 
@@ -82,6 +83,11 @@ def test_a_conversation_goes_fresh_then_warm_with_cached_tokens(cluster):
     assert (out2.route["pool"], out2.route["prefill_worker"]) == ("warm", "w1")
     assert out2.token_ids == offline(model, turn2, 6)
     assert out2.usage.prompt_tokens == len(turn2)
+    turn3 = [*turn2, *out2.token_ids, *range(300, 360)]  # the warm worker now holds turn 2: its cache serves
+    out3 = client.generate(turn3, max_tokens=4, temperature=0.0, ignore_eos=True, session_id="conv")
+    assert (out3.route["pool"], out3.route["prefill_worker"]) == ("warm", "w1")
+    assert out3.usage.cached_tokens >= len(turn2) // 8 * 8 - 8
+    assert out3.token_ids == offline(model, turn3, 4)
 
 
 def test_a_worker_that_hashes_differently_is_refused(cluster):
