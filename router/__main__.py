@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 
@@ -22,6 +23,7 @@ from splitserve.index.schema import WorkerInfo
 from splitserve.protos import router_pb2_grpc
 from splitserve.router.core import ArmAssigner, Router, WorkerSet, parse_ab
 from splitserve.router.dispatch import FailurePolicy
+from splitserve.router.http_front import HTTPFront
 from splitserve.router.policies import POLICIES, make_policy
 from splitserve.router.service import RouterService
 from splitserve.router.text import TextCodec
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="the workers' checkpoint (for its tokenizer)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True, help="gRPC port (0: any free port)")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="also serve the OpenAI-compatible HTTP API on this port (0: any free port)")
     parser.add_argument("--block-size", type=int, default=16, help="the workers' KV block size")
     parser.add_argument("--redis-url", default=None, help="the prefix index (workers register there)")
     parser.add_argument("--policy", default="cpd", choices=sorted(POLICIES))
@@ -98,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     router_pb2_grpc.add_RouterServicer_to_server(service, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     server.start()
+    front = None
+    if args.http_port is not None:
+        front = HTTPFront(service, Path(args.model).name, args.host, args.http_port).start()
+        log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", args.host, front.port)
     print(f"router listening on {args.host}:{port}", flush=True)
 
     stop = threading.Event()
@@ -105,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     server.stop(5.0).wait()
+    if front is not None:
+        front.stop()
     if mirror is not None:
         mirror.stop()
     workers.close()

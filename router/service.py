@@ -35,6 +35,14 @@ class _ArmCounters:
     ttft_ms_sum: float = 0.0
 
 
+class RequestError(Exception):
+    """A request the router ends with a status (a gRPC code; the HTTP front maps it to HTTP)."""
+
+    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
 class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(
         self, router: Router, codec: TextCodec | None = None, index_stale: Callable[[], bool] = lambda: False
@@ -50,9 +58,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     def Generate(self, request: router_pb2.RouterRequest, context: grpc.ServicerContext):
         start = time.perf_counter()
-        rid = request.request_id or f"req-{next(self._ids)}"
+        rid = request.request_id or self.new_request_id()
         reply = router_pb2.RouterReply(request_id=rid)
-        for chunk in self._run(request, context, rid):
+        for chunk in self._grpc(request, context, rid):
             reply.text += chunk.text
             reply.token_ids.extend(chunk.token_ids)
             if chunk.HasField("route"):
@@ -65,13 +73,24 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return reply
 
     def GenerateStream(self, request: router_pb2.RouterRequest, context: grpc.ServicerContext):
-        return self._run(request, context, request.request_id or f"req-{next(self._ids)}")
+        return self._grpc(request, context, request.request_id or self.new_request_id())
 
-    def _run(self, request: router_pb2.RouterRequest, context: grpc.ServicerContext, rid: str):
+    def _grpc(self, request, context: grpc.ServicerContext, rid: str):
+        try:
+            yield from self.run(request, rid)
+        except RequestError as exc:
+            context.abort(exc.code, exc.detail)
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def run(self, request: router_pb2.RouterRequest, rid: str):
+        """The request's chunks (the first with its route and TTFT, the last with its finish reason and
+        usage); raises `RequestError`. Closing the iterator early aborts the request on the workers."""
         start = time.perf_counter()
-        prompt, detok = self._prompt(request, context)
+        prompt, detok = self._prompt(request)
         if request.sampling.max_tokens <= 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens must be positive")
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens must be positive")
         routed = RoutedRequest(rid, prompt, request.sampling, session_id=request.session_id or None)
         counters, completion, cached = None, 0, 0
         outputs = self.router.generate(routed)
@@ -102,12 +121,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 yield chunk
                 if chunk.finish_reason:
                     break
-        except NoWorker as exc:
-            self._fail(counters, context, grpc.StatusCode.UNAVAILABLE, str(exc))
-        except TransferFailed as exc:
-            self._fail(counters, context, grpc.StatusCode.UNAVAILABLE, str(exc))
+        except (NoWorker, TransferFailed) as exc:
+            self._fail(counters, grpc.StatusCode.UNAVAILABLE, str(exc))
         except grpc.RpcError as exc:  # a worker's verdict (e.g. the prompt is too long), passed on
-            self._fail(counters, context, exc.code(), exc.details())
+            self._fail(counters, exc.code(), exc.details())
         finally:
             outputs.close()  # after a stop string or a cancelled call: the workers abort the request
         with self._lock:
@@ -115,14 +132,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
             counters.prompt_tokens += len(routed.prompt_token_ids)
             counters.cached_tokens += cached
 
-    def _prompt(self, request: router_pb2.RouterRequest, context) -> tuple[list[int], Detokenizer | None]:
+    def _prompt(self, request: router_pb2.RouterRequest) -> tuple[list[int], Detokenizer | None]:
         """The prompt's token ids and, with a tokenizer, the output's detokenizer (stop strings)."""
-        bad = grpc.StatusCode.INVALID_ARGUMENT
+        def bad(detail: str) -> RequestError:
+            return RequestError(grpc.StatusCode.INVALID_ARGUMENT, detail)
+
         if sum(map(bool, (request.prompt_token_ids, request.prompt, request.messages))) != 1:
-            context.abort(bad, "give exactly one of prompt_token_ids, prompt, messages")
+            raise bad("give exactly one of prompt_token_ids, prompt, messages")
         if self.codec is None:
             if not request.prompt_token_ids or request.stop:
-                context.abort(bad, "this router has no tokenizer: token ids only, no stop strings")
+                raise bad("this router has no tokenizer: token ids only, no stop strings")
             return list(request.prompt_token_ids), None
         try:
             if request.messages:
@@ -132,16 +151,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 ids = list(request.prompt_token_ids) or self.codec.encode(request.prompt)
             detok = Detokenizer(self.codec, SamplingParams(stop=tuple(request.stop)))
         except InvalidRequest as exc:
-            context.abort(bad, str(exc))
+            raise bad(str(exc)) from None
         if not ids:
-            context.abort(bad, "the prompt is empty")
+            raise bad("the prompt is empty")
         return ids, detok
 
-    def Health(self, request, context):
+    def Health(self, request=None, context=None):
         serving = any(h.role == "decode" for h in self.router.workers.healthy())
         return router_pb2.HealthReply(serving=serving, index_stale=self.index_stale())
 
-    def Status(self, request, context):
+    def Status(self, request=None, context=None):
         reply = router_pb2.StatusReply(index_stale=self.index_stale())
         for h in self.router.workers.all():
             reply.workers.add(worker_id=h.worker_id, role=h.role, address=h.address, healthy=h.healthy,
@@ -157,11 +176,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
         with self._lock:
             return self._arms.setdefault(arm, _ArmCounters())
 
-    def _fail(self, counters: _ArmCounters | None, context, code: grpc.StatusCode, detail: str) -> None:
+    def _fail(self, counters: _ArmCounters | None, code: grpc.StatusCode, detail: str) -> None:
         if counters is not None:
             with self._lock:
                 counters.failures += 1
-        context.abort(code, detail)
+        raise RequestError(code, detail)
 
 
 def _route(routed: Routed) -> router_pb2.Route:

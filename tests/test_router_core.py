@@ -193,3 +193,51 @@ def test_the_client_sdk_blocking_and_async(model, cluster):
         assert asyncio.run(use_async()).token_ids == expected.token_ids
     finally:
         server.stop(0).wait()
+
+
+def test_the_openai_http_front_with_the_official_client(model, cluster):
+    import urllib.request
+
+    import openai
+
+    from splitserve.router.http_front import HTTPFront
+    from splitserve.router.service import RouterService
+    from splitserve.router.text import TextCodec
+
+    workers, matches, model_id = cluster
+    router = Router(workers, {"cpd": make_policy("cpd", local_prefill_max_tokens=4)}, model_id, 8, matches)
+    front = HTTPFront(RouterService(router, TextCodec(model)), "tiny").start()
+    base = f"http://127.0.0.1:{front.port}"
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    llm = LLM(str(model), num_blocks=256, block_size=8)
+    greedy = {"temperature": 0.0, "max_tokens": 10, "extra_body": {"ignore_eos": True}}
+    try:
+        text = "The weather in the mountains is"
+        expected = llm.generate(text, SamplingParams(max_tokens=10, **GREEDY))[0].outputs[0].text
+        done = client.completions.create(model="tiny", prompt=text, **greedy)
+        assert done.choices[0].text == expected and done.choices[0].finish_reason == "length"
+        assert done.usage.completion_tokens == 10
+        stream = client.completions.create(model="tiny", prompt=text, stream=True,
+                                           stream_options={"include_usage": True}, user="conv", **greedy)
+        events = list(stream)
+        assert "".join(e.choices[0].text for e in events if e.choices) == expected
+        usage = events[-1].usage
+        assert usage.prompt_tokens > 0 and usage.prompt_tokens_details.cached_tokens >= 0
+        messages = [{"role": "user", "content": "How do I plant tomatoes?"}]
+        want = llm.chat(messages, SamplingParams(max_tokens=10, **GREEDY))[0].outputs[0].text
+        chat = client.chat.completions.create(model="tiny", messages=messages, **greedy)
+        assert chat.choices[0].message.content == want and chat.choices[0].message.role == "assistant"
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages, stream=True, **greedy))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+        again = client.chat.completions.create(model="tiny", messages=messages, **greedy)  # cached now
+        assert again.usage.prompt_tokens_details.cached_tokens > 0
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="tiny", prompt=[], max_tokens=4)
+        with urllib.request.urlopen(f"{base}/health") as r:
+            assert r.status == 200
+        with urllib.request.urlopen(f"{base}/metrics") as r:
+            metrics = r.read().decode()
+        assert 'splitserve_arm_requests_total{arm="cpd"}' in metrics and "splitserve_worker_up" in metrics
+    finally:
+        front.stop()
