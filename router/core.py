@@ -22,7 +22,7 @@ import grpc
 from splitserve.engine.block_hash import BlockHash, HashContext, hash_blocks
 from splitserve.protos import common_pb2, workers_pb2, workers_pb2_grpc
 from splitserve.router.dispatch import Emitted, FailurePolicy, PrefillTarget, run_disaggregated
-from splitserve.router.policies import DECODE, LOCAL, Decision, RequestShape, WorkerView
+from splitserve.router.policies import DECODE, LOCAL, Decision, NoWorker, RequestShape, WorkerView
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,12 @@ class WorkerSet:
             handle.channel.close()
 
     def get(self, worker_id: str) -> WorkerHandle:
+        """Raises `NoWorker` for a worker that has just left (a decision can race its removal)."""
         with self._lock:
-            return self._workers[worker_id]
+            handle = self._workers.get(worker_id)
+        if handle is None:
+            raise NoWorker(f"worker {worker_id!r} left")
+        return handle
 
     def healthy(self) -> list[WorkerHandle]:
         with self._lock:
