@@ -44,6 +44,11 @@ class RouterStub:
                 request_serializer=splitserve_dot_protos_dot_router__pb2.RouterRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_router__pb2.RouterChunk.FromString,
                 _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/splitserve.v1.Router/Abort',
+                request_serializer=splitserve_dot_protos_dot_router__pb2.RouterAbortRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_router__pb2.RouterAbortReply.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/splitserve.v1.Router/Health',
                 request_serializer=splitserve_dot_protos_dot_router__pb2.HealthRequest.SerializeToString,
@@ -74,6 +79,14 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Abort(self, request, context):
+        """Stop a running request (by the id given in its RouterRequest) on every worker it reached; its stream
+        ends with finish_reason "abort".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Health(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -98,6 +111,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=splitserve_dot_protos_dot_router__pb2.RouterRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_router__pb2.RouterChunk.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=splitserve_dot_protos_dot_router__pb2.RouterAbortRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_router__pb2.RouterAbortReply.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -164,6 +182,33 @@ class Router:
             '/splitserve.v1.Router/GenerateStream',
             splitserve_dot_protos_dot_router__pb2.RouterRequest.SerializeToString,
             splitserve_dot_protos_dot_router__pb2.RouterChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Router/Abort',
+            splitserve_dot_protos_dot_router__pb2.RouterAbortRequest.SerializeToString,
+            splitserve_dot_protos_dot_router__pb2.RouterAbortReply.FromString,
             options,
             channel_credentials,
             insecure,

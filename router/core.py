@@ -163,6 +163,7 @@ class RoutedRequest:
     sampling: common_pb2.SamplingParams
     session_id: str | None = None
     tenant_salt: str | None = None  # set by the router from the caller's identity, never by the caller
+    aborted: threading.Event | None = None  # set by an Abort: failures then end the request quietly
 
 
 @dataclass
@@ -237,4 +238,5 @@ class Router:
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             sampling=request.sampling, cache_salt=salt, decode_address=decode.address,
         )  # fmt: skip
-        yield from run_disaggregated(prefill, targets, decode.stub, self.failure_policy)
+        policy = self.failure_policy
+        yield from run_disaggregated(prefill, targets, decode.stub, policy, aborted=request.aborted)

@@ -15,6 +15,7 @@ on the decode worker) are raised as they are. Imports protos and grpc only (no t
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -61,9 +62,12 @@ def run_disaggregated(
     decoder: workers_pb2_grpc.DecodeWorkerStub,
     policy: FailurePolicy = FailurePolicy.FAIL,
     timeout_s: float | None = None,
+    aborted: threading.Event | None = None,
 ) -> Iterator[Emitted]:
     """Run `request` (its `decode_address` is the decode worker behind `decoder`), trying `prefills` in
-    order as the policy allows. Yields the first token as soon as it is known, then the rest."""
+    order as the policy allows. Yields the first token as soon as it is known, then the rest. Once
+    `aborted` is set (the caller aborted the request on the decode worker), a failure ends the request
+    with finish reason "abort" instead of a retry or an error."""
     if not request.decode_address:
         raise ValueError("a disaggregated request names its decode worker (decode_address)")
     if not prefills:
@@ -89,6 +93,9 @@ def run_disaggregated(
         except grpc.RpcError as exc:
             if stream is not None:
                 stream.cancel()
+            if aborted is not None and aborted.is_set():
+                yield Emitted([], "abort")
+                return
             if exc.code() not in RETRYABLE:
                 raise
             cause = f"prefill worker {target.name}: {exc.code().name}: {exc.details()}"

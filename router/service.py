@@ -9,6 +9,7 @@ request on the workers it reached. Per-arm counters feed Status (and the A/B rep
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -19,7 +20,7 @@ import grpc
 
 from splitserve.engine.errors import InvalidRequest
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.protos import router_pb2, router_pb2_grpc
+from splitserve.protos import router_pb2, router_pb2_grpc, workers_pb2
 from splitserve.router.core import Routed, RoutedRequest, Router
 from splitserve.router.dispatch import TransferFailed
 from splitserve.router.policies import NoWorker
@@ -54,6 +55,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.index_stale = index_stale
         self._ids = itertools.count()
         self._arms: dict[str, _ArmCounters] = {}
+        self._running: dict[str, tuple[threading.Event, list[str]]] = {}  # id → (aborted, its decode worker)
         self._lock = threading.Lock()
 
     def Generate(self, request: router_pb2.RouterRequest, context: grpc.ServicerContext):
@@ -91,7 +93,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
         prompt, detok = self._prompt(request)
         if request.sampling.max_tokens <= 0:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens must be positive")
-        routed = RoutedRequest(rid, prompt, request.sampling, session_id=request.session_id or None)
+        aborted, decode = threading.Event(), []
+        with self._lock:
+            if rid in self._running:
+                raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} is running")
+            self._running[rid] = (aborted, decode)
+        routed = RoutedRequest(rid, prompt, request.sampling, session_id=request.session_id or None,
+                               aborted=aborted)  # fmt: skip
         counters, completion, cached = None, 0, 0
         outputs = self.router.generate(routed)
         try:
@@ -99,6 +107,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 if isinstance(out, Routed):
                     counters = self._counters(out.arm)
                     route = _route(out)
+                    decode.append(out.decision.decode)
                     continue
                 chunk = router_pb2.RouterChunk(token_ids=out.token_ids, finish_reason=out.finish_reason)
                 if detok is not None:
@@ -127,6 +136,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             self._fail(counters, exc.code(), exc.details())
         finally:
             outputs.close()  # after a stop string or a cancelled call: the workers abort the request
+            with self._lock:
+                self._running.pop(rid, None)
         with self._lock:
             counters.requests += 1
             counters.prompt_tokens += len(routed.prompt_token_ids)
@@ -155,6 +166,21 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if not ids:
             raise bad("the prompt is empty")
         return ids, detok
+
+    def Abort(self, request: router_pb2.RouterAbortRequest, context=None):
+        """Abort on the decode worker (which holds the request's reservation or runs it): its stream then
+        ends with "abort", and a transfer that fails because of it is not retried."""
+        with self._lock:
+            running = self._running.get(request.request_id)
+        if running is None:
+            return router_pb2.RouterAbortReply(found=False)
+        aborted, decode = running
+        aborted.set()
+        if decode:
+            with contextlib.suppress(grpc.RpcError, NoWorker):
+                self.router.workers.get(decode[0]).stub.Abort(
+                    workers_pb2.AbortRequest(request_id=request.request_id), timeout=5.0)
+        return router_pb2.RouterAbortReply(found=True)
 
     def Health(self, request=None, context=None):
         serving = any(h.role == "decode" for h in self.router.workers.healthy())

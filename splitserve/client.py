@@ -101,6 +101,7 @@ def build_request(
     ignore_eos: bool = False,
     session_id: str | None = None,
     messages: list[dict[str, str]] | None = None,
+    request_id: str | None = None,
 ) -> router_pb2.RouterRequest:
     """The request the clients' `generate` and `stream` send; their keyword arguments are these."""
     sampling = common_pb2.SamplingParams(
@@ -110,7 +111,8 @@ def build_request(
     if seed is not None:
         sampling.seed = seed
     stops = [stop] if isinstance(stop, str) else list(stop)
-    request = router_pb2.RouterRequest(sampling=sampling, session_id=session_id or "", stop=stops)
+    request = router_pb2.RouterRequest(sampling=sampling, session_id=session_id or "", stop=stops,
+                                       request_id=request_id or "")  # fmt: skip
     if messages is not None:
         request.messages.extend(router_pb2.ChatMessage(role=m["role"], content=m["content"])
                                 for m in messages)  # fmt: skip
@@ -159,6 +161,14 @@ class Client:
 
     def close(self) -> None:
         self._channel.close()
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a running request started with this `request_id`; True if it was running."""
+        try:
+            request = router_pb2.RouterAbortRequest(request_id=request_id)
+            return self._stub.Abort(request, timeout=self.timeout).found
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
 
     def __enter__(self) -> Client:
         return self

@@ -143,6 +143,13 @@ def test_the_router_front_door_over_grpc(model, cluster):
         with pytest.raises(grpc.RpcError) as info:
             stub.Generate(router_pb2.RouterRequest(sampling=sampling))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        running = stub.GenerateStream(router_pb2.RouterRequest(
+            request_id="to-abort", prompt_token_ids=list(range(3, 40)),
+            sampling=sampling_to_proto(SamplingParams(max_tokens=400, **GREEDY))))
+        next(running)  # it runs
+        assert stub.Abort(router_pb2.RouterAbortRequest(request_id="to-abort")).found
+        assert [c.finish_reason for c in running][-1] == "abort"
+        assert not stub.Abort(router_pb2.RouterAbortRequest(request_id="to-abort")).found
         status = stub.Status(router_pb2.StatusRequest())
         assert {w.worker_id for w in status.workers} == {"f1", "w1", "d1"}
         assert status.arms[0].arm == "cpd" and status.arms[0].requests >= 2
@@ -185,6 +192,9 @@ def test_the_client_sdk_blocking_and_async(model, cluster):
             assert chat.token_ids == offline_chat.token_ids
             with pytest.raises(InvalidRequestError):
                 client.generate("", max_tokens=4)
+            stream = client.stream(text, max_tokens=400, ignore_eos=True, request_id="mine")
+            next(stream)
+            assert client.abort("mine") and [c.finish_reason for c in stream][-1] == "abort"
 
         async def use_async():
             async with AsyncClient(f"127.0.0.1:{port}") as client:
