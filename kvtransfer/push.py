@@ -19,9 +19,8 @@ import grpc
 import torch
 
 from splitserve.engine.kv_watch import KVReady
-from splitserve.kvtransfer.chunks import ChunkSpan, block_bytes, chunk_header, plan_chunks
-from splitserve.kvtransfer.frames import encode_frame
-from splitserve.kvtransfer.tensors import blocks_nbytes, read_blocks_into
+from splitserve.kvtransfer.chunks import ChunkSpan, block_bytes, plan_chunks
+from splitserve.kvtransfer.stream import wire_frame
 from splitserve.protos import common_pb2, kvtransfer_pb2
 
 _END = object()  # the engine will report nothing more (the request ended early): close the stream
@@ -134,8 +133,7 @@ class KVPush:
                 return
 
     def _wire_frame(self, seq: int, span: ChunkSpan, ids, ready: KVReady, last: bool) -> bytes:
-        payload = _gather(self.kv_caches[span.layer], ids, ready.event)
-        return encode_frame(chunk_header(self.lease_id, seq, span, payload, last), payload)
+        return wire_frame(self.kv_caches[span.layer], ids, self.lease_id, seq, span, last, ready.event)
 
     def _same_host_chunk(self, seq: int, span: ChunkSpan, ids, ready: KVReady, last: bool) -> bytes:
         if ready.event is not None:
@@ -147,22 +145,3 @@ class KVPush:
         if seq == 0:
             header.source.CopyFrom(self.source)
         return header.SerializeToString()
-
-
-def _gather(cache: torch.Tensor, ids: tuple[int, ...], event: torch.cuda.Event | None) -> memoryview:
-    """The blocks' bytes on the host. On CUDA: gathered on a side stream once `event` (the end of the
-    layer's forward) has fired, then copied to pinned memory — not queued behind the rest of the step."""
-    if cache.device.type != "cuda":
-        payload = bytearray(blocks_nbytes(cache, len(ids)))
-        read_blocks_into(cache, ids, memoryview(payload))
-        return memoryview(payload)
-    side = torch.cuda.Stream(cache.device)
-    with torch.cuda.stream(side):
-        if event is not None:
-            side.wait_event(event)
-        index = torch.tensor(ids, dtype=torch.int64).to(cache.device, non_blocking=True)
-        blocks = cache.index_select(1, index)
-        host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
-        host.copy_(blocks, non_blocking=True)
-    side.synchronize()
-    return memoryview(host.reshape(-1).view(torch.uint8).numpy())

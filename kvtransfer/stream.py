@@ -24,7 +24,7 @@ from splitserve.kvtransfer.chunks import (
 from splitserve.kvtransfer.errors import MalformedChunk
 from splitserve.kvtransfer.frames import encode_frame
 from splitserve.kvtransfer.same_host import SourceMaps, copy_blocks
-from splitserve.kvtransfer.tensors import blocks_nbytes, read_blocks_into, write_blocks
+from splitserve.kvtransfer.tensors import read_blocks, write_blocks
 from splitserve.protos import common_pb2, kvtransfer_pb2
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -56,11 +56,17 @@ def send_frames(
 
 
 def wire_frame(
-    cache: torch.Tensor, ids: Sequence[int], lease_id: str, seq: int, span: ChunkSpan, last: bool
+    cache: torch.Tensor,
+    ids: Sequence[int],
+    lease_id: str,
+    seq: int,
+    span: ChunkSpan,
+    last: bool,
+    after: torch.cuda.Event | None = None,
 ) -> bytes:
-    """The frame of one chunk: blocks `ids` of one layer's cache gathered into a buffer, checksummed."""
-    payload = bytearray(blocks_nbytes(cache, len(ids)))
-    read_blocks_into(cache, ids, memoryview(payload))
+    """The frame of one chunk: blocks `ids` of one layer's cache (once `after` has fired) on the host,
+    checksummed."""
+    payload = read_blocks(cache, ids, after)
     return encode_frame(chunk_header(lease_id, seq, span, payload, last), payload)
 
 

@@ -16,26 +16,32 @@ import torch
 assert sys.byteorder == "little", "the KV wire format is little-endian raw bytes"
 
 
-def read_blocks(kv_cache: torch.Tensor, block_ids: Sequence[int]) -> bytes:
-    """The K and V of `block_ids` (in that order) as bytes. Synchronises with the device (a copy to host)."""
-    out = bytearray(blocks_nbytes(kv_cache, len(block_ids)))
-    read_blocks_into(kv_cache, block_ids, memoryview(out))
-    return bytes(out)
+def read_blocks(
+    kv_cache: torch.Tensor, block_ids: Sequence[int], after: torch.cuda.Event | None = None
+) -> memoryview:
+    """The K and V of `block_ids` (in that order) as bytes on the host. On CUDA the gather and the copy
+    to pinned memory run on a side stream once `after` (e.g. the end of the layer's forward) has fired,
+    so they never wait behind the rest of a running step; returns once the bytes are on the host."""
+    if kv_cache.device.type != "cuda":
+        out = bytearray(blocks_nbytes(kv_cache, len(block_ids)))
+        dst = torch.frombuffer(out, dtype=torch.uint8).view(kv_cache.dtype)
+        index = torch.tensor(block_ids, dtype=torch.int64)
+        torch.index_select(kv_cache, 1, index, out=dst.view(2, len(block_ids), *kv_cache.shape[2:]))
+        return memoryview(out)
+    side = torch.cuda.Stream(kv_cache.device)
+    with torch.cuda.stream(side):
+        if after is not None:
+            side.wait_event(after)
+        index = torch.tensor(block_ids, dtype=torch.int64).to(kv_cache.device, non_blocking=True)
+        blocks = kv_cache.index_select(1, index)
+        host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
+        host.copy_(blocks, non_blocking=True)
+    side.synchronize()
+    return memoryview(host.reshape(-1).view(torch.uint8).numpy())
 
 
 def blocks_nbytes(kv_cache: torch.Tensor, num_blocks: int) -> int:
     return kv_cache.element_size() * 2 * num_blocks * kv_cache[0, 0].numel()
-
-
-def read_blocks_into(kv_cache: torch.Tensor, block_ids: Sequence[int], out: memoryview) -> None:
-    """Gather the K and V of `block_ids` straight into the writable buffer `out` (exactly their size)."""
-    shape = (2, len(block_ids), *kv_cache.shape[2:])
-    dst = torch.frombuffer(out, dtype=torch.uint8).view(kv_cache.dtype).view(shape)
-    index = torch.tensor(block_ids, dtype=torch.int64, device=kv_cache.device)
-    if kv_cache.device.type == "cpu":
-        torch.index_select(kv_cache, 1, index, out=dst)
-    else:
-        dst.copy_(kv_cache.index_select(1, index))  # gather on the device, one copy to the host
 
 
 def write_blocks(kv_cache: torch.Tensor, block_ids: Sequence[int], data: bytes | memoryview) -> None:

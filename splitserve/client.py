@@ -61,6 +61,14 @@ def _error(exc: grpc.RpcError) -> SplitserveError:
     return _ERRORS.get(exc.code(), SplitserveError)(exc.details() or str(exc.code()), exc.code().name)
 
 
+def _retry_delay(exc: grpc.RpcError, received: bool, attempt: int, retries: int) -> float:
+    """Seconds to wait before trying a failed call again; raises its typed error when it must not be
+    retried: something was already received, the failure is not UNAVAILABLE, or no tries are left."""
+    if received or exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= retries:
+        raise _error(exc) from None
+    return 0.05 * 2**attempt
+
+
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int = 0
@@ -200,10 +208,7 @@ class Client:
                     yield msg
                 return
             except grpc.RpcError as exc:
-                retry = not received and exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries
-                if not retry:
-                    raise _error(exc) from None
-                time.sleep(0.05 * 2**attempt)
+                time.sleep(_retry_delay(exc, received, attempt, self.retries))
             finally:
                 call.cancel()  # no-op when finished; a caller leaving early aborts the request
 
@@ -249,9 +254,6 @@ class AsyncClient:
                     yield msg
                 return
             except grpc.RpcError as exc:
-                retry = not received and exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries
-                if not retry:
-                    raise _error(exc) from None
-                await asyncio.sleep(0.05 * 2**attempt)
+                await asyncio.sleep(_retry_delay(exc, received, attempt, self.retries))
             finally:
                 call.cancel()

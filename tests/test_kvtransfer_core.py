@@ -30,7 +30,8 @@ def transfer_chunks(layout, src, src_blocks, first_block, max_bytes):
     spans = plan_chunks(layout, first_block, len(src_blocks) - first_block, max_bytes)
     chunks = []
     for seq, span in enumerate(spans):
-        data = read_blocks(src[span.layer], src_blocks[span.first_block : span.first_block + span.num_blocks])
+        ids = src_blocks[span.first_block : span.first_block + span.num_blocks]
+        data = bytes(read_blocks(src[span.layer], ids))
         chunks.append(encode_chunk("lease", seq, span, data, last=seq == len(spans) - 1))
     return chunks
 
