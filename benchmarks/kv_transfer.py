@@ -36,7 +36,7 @@ import grpc
 import torch
 
 from splitserve import LLM, SamplingParams
-from splitserve.engine.kv_watch import KVReady
+from splitserve.engine.kv_watch import KVReady, KVWatch
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.push import KVPush
 from splitserve.kvtransfer.requests import sampling_to_proto
@@ -101,10 +101,12 @@ class Pair:
         self.layout = kv_layout(self.prefill.runner.kv_caches, self.prefill.model_id)
         gen = torch.Generator().manual_seed(0)
         self.prompt = torch.randint(3, 500, (PROMPT_TOKENS,), generator=gen).tolist()
-        self.prefill.add_request("src", self.prompt, SamplingParams(max_tokens=1), hold_kv=True)
+        reports = []  # the prompt's blocks stay pinned (as for a transfer) for the whole benchmark
+        watch = KVWatch(reports.append)
+        self.prefill.add_request("src", self.prompt, SamplingParams(max_tokens=1), kv_watch=watch)
         while self.prefill.has_unfinished_requests():
             self.prefill.step()
-        self.block_ids = self.prefill.held_kv("src")
+        self.block_ids = [b for r in reports if r.layer == 0 for b in r.block_ids]
         caches = self.prefill.runner.kv_caches
         self.kv_bytes = sum(c[:, self.block_ids].numel() * c.element_size() for c in caches)
 

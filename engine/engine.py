@@ -87,23 +87,15 @@ class Engine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         cache_salt: str | None = None,
-        hold_kv: bool = False,
         kv_watch: KVWatch | None = None,
     ) -> None:
         """Queue a request. Raises `InvalidRequest` (changing nothing) when it can never run. With
-        `hold_kv` its KV blocks outlive it (for a transfer: `held_kv`) until `release_kv`; with
-        `kv_watch` its prompt KV is reported layer by layer as it is computed (see `kv_watch`)."""
-        seq = self._new_sequence(request_id, prompt_token_ids, params, cache_salt, hold_kv)
+        `kv_watch` its prompt KV is reported layer by layer as it is computed, and the reported blocks
+        outlive the request until `unpin_kv` (for a transfer; see `kv_watch`)."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params, cache_salt)
         seq.kv_watch = kv_watch
         self._sequences[request_id] = seq
         self.scheduler.add(seq)
-
-    def held_kv(self, request_id: str) -> list[int]:
-        """Block ids holding a finished `hold_kv` request's KV, in token order. Raises KeyError."""
-        return self.scheduler.held[request_id].block_ids
-
-    def release_kv(self, request_id: str) -> bool:
-        return self.scheduler.release_held(request_id)
 
     def unpin_kv(self, block_ids: list[int] | tuple[int, ...]) -> None:
         """Give back the references `KVReady` reports held on `block_ids` (each once)."""
@@ -120,7 +112,7 @@ class Engine:
         block may match) plus new blocks for the rest. The request waits, holding them, until
         `admit_kv` (KV written) or `cancel_kv`. Raises `InvalidRequest`, or `OutOfKVBlocks` when the
         free blocks do not suffice (changing nothing)."""
-        seq = self._new_sequence(request_id, prompt_token_ids, params, cache_salt, hold_kv=False)
+        seq = self._new_sequence(request_id, prompt_token_ids, params, cache_salt)
         cached = self.kv.find_cached_prefix(seq, leave_one=False)
         num_rest = seq.num_tokens - len(cached) * self.kv.block_size
         if not self.kv.allocate(seq, num_rest, cached):
@@ -159,13 +151,13 @@ class Engine:
         del self._sequences[request_id]
         return True
 
-    def _new_sequence(self, request_id, prompt_token_ids, params, cache_salt, hold_kv) -> Sequence:
+    def _new_sequence(self, request_id, prompt_token_ids, params, cache_salt) -> Sequence:
         self._validate(request_id, prompt_token_ids, params)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(params.seed)
-        return Sequence(request_id, list(prompt_token_ids), params, cache_salt, generator, hold_kv)
+        return Sequence(request_id, list(prompt_token_ids), params, cache_salt, generator)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks. Returns False for unknown or finished ids."""
@@ -244,7 +236,7 @@ class Engine:
     def _validate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
             raise InvalidRequest(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        if request_id in self._sequences or request_id in self.scheduler.held:
+        if request_id in self._sequences:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         num_tokens = len(prompt_token_ids)
         if num_tokens == 0:

@@ -76,7 +76,6 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.held: dict[str, Sequence] = {}  # finished with `hold_kv`: blocks kept until released
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -200,21 +199,10 @@ class Scheduler:
             return FinishReason.LENGTH
         return None
 
-    def release_held(self, request_id: str) -> bool:
-        """Free the blocks a finished `hold_kv` sequence kept. False if none are held for the id."""
-        seq = self.held.pop(request_id, None)
-        if seq is not None:
-            self.kv.free(seq)
-        return seq is not None
-
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        if seq.hold_kv and reason is not FinishReason.ABORT:
-            self.kv.commit(seq)
-            self.held[seq.request_id] = seq
-        else:
-            self.kv.free(seq)
+        self.kv.free(seq)
 
 
 def _num_uncomputed(seq: Sequence) -> int:

@@ -43,14 +43,12 @@ class Sequence:
         params: SamplingParams,
         cache_salt: str | None = None,
         generator: torch.Generator | None = None,
-        hold_kv: bool = False,
         kv_watch: KVWatch | None = None,
     ) -> None:
         self.request_id = request_id
         self.params = params
         self.cache_salt = cache_salt
         self.generator = generator
-        self.hold_kv = hold_kv  # on finishing, keep the KV blocks (for a transfer) until released
         self.kv_watch = kv_watch  # report the prompt's KV layer by layer as it is computed
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)

@@ -1,5 +1,5 @@
 """Prefill on one engine, KV moved as checksummed chunks, decode on another — in one process, no network:
-the engines' side of disaggregation (hold, reserve, admit, cancel) and the chunk stream between their
+the engines' side of disaggregation (watch and pin, reserve, admit, cancel) and the chunk stream between their
 caches. Tokens must equal a single engine's; block pools must end where they started."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 from splitserve import LLM, SamplingParams
 from splitserve.engine.block_pool import OutOfKVBlocks
 from splitserve.engine.kv_cache_manager import cdiv
+from splitserve.engine.kv_watch import KVWatch
 from splitserve.engine.outputs import FinishReason
 from splitserve.kvtransfer.frames import decode_frame
 from splitserve.kvtransfer.stream import ChunkSink, kv_layout, send_frames
@@ -34,13 +35,20 @@ def run(engine):
     return outs
 
 
+def prefilled(prefill, rid, prompt, params):
+    """Prefill `prompt` for its first token, watching its KV as a prefill worker does. Returns (first
+    token, the prompt's block ids — pinned until `prefill.unpin_kv`)."""
+    reports = []
+    prefill.add_request(rid, prompt, params, kv_watch=KVWatch(reports.append))
+    (first,) = [o.new_token_ids[0] for o in run(prefill)]
+    return first, [b for r in reports if r.layer == 0 for b in r.block_ids]
+
+
 def disaggregated(prefill, decode, rid, prompt, max_tokens, max_chunk_bytes=2048):
     """First token from `prefill`, KV pushed to `decode`, the rest from `decode`. Returns (tokens,
     number of blocks sent)."""
-    prefill.add_request(rid, prompt, SamplingParams(max_tokens=1, **GREEDY), hold_kv=True)
-    (first,) = [o.new_token_ids[0] for o in run(prefill)]
+    first, src_blocks = prefilled(prefill, rid, prompt, SamplingParams(max_tokens=1, **GREEDY))
     reservation = decode.reserve_kv(rid, prompt, SamplingParams(max_tokens=max_tokens, **GREEDY))
-    src_blocks = prefill.held_kv(rid)
     assert len(src_blocks) == len(reservation.block_ids) == cdiv(len(prompt), prefill.kv.block_size)
     layout = kv_layout(decode.runner.kv_caches, decode.model_id)
     sink = ChunkSink(decode.runner.kv_caches, layout, reservation.block_ids, reservation.num_cached_blocks)
@@ -50,7 +58,7 @@ def disaggregated(prefill, decode, rid, prompt, max_tokens, max_chunk_bytes=2048
     for frame in frames:
         sink.accept(*decode_frame(frame))
     assert sink.complete
-    assert prefill.release_kv(rid)
+    prefill.unpin_kv(src_blocks)
     assert decode.admit_kv(rid, first) is None
     computed = []  # (first position, tokens) the decode engine computes for this request
     execute = decode.runner.execute
@@ -121,35 +129,20 @@ def test_first_token_that_ends_the_request_and_abort_of_a_reservation(model):
     assert decode.block_pool.num_free_blocks == free and not decode.has_unfinished_requests()
 
 
-def test_held_kv_is_kept_until_released_and_its_id_stays_taken(model):
-    from splitserve.engine.errors import InvalidRequest
-
-    prefill = make(model)
-    free = prefill.block_pool.num_free_blocks
-    prefill.add_request("h", list(range(3, 23)), SamplingParams(max_tokens=1, **GREEDY), hold_kv=True)
-    run(prefill)
-    assert len(prefill.held_kv("h")) == 3 and prefill.block_pool.num_free_blocks == free - 3
-    with pytest.raises(InvalidRequest, match="already in use"):
-        prefill.add_request("h", [1, 2], SamplingParams(max_tokens=1))
-    assert prefill.release_kv("h") and not prefill.release_kv("h")
-    assert prefill.block_pool.num_free_blocks == free
-
-
 def test_seeded_sampling_across_the_split_equals_a_single_engine(model):
     prompt = list(range(7, 40))
     params = {"temperature": 0.8, "top_p": 0.9, "seed": 1234, "ignore_eos": True}
     single = LLM(str(model), num_blocks=200, block_size=8)
     expected = single.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=10, **params))
     prefill, decode = make(model), make(model)
-    prefill.add_request("s", prompt, SamplingParams(max_tokens=1, **params), hold_kv=True)
-    (first,) = [o.new_token_ids[0] for o in run(prefill)]
+    first, src_blocks = prefilled(prefill, "s", prompt, SamplingParams(max_tokens=1, **params))
     reservation = decode.reserve_kv("s", prompt, SamplingParams(max_tokens=10, **params))
     sink = ChunkSink(decode.runner.kv_caches, kv_layout(decode.runner.kv_caches, decode.model_id),
                      reservation.block_ids, 0)
     for frame in send_frames(prefill.runner.kv_caches, kv_layout(prefill.runner.kv_caches, prefill.model_id),
-                             prefill.held_kv("s"), 0, "lease"):
+                             src_blocks, 0, "lease"):
         sink.accept(*decode_frame(frame))
-    prefill.release_kv("s")
+    prefill.unpin_kv(src_blocks)
     decode.admit_kv("s", first)
     tokens = [first] + [t for o in run(decode) for t in o.new_token_ids]
     assert tokens == expected[0].outputs[0].token_ids
