@@ -136,8 +136,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=None,
                         help="publish this worker and its cached blocks to the prefix index there")
     parser.add_argument("--worker-id", default=None, help="its name in the index (default: its address)")
-    parser.add_argument("--advertise", default=None,
-                        help="the address routers reach this worker at (default: the bound host:port)")
+    parser.add_argument("--advertise", default=None, metavar="HOST[:PORT]",
+                        help="the address routers reach this worker at (default: the bound host:port; "
+                             "a host alone takes the bound port)")
 
 
 def build_engine(args: argparse.Namespace, shared_kv: bool = False):
@@ -165,7 +166,7 @@ def run_worker(
     server, port = make_server(f"{args.host}:{args.port}")
     add_services(server)
     server.start()
-    address = args.advertise or f"{args.host}:{port}"
+    address = advertised_address(args.advertise, args.host, port)
     publisher = start_publisher(args, loop, role, address) if args.redis_url else None
     print(f"{name} listening on {args.host}:{port}", flush=True)
 
@@ -175,6 +176,16 @@ def run_worker(
         close()
 
     serve_until_signalled(server, stop)
+
+
+def advertised_address(advertise: str | None, host: str, port: int) -> str:
+    """Where others reach a server bound to `host:port`: `advertise` as given when it names a port,
+    `advertise:port` when it is a host alone (a supervisor knows the node's address, not the port)."""
+    if not advertise:
+        return f"{host}:{port}"
+    if advertise.startswith("["):  # [IPv6] or [IPv6]:port
+        return advertise if "]:" in advertise else f"{advertise}:{port}"
+    return advertise if ":" in advertise else f"{advertise}:{port}"
 
 
 def start_publisher(args: argparse.Namespace, loop, role: str, address: str):

@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.http_port is not None:
         front = HTTPFront(service, Path(args.model).name, args.host, args.http_port).start()
         log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", args.host, front.port)
-    print(f"router listening on {args.host}:{port}", flush=True)
+    # The supervisor's contract (see cluster/supervisor.py): the gRPC address, then the HTTP one if any.
+    http = f" http {args.host}:{front.port}" if front is not None else ""
+    print(f"router listening on {args.host}:{port}{http}", flush=True)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf import json_format
 
 from splitserve.protos import common_pb2, router_pb2, router_pb2_grpc
 
@@ -177,6 +178,23 @@ class Client:
             return self._stub.Abort(request, timeout=self.timeout).found
         except grpc.RpcError as exc:
             raise _error(exc) from None
+
+    def health(self) -> dict:
+        """{"serving": a decode worker answers, "index_stale": routing on the last index mirror}."""
+        return self._unary(self._stub.Health, router_pb2.HealthRequest())
+
+    def status(self) -> dict:
+        """The router's view: "workers" (id, role, address, healthy, load), per-arm "arms" counters,
+        "index_stale"."""
+        return self._unary(self._stub.Status, router_pb2.StatusRequest())
+
+    def _unary(self, method, request) -> dict:
+        try:
+            reply = method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return json_format.MessageToDict(reply, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)  # fmt: skip
 
     def __enter__(self) -> Client:
         return self

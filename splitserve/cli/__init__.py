@@ -13,6 +13,9 @@ import sys
 # Command modules, in help order. Imported lazily so `splitserve --help` stays fast and torch-free.
 COMMAND_MODULES = (
     "splitserve.cli.make_tiny_model",
+    "splitserve.cli.up",
+    "splitserve.cli.status",
+    "splitserve.cli.down",
     "splitserve.cli.generate",
 )
 
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, TimeoutError, ConnectionError) as exc:
         # Typed, user-facing errors: one clear line, no traceback.
         print(f"splitserve {args.command}: error: {exc}", file=sys.stderr)
         return 2

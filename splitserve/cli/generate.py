@@ -1,16 +1,25 @@
-"""`splitserve generate`: one completion (or chat turn) with the offline engine, printed to stdout."""
+"""`splitserve generate`: one completion (or chat turn), printed to stdout: from a running cluster's router
+(`--address`, or the cluster `splitserve up` started) or, with `--model`, from the offline engine."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from pathlib import Path
+
+from splitserve.cluster.state import ClusterState, default_state_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="generate text for a prompt with the offline engine")
+    p = subparsers.add_parser("generate", help="generate text for a prompt (cluster or offline engine)")
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--model", required=True, help="Hugging Face-format checkpoint directory")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--address", default=None, help="a router's gRPC address HOST:PORT")
+    where.add_argument("--model", default=None, help="run the offline engine on this checkpoint directory")
+    p.add_argument("--state-file", type=Path, default=default_state_file(),
+                   help="with neither --address nor --model: the cluster started by `splitserve up`")
+    p.add_argument("--session-id", default=None, help="a conversation's id (its A/B arm and cache affinity)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -26,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.model is None:
+        return _remote(args, args.address or ClusterState.load(args.state_file).router_address)
     from splitserve.engine.sampling_params import SamplingParams
     from splitserve.llm import LLM
 
@@ -53,4 +64,30 @@ def _run(args: argparse.Namespace) -> int:
             f"[{len(out.prompt_token_ids)} prompt tokens, {len(completion.token_ids)} generated, "
             f"finish={completion.finish_reason}, {elapsed:.3f}s]"
         )
+    return 0
+
+
+def _remote(args: argparse.Namespace, address: str) -> int:
+    from splitserve.client import Client
+
+    chat = [{"role": "user", "content": args.prompt}]
+    prompt = {"messages": chat} if args.chat else {"prompt": args.prompt}
+    with Client(address) as client:
+        out = client.generate(
+            **prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
+            session_id=args.session_id,
+        )  # fmt: skip
+    route = out.route
+    if args.json:
+        print(json.dumps({
+            "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+            "prompt_tokens": out.usage.prompt_tokens, "cached_tokens": out.usage.cached_tokens,
+            "ttft_ms": out.ttft_ms, "total_ms": round(out.total_ms, 2), "route": route,
+        }))
+    else:
+        print(out.text)
+        print(f"[{out.usage.prompt_tokens} prompt tokens ({out.usage.cached_tokens} cached), "
+              f"{out.usage.completion_tokens} generated, finish={out.finish_reason}, pool {route.get('pool')}, "
+              f"TTFT {out.ttft_ms:.1f} ms, total {out.total_ms:.1f} ms]")  # fmt: skip
     return 0

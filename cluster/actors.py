@@ -1,0 +1,59 @@
+"""The Ray actors of a cluster, as plain classes: `launcher.py` wraps them with `ray.remote(...)` and
+chooses their options (name, GPUs, restarts, placement). Each is a thin shell around a plain object.
+
+`MemberActor` owns one `ProcessSupervisor` (a router or worker process on the actor's node); when Ray
+restarts the actor after its process died, the constructor runs again and starts the member again (the
+old member died with its supervisor: see `child.py`). `RedisActor` owns the embedded Redis of a cluster
+started without `--redis-url`. Ray carries only these calls' small arguments (names, command lines,
+statuses); requests and KV never pass through Ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from splitserve.cluster.spec import MemberSpec
+from splitserve.cluster.supervisor import ProcessSupervisor
+from splitserve.index.redis_server import EmbeddedRedis
+
+WILDCARD_HOSTS = ("0.0.0.0", "::")
+
+
+def node_address() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+class MemberActor:
+    def __init__(self, member: MemberSpec, log_dir: str, bind_host: str) -> None:
+        public_host = node_address() if bind_host in WILDCARD_HOSTS else None
+        if public_host is not None and member.is_worker:  # the index must name a reachable address
+            member = MemberSpec(member.name, member.kind, member.module, (*member.args, "--advertise", public_host))
+        log = Path(log_dir) / f"{member.name}.log"
+        self.supervisor = ProcessSupervisor(member, log, public_host).start()
+
+    def wait_ready(self, timeout_s: float) -> dict:
+        return self.supervisor.wait_ready(timeout_s).to_dict()
+
+    def status(self) -> dict:
+        return {**self.supervisor.status().to_dict(), "node": node_address(), "log": str(self.supervisor.log_path)}
+
+    def stop(self, grace_s: float) -> None:
+        self.supervisor.stop(grace_s)
+
+
+class RedisActor:
+    def __init__(self, bind_host: str) -> None:
+        self.redis = EmbeddedRedis(host=bind_host).start()
+        self.public_host = node_address() if bind_host in WILDCARD_HOSTS else bind_host
+
+    def url(self) -> str:
+        return f"redis://{self.public_host}:{self.redis.port}/0"
+
+    def start(self) -> None:
+        """Start again after `stop` (empty, on the same port: an outage's end)."""
+        self.redis.start()
+
+    def stop(self) -> None:
+        self.redis.stop()

@@ -1,0 +1,276 @@
+"""Bring a cluster up on Ray, report on it, take it down: what `splitserve up`, `status` and `down` do.
+
+`up` joins the Ray cluster at `--ray-address` or starts a Ray head of its own (`ray start --head
+--block`, stopped again on `down`), starts an embedded Redis actor when no `--redis-url` is given, then one
+detached `MemberActor` per member — the router on this node, the workers where Ray places them (one GPU
+each when the cluster has GPUs) — and returns once every member serves and the router has registered
+every worker through the index. Ray restarts a member actor whose process dies; the actor's supervisor
+restarts a member process that dies. What was started is written to a state file, which `down` and
+`status` read (from any later process). A failed `up` takes down what it had started.
+
+Ray token authentication: a head started here runs with `RAY_AUTH_MODE=token` (Ray keeps the token in
+~/.ray/auth_token); when a token is present this process connects in token mode as well.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from splitserve.client import Client, SplitserveError
+from splitserve.cluster.actors import MemberActor, RedisActor
+from splitserve.cluster.spec import ClusterSpec, MemberSpec
+from splitserve.cluster.state import ClusterState
+
+RAY_HEAD_TIMEOUT_S = 60.0
+STOP_GRACE_S = 20.0
+REDIS_ACTOR = "redis"
+
+
+def up(spec: ClusterSpec, state_file: Path, timeout_s: float = 300.0, say: Callable[[str], None] = print):
+    """Start the cluster `spec` and return its `ClusterState` (also saved to `state_file`). Raises
+    ValueError for a cluster that cannot be placed, RuntimeError (with the member's log tail) for a member
+    that cannot start, TimeoutError; everything started is stopped again before it raises."""
+    if state_file.exists():
+        raise ValueError(f"{state_file} names a running cluster: `splitserve down` first (or use --state-file)")
+    namespace = f"splitserve-{secrets.token_hex(4)}"
+    state = ClusterState(namespace, spec.ray_address or "", str(Path(tempfile.gettempdir()) / namespace))
+    try:
+        if spec.ray_address is None:
+            say("starting a Ray head")
+            state.ray_address, state.ray_head_pid = start_ray_head(Path(state.log_dir))
+        state.save(state_file)  # from here on `down` can clean up, even after a crash of this process
+        connect(state.ray_address, namespace)
+        state.redis_url = spec.redis_url
+        if state.redis_url is None:
+            state.embedded_redis = True
+            state.redis_url = _start_redis(spec.host, timeout_s)
+            say(f"embedded Redis at {state.redis_url}")
+        members = [spec.router(state.redis_url), *spec.workers(state.redis_url)]
+        gpus = _gpus_per_worker(spec)
+        actors = [_start_member(m, gpus if m.is_worker else 0, state.log_dir, spec.host) for m in members]
+        state.members = [m.name for m in members]
+        state.save(state_file)
+        say(f"starting {len(members) - 1} workers and a router (logs: {state.log_dir})")
+        ready = _get([a.wait_ready.remote(timeout_s) for a in actors], timeout_s + 10)
+        state.router_address, state.http_address = ready[0]["address"], ready[0]["http_address"]
+        _wait_registered(state.router_address, {m.name for m in members if m.is_worker}, timeout_s)
+        state.save(state_file)
+        return state
+    except BaseException:
+        teardown(state)
+        state_file.unlink(missing_ok=True)
+        raise
+
+
+def down(state_file: Path, say: Callable[[str], None] = print) -> ClusterState:
+    """Stop everything the cluster at `state_file` started and remove the file."""
+    state = ClusterState.load(state_file)
+    teardown(state, say)
+    state_file.unlink(missing_ok=True)
+    return state
+
+
+def status(state_file: Path) -> dict:
+    """Members (state, pid, restarts, node, address, log) and the router's view (workers with their load,
+    A/B arm counters, index staleness)."""
+    ray = _ray()
+    state = ClusterState.load(state_file)
+    connect(state.ray_address, state.namespace)
+    try:
+        members = []
+        for name in state.members:
+            try:
+                members.append(ray.get(ray.get_actor(name).status.remote(), timeout=10))
+            except Exception as exc:  # a lost actor is part of the report, not a failure of it
+                members.append({"name": name, "state": "unreachable", "error": str(exc).splitlines()[0]})
+    finally:
+        ray.shutdown()
+    report = {"router_address": state.router_address, "http_address": state.http_address,
+              "redis_url": state.redis_url, "ray_address": state.ray_address, "members": members}  # fmt: skip
+    try:
+        with Client(state.router_address, timeout=10) as client:
+            report["router"] = client.status()
+    except SplitserveError as exc:
+        report["router"] = {"error": str(exc)}
+    return report
+
+
+def teardown(state: ClusterState, say: Callable[[str], None] = lambda line: None) -> None:
+    """Stop the members (router first, then the workers together), the embedded Redis, and a Ray head
+    this cluster started. Tolerates anything already gone."""
+    ray = _ray()
+    if state.ray_address:
+        try:
+            connect(state.ray_address, state.namespace)
+            for group in (state.members[:1], state.members[1:], [REDIS_ACTOR] if state.embedded_redis else []):
+                _stop_actors(group)
+            say(f"stopped {len(state.members)} members")
+        except ConnectionError as exc:
+            say(f"Ray at {state.ray_address} is not reachable ({exc}); its members go with it")
+        finally:
+            ray.shutdown()
+    if state.ray_head_pid is not None:
+        stop_ray_head(state.ray_head_pid)
+        say("stopped the Ray head")
+
+
+def start_ray_head(log_dir: Path) -> tuple[str, int]:
+    """A Ray head on this machine, in its own session (it outlives this process; `stop_ray_head` ends
+    it). Returns its address and the pid of its `ray start --block` process."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+               "--include-dashboard=false", "--disable-usage-stats"]  # fmt: skip
+    with open(log_dir / "ray-head.log", "ab") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + RAY_HEAD_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the Ray head exited with status {proc.returncode}; see {log_dir}/ray-head.log")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return f"127.0.0.1:{port}", proc.pid
+        if time.monotonic() > deadline:
+            stop_ray_head(proc.pid)
+            raise TimeoutError(f"the Ray head did not listen within {RAY_HEAD_TIMEOUT_S:.0f} s")
+        time.sleep(0.2)
+
+
+def stop_ray_head(pid: int, timeout_s: float = 60.0) -> None:
+    """SIGTERM the head's `ray start --block` (it drains and stops its Ray processes); SIGKILL its whole
+    session after `timeout_s`."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    if not _wait_gone(pid, timeout_s):
+        os.killpg(pid, signal.SIGKILL)
+        _wait_gone(pid, 5.0)
+
+
+def _ray():
+    """The `ray` module, imported in token-auth mode when a token is present: Ray reads its auth mode once,
+    at import, and a head started in token mode refuses anything else."""
+    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
+        os.environ["RAY_AUTH_MODE"] = "token"
+    import ray
+
+    return ray
+
+
+def connect(address: str, namespace: str) -> None:
+    ray = _ray()
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
+
+
+def _start_redis(bind_host: str, timeout_s: float) -> str:
+    ray = _ray()
+    actor = ray.remote(RedisActor).options(name=REDIS_ACTOR, lifetime="detached", num_cpus=0,
+                                           scheduling_strategy=_this_node()).remote(bind_host)  # fmt: skip
+    return _get(actor.url.remote(), timeout_s)
+
+
+def _start_member(member: MemberSpec, num_gpus: int, log_dir: str, bind_host: str):
+    """A detached, restarting actor for `member`: the router next to this process (its address is the
+    cluster's front door), workers spread over the nodes."""
+    ray = _ray()
+    placement = "SPREAD" if member.is_worker else _this_node()
+    return ray.remote(MemberActor).options(
+        name=member.name, lifetime="detached", num_cpus=0, num_gpus=num_gpus, max_restarts=-1,
+        max_concurrency=4, scheduling_strategy=placement,
+    ).remote(member, log_dir, bind_host)  # fmt: skip
+
+
+def _gpus_per_worker(spec: ClusterSpec) -> int:
+    ray = _ray()
+    num_gpus = int(ray.cluster_resources().get("GPU", 0))
+    if spec.device == "cuda" and num_gpus == 0:
+        raise ValueError("--device cuda, but the Ray cluster has no GPUs")
+    if spec.device == "cpu" or num_gpus == 0:
+        return 0
+    if num_gpus < spec.num_workers:
+        raise ValueError(f"{spec.num_workers} workers need one GPU each; the Ray cluster has {num_gpus}")
+    return 1
+
+
+def _wait_registered(router_address: str, names: set[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with Client(router_address, timeout=10) as client:
+        while True:
+            workers = client.status().get("workers", [])
+            missing = names - {w["worker_id"] for w in workers if w.get("healthy")}
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the router did not register {', '.join(sorted(missing))} within "
+                                   f"{timeout_s:.0f} s (see the workers' and the router's logs)")  # fmt: skip
+            time.sleep(0.2)
+
+
+def _stop_actors(names: list[str]) -> None:
+    ray = _ray()
+    actors = []
+    for name in names:
+        try:
+            actors.append(ray.get_actor(name))
+        except ValueError:  # never started, or already gone
+            continue
+    pending = [a.stop.remote(STOP_GRACE_S) if n != REDIS_ACTOR else a.stop.remote() for n, a in
+               zip(names, actors)]  # fmt: skip
+    try:
+        ray.get(pending, timeout=STOP_GRACE_S + 10)
+    except Exception:  # noqa: BLE001 - a member that cannot stop cleanly is killed below all the same
+        pass
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+
+
+def _get(refs, timeout_s: float):
+    """`ray.get`, with a member's own error (its log tail) instead of Ray's wrapper around it."""
+    ray = _ray()
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.RayTaskError as exc:
+        raise RuntimeError(str(exc.cause) if exc.cause is not None else str(exc)) from None
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"the cluster's members did not start within {timeout_s:.0f} s") from None
+
+
+def _this_node():
+    ray = _ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child (a foreground `up`)
+                return True
+        except ChildProcessError:  # not our child: is it still there?
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+        time.sleep(0.2)
+    return False

@@ -1,0 +1,119 @@
+"""What a cluster is made of: `ClusterSpec` (the `splitserve up` configuration) and the members it
+implies (`MemberSpec`: one router, the fresh and warm prefill workers, the decode workers), each as the
+command line of the same entry point a person would run by hand (`python -m splitserve.router`, ...).
+
+It knows nothing about Ray or processes: `launcher.py` places the members, `supervisor.py` runs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from splitserve.router.core import parse_ab
+from splitserve.router.dispatch import FailurePolicy
+from splitserve.router.policies import POLICIES
+
+MemberKind = Literal["router", "prefill", "decode"]
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+KV_TRANSPORTS = ("auto", "grpc")
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One supervised process: its name (the worker id in the index), kind, `python -m` module and
+    arguments."""
+
+    name: str
+    kind: MemberKind
+    module: str
+    args: tuple[str, ...]
+
+    @property
+    def is_worker(self) -> bool:
+        return self.kind != "router"
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """A cluster: pool sizes, routing, ports, where Redis and Ray are (None: start them), and the
+    workers' engine settings. `host` is the interface every member binds; with a wildcard (0.0.0.0)
+    members advertise their node's address. `tenants`: a JSON file of tenant name → SHA-256 of its API key
+    (see router/tenants.py)."""
+
+    model: str
+    num_fresh: int = 1
+    num_warm: int = 1
+    num_decode: int = 1
+    policy: str = "cpd"
+    ab: str | None = None
+    policy_options: tuple[str, ...] = ()
+    failure_policy: str = FailurePolicy.RECOMPUTE.value
+    grpc_port: int = 50051
+    http_port: int | None = 8000
+    host: str = "127.0.0.1"
+    redis_url: str | None = None
+    ray_address: str | None = None
+    tenants: str | None = None
+    block_size: int = 16
+    num_blocks: int | None = None
+    max_num_seqs: int = 64
+    dtype: str = "auto"
+    device: str = "auto"
+    kv_transport: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.num_decode < 1:
+            raise ValueError(f"a cluster needs at least one decode worker, got {self.num_decode}")
+        if min(self.num_fresh, self.num_warm) < 0 or self.num_fresh + self.num_warm < 1:
+            raise ValueError("a cluster needs at least one prefill worker (fresh or warm), and no negative counts")
+        arms = parse_ab(self.ab) if self.ab else {self.policy: 1.0}
+        unknown = sorted(set(arms) - set(POLICIES))
+        if unknown:
+            raise ValueError(f"unknown policy {', '.join(unknown)}; known: {', '.join(sorted(POLICIES))}")
+        FailurePolicy(self.failure_policy)
+        for port in (self.grpc_port, self.http_port):
+            if port is not None and not 0 <= port < 65536:
+                raise ValueError(f"a port is in [0, 65535], got {port}")
+        if self.block_size < 1 or self.max_num_seqs < 1 or (self.num_blocks is not None and self.num_blocks < 1):
+            raise ValueError("block_size, max_num_seqs and num_blocks must be positive")
+        for name, value, allowed in (("dtype", self.dtype, DTYPES), ("device", self.device, DEVICES),
+                                     ("kv_transport", self.kv_transport, KV_TRANSPORTS)):  # fmt: skip
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+    @property
+    def num_workers(self) -> int:
+        return self.num_fresh + self.num_warm + self.num_decode
+
+    def workers(self, redis_url: str) -> list[MemberSpec]:
+        """The prefill and decode workers, registering in the index at `redis_url` under their names."""
+        engine = ["--model", self.model, "--host", self.host, "--port", "0", "--redis-url", redis_url,
+                  "--block-size", str(self.block_size), "--max-num-seqs", str(self.max_num_seqs),
+                  "--dtype", self.dtype, "--device", self.device]  # fmt: skip
+        if self.num_blocks is not None:
+            engine += ["--num-blocks", str(self.num_blocks)]
+        members = []
+        for pool, count in (("fresh", self.num_fresh), ("warm", self.num_warm)):
+            for i in range(count):
+                args = [*engine, "--worker-id", f"{pool}-{i}", "--pool", pool, "--kv-transport", self.kv_transport]
+                members.append(MemberSpec(f"{pool}-{i}", "prefill", "splitserve.prefill_worker", tuple(args)))
+        for i in range(self.num_decode):
+            args = (*engine, "--worker-id", f"decode-{i}")
+            members.append(MemberSpec(f"decode-{i}", "decode", "splitserve.decode_worker", args))
+        return members
+
+    def router(self, redis_url: str) -> MemberSpec:
+        """The router: it finds the workers through the index at `redis_url` (they register there)."""
+        args = ["--model", self.model, "--host", self.host, "--port", str(self.grpc_port),
+                "--redis-url", redis_url, "--block-size", str(self.block_size),
+                "--failure-policy", self.failure_policy]  # fmt: skip
+        args += ["--ab", self.ab] if self.ab else ["--policy", self.policy]
+        for option in self.policy_options:
+            args += ["--policy-option", option]
+        if self.http_port is not None:
+            args += ["--http-port", str(self.http_port)]
+        if self.tenants is not None:
+            args += ["--tenants", self.tenants]
+        return MemberSpec("router", "router", "splitserve.router", tuple(args))
