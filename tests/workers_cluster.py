@@ -89,8 +89,9 @@ def start_process(args: list[str], stderr=subprocess.DEVNULL) -> tuple[subproces
     Returns the process and that address."""
     proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=stderr, text=True)
     line = proc.stdout.readline()
-    match = re.search(r"listening on (\S+)", line)
+    match = re.search(r"listening on (\S+)(?: http (\S+))?", line)
     if match is None:
         proc.kill()
         raise RuntimeError(f"{args[0]} did not start: {line!r}")
+    proc.http_address = match.group(2)  # a router started with --http-port
     return proc, match.group(1)

@@ -1,0 +1,263 @@
+"""The whole cluster, two ways: as real processes started by hand ("processes") and as `splitserve up
+--detach` on a real local Ray ("ray"); an embedded real Redis, fresh / warm prefill and decode workers that
+register in the prefix index, and a router, used through the client SDK and the official `openai` client.
+
+Both: outputs equal the offline API; a conversation's first turn goes to the fresh pool and later, mostly
+cached turns to the warm pool, whose cache then serves them (cached tokens reported); a worker that hashes
+differently is refused; with Redis down requests are still served (stale index) and index routing resumes
+when it returns. Ray only: a killed worker process and a killed member actor are restarted and registered
+again; `splitserve status` and `generate` work; `splitserve down` leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from workers_cluster import start_process
+
+from splitserve import LLM, Client, SamplingParams
+from splitserve.cluster.state import ClusterState
+from splitserve.index.redis_server import EmbeddedRedis
+
+BLOCK = ["--block-size", "8"]
+ENGINE = [*BLOCK, "--num-blocks", "256", "--max-num-seqs", "8"]
+POLICY = ["--policy", "cpd", "--policy-option", "local_prefill_max_tokens=16"]
+
+
+def splitserve(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The `splitserve` CLI, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "splitserve", *args], capture_output=True, text=True,
+                          timeout=timeout, check=True)  # fmt: skip
+
+
+class RayRedis:
+    """The Ray cluster's embedded Redis, stopped and started through its actor (an outage). Connects to Ray
+    only for the call: a driver left connected would outlive the cluster's Ray head badly."""
+
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
+
+    def stop(self) -> None:
+        self._call("stop")
+
+    def start(self) -> None:
+        self._call("start")
+
+    def _call(self, method: str) -> None:
+        from splitserve.cluster.launcher import connect
+
+        connect(self.state.ray_address, self.state.namespace)
+        import ray
+
+        try:
+            ray.get(getattr(ray.get_actor("redis"), method).remote())
+        finally:
+            ray.shutdown()
+
+
+def _by_hand(model, tmp):
+    """Workers and a router as plain processes (what runs on machines without Ray)."""
+    redis = EmbeddedRedis().start()
+    procs = []
+    for wid, module, extra in (("decode-0", "splitserve.decode_worker", []),
+                               ("fresh-0", "splitserve.prefill_worker", ["--pool", "fresh"]),
+                               ("warm-0", "splitserve.prefill_worker", ["--pool", "warm"])):  # fmt: skip
+        args = [module, "--model", str(model), "--port", "0", *ENGINE, "--redis-url", redis.url, "--worker-id", wid]
+        procs.append(start_process([*args, *extra])[0])
+    log = tmp / "router.log"
+    with open(log, "w") as err:
+        router, address = start_process(["splitserve.router", "--model", str(model), "--port", "0", "--http-port",
+                                         "0", *BLOCK, "--redis-url", redis.url, *POLICY], stderr=err)  # fmt: skip
+    procs.append(router)
+
+    def close():
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        redis.stop()
+
+    return {"address": address, "http": router.http_address, "redis": redis, "log": log, "redis_url": redis.url,
+            "close": close}  # fmt: skip
+
+
+def _on_ray(model, tmp):
+    state_file = tmp / "cluster.json"
+    splitserve("up", "--model", str(model), "--grpc-port", "0", "--http-port", "0", *ENGINE, *POLICY,
+               "--detach", "--state-file", str(state_file))  # fmt: skip
+    state = ClusterState.load(state_file)
+    redis = RayRedis(state)
+
+    def close():
+        if state_file.exists():
+            splitserve("down", "--state-file", str(state_file))
+
+    return {"address": state.router_address, "http": state.http_address, "redis": redis, "state": state,
+            "state_file": state_file, "log": Path(state.log_dir) / "router.log", "redis_url": state.redis_url,
+            "close": close}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["processes", "ray"])
+def cluster(request, tiny_model, tmp_path_factory):
+    model = tiny_model("llama", max_position_embeddings=1024)
+    tmp = tmp_path_factory.mktemp(request.param)
+    c = (_by_hand if request.param == "processes" else _on_ray)(model, tmp)
+    odd = None
+    try:  # a worker hashing blocks of another size: the router must refuse it
+        odd, _ = start_process(["splitserve.decode_worker", "--model", str(model), "--port", "0", "--block-size",
+                                "16", "--num-blocks", "64", "--redis-url", c["redis_url"], "--worker-id", "odd"])
+        client = Client(c["address"], timeout=60)
+        deadline = time.monotonic() + 30
+        while client.generate([5, 6, 7], max_tokens=1).route["decode_worker"] != "decode-0":
+            assert time.monotonic() < deadline, "the workers never registered"
+            time.sleep(0.2)
+        yield {**c, "kind": request.param, "model": model, "client": client}
+        client.close()
+    finally:
+        if odd is not None:
+            odd.terminate()
+            odd.wait(30)
+        c["close"]()
+
+
+def offline(model, prompt, max_tokens):
+    llm = LLM(str(model), num_blocks=256, block_size=8)
+    return llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                     ignore_eos=True))[0].outputs[0].token_ids
+
+
+def test_a_conversation_goes_fresh_then_warm_with_cached_tokens(cluster):
+    client, model = cluster["client"], cluster["model"]
+    turn1 = list(range(10, 90))
+    out1 = client.generate(turn1, max_tokens=8, temperature=0.0, ignore_eos=True, session_id="conv")
+    assert out1.token_ids == offline(model, turn1, 8)
+    assert (out1.route["pool"], out1.route["prefill_worker"]) == ("fresh", "fresh-0")
+    turn2 = [*turn1, *out1.token_ids, *range(200, 260)]  # 88 cached-able tokens, 60 new: hit ratio ≥ 0.5
+    deadline = time.monotonic() + 10
+    while True:  # the index learns of turn 1's blocks asynchronously (worker → Redis → mirror)
+        out2 = client.generate(turn2, max_tokens=6, temperature=0.0, ignore_eos=True, session_id="conv")
+        if out2.route["pool"] == "warm" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert (out2.route["pool"], out2.route["prefill_worker"]) == ("warm", "warm-0")
+    assert out2.token_ids == offline(model, turn2, 6)
+    assert out2.usage.prompt_tokens == len(turn2)
+    turn3 = [*turn2, *out2.token_ids, *range(300, 360)]  # the warm worker now holds turn 2: its cache serves
+    out3 = client.generate(turn3, max_tokens=4, temperature=0.0, ignore_eos=True, session_id="conv")
+    assert (out3.route["pool"], out3.route["prefill_worker"]) == ("warm", "warm-0")
+    assert out3.usage.cached_tokens >= len(turn2) // 8 * 8 - 8
+    assert out3.token_ids == offline(model, turn3, 4)
+
+
+def test_the_official_openai_client_streaming_and_not(cluster):
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://{cluster['http']}/v1", api_key="unused", max_retries=0)
+    llm = LLM(str(cluster["model"]), num_blocks=256, block_size=8)
+    messages = [{"role": "user", "content": "How do I plant tomatoes in a small garden?"}]
+    want = llm.chat(messages, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0].outputs[0].text
+    greedy = {"temperature": 0.0, "max_tokens": 8, "extra_body": {"ignore_eos": True}, "user": "tomatoes"}
+    done = client.chat.completions.create(model="x", messages=messages, **greedy)
+    assert done.choices[0].message.content == want
+    stream = client.chat.completions.create(model="x", messages=messages, stream=True,
+                                            stream_options={"include_usage": True}, **greedy)  # fmt: skip
+    events = list(stream)
+    assert "".join(e.choices[0].delta.content or "" for e in events if e.choices) == want
+    assert events[-1].usage.completion_tokens == 8
+
+
+def test_a_worker_that_hashes_differently_is_refused(cluster):
+    assert "refusing worker odd" in cluster["log"].read_text()
+    assert "odd" not in {w["worker_id"] for w in cluster["client"].status()["workers"]}
+
+
+def test_redis_down_keeps_serving_and_index_routing_resumes(cluster):
+    client, model, redis = cluster["client"], cluster["model"], cluster["redis"]
+    redis.stop()
+    prompt = list(range(300, 380))
+    out = client.generate(prompt, max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert out.token_ids == offline(model, prompt, 4)
+    assert out.route["terms"]["hit_ratio"] == 0.0  # computed while the index could not learn of anything
+    redis.start()
+    follow = [*prompt, *out.token_ids, *range(400, 460)]
+    deadline = time.monotonic() + 30
+    while True:  # the workers re-register and resync their blocks (cached during the outage); the mirror
+        # rebuilds. Routing sees them again: a non-zero predicted hit ratio for the follow-up.
+        again = client.generate(follow, max_tokens=2, temperature=0.0, ignore_eos=True)
+        if again.route["terms"]["hit_ratio"] > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert again.route["terms"]["hit_ratio"] >= 80 // 8 * 8 / len(follow)
+    assert again.token_ids == offline(model, follow, 2)
+
+
+def _members(cluster) -> dict[str, dict]:
+    report = json.loads(splitserve("status", "--json", "--state-file", str(cluster["state_file"])).stdout)
+    return {m["name"]: m for m in report["members"]}
+
+
+def _wait_restarted(cluster, name: str, old_pid: int) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        member = _members(cluster)[name]
+        healthy = {w["worker_id"] for w in cluster["client"].status()["workers"] if w["healthy"]}
+        if member["state"] == "running" and member["pid"] not in (None, old_pid) and name in healthy:
+            return member
+        assert time.monotonic() < deadline, f"{name} was not restarted: {member}"
+        time.sleep(0.5)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+def test_ray_restarts_a_dead_worker_and_a_dead_member_actor(cluster):
+    if cluster["kind"] != "ray":
+        pytest.skip("restarts are the Ray cluster's")
+    client, model = cluster["client"], cluster["model"]
+    decode = _members(cluster)["decode-0"]
+    os.kill(decode["pid"], signal.SIGKILL)  # the worker process: its supervisor restarts it
+    after = _wait_restarted(cluster, "decode-0", decode["pid"])
+    assert after["restarts"] == decode["restarts"] + 1
+    prompt = list(range(100, 140))
+    assert client.generate(prompt, max_tokens=4, temperature=0.0, ignore_eos=True).token_ids == offline(
+        model, prompt, 4)
+    fresh = _members(cluster)["fresh-0"]
+    actor_pid = int(Path(f"/proc/{fresh['pid']}/stat").read_text().split()[3])  # its parent: the actor
+    os.kill(actor_pid, signal.SIGKILL)  # the actor: Ray restarts it; its old worker dies with it
+    _wait_restarted(cluster, "fresh-0", fresh["pid"])
+    assert _gone(fresh["pid"])
+    out = splitserve("generate", "The weather in the mountains", "--max-tokens", "4", "--ignore-eos", "--json",
+                     "--state-file", str(cluster["state_file"]))  # fmt: skip
+    assert len(json.loads(out.stdout)["token_ids"]) == 4
+
+
+def test_down_stops_everything(cluster):
+    if cluster["kind"] != "ray":
+        pytest.skip("`splitserve down` is the Ray cluster's")
+    pids = [m["pid"] for m in _members(cluster).values()]
+    head = cluster["state"].ray_head_pid
+    splitserve("down", "--state-file", str(cluster["state_file"]))
+    assert not cluster["state_file"].exists()
+    deadline = time.monotonic() + 30
+    while not all(_gone(pid) for pid in [*pids, head]):
+        assert time.monotonic() < deadline, "processes outlived `splitserve down`"
+        time.sleep(0.5)
+    import redis
+
+    with pytest.raises(redis.exceptions.ConnectionError):  # the embedded Redis is gone too
+        redis.Redis.from_url(cluster["redis_url"], socket_timeout=1).ping()
