@@ -29,7 +29,9 @@ class MemberActor:
     def __init__(self, member: MemberSpec, log_dir: str, bind_host: str) -> None:
         public_host = node_address() if bind_host in WILDCARD_HOSTS else None
         if public_host is not None and member.is_worker:  # the index must name a reachable address
-            member = MemberSpec(member.name, member.kind, member.module, (*member.args, "--advertise", public_host))
+            member = MemberSpec(
+                member.name, member.kind, member.module, (*member.args, "--advertise", public_host)
+            )
         log = Path(log_dir) / f"{member.name}.log"
         self.supervisor = ProcessSupervisor(member, log, public_host).start()
 
@@ -37,7 +39,11 @@ class MemberActor:
         return self.supervisor.wait_ready(timeout_s).to_dict()
 
     def status(self) -> dict:
-        return {**self.supervisor.status().to_dict(), "node": node_address(), "log": str(self.supervisor.log_path)}
+        return {
+            **self.supervisor.status().to_dict(),
+            "node": node_address(),
+            "log": str(self.supervisor.log_path),
+        }
 
     def stop(self, grace_s: float) -> None:
         self.supervisor.stop(grace_s)

@@ -14,6 +14,7 @@ Ray token authentication: a head started here runs with `RAY_AUTH_MODE=token` (R
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -40,7 +41,9 @@ def up(spec: ClusterSpec, state_file: Path, timeout_s: float = 300.0, say: Calla
     ValueError for a cluster that cannot be placed, RuntimeError (with the member's log tail) for a member
     that cannot start, TimeoutError; everything started is stopped again before it raises."""
     if state_file.exists():
-        raise ValueError(f"{state_file} names a running cluster: `splitserve down` first (or use --state-file)")
+        raise ValueError(
+            f"{state_file} names a running cluster: `splitserve down` first (or use --state-file)"
+        )
     namespace = f"splitserve-{secrets.token_hex(4)}"
     state = ClusterState(namespace, spec.ray_address or "", str(Path(tempfile.gettempdir()) / namespace))
     try:
@@ -111,7 +114,11 @@ def teardown(state: ClusterState, say: Callable[[str], None] = lambda line: None
     if state.ray_address:
         try:
             connect(state.ray_address, state.namespace)
-            for group in (state.members[:1], state.members[1:], [REDIS_ACTOR] if state.embedded_redis else []):
+            for group in (
+                state.members[:1],
+                state.members[1:],
+                [REDIS_ACTOR] if state.embedded_redis else [],
+            ):
                 _stop_actors(group)
             say(f"stopped {len(state.members)} members")
         except ConnectionError as exc:
@@ -132,12 +139,15 @@ def start_ray_head(log_dir: Path) -> tuple[str, int]:
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
                "--include-dashboard=false", "--disable-usage-stats"]  # fmt: skip
     with open(log_dir / "ray-head.log", "ab") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env,
                                 start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + RAY_HEAD_TIMEOUT_S
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"the Ray head exited with status {proc.returncode}; see {log_dir}/ray-head.log")
+            raise RuntimeError(
+                f"the Ray head exited with status {proc.returncode}; see {log_dir}/ray-head.log"
+            )
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return f"127.0.0.1:{port}", proc.pid
@@ -221,19 +231,16 @@ def _wait_registered(router_address: str, names: set[str], timeout_s: float) -> 
 
 def _stop_actors(names: list[str]) -> None:
     ray = _ray()
-    actors = []
+    actors = {}
     for name in names:
-        try:
-            actors.append(ray.get_actor(name))
-        except ValueError:  # never started, or already gone
-            continue
-    pending = [a.stop.remote(STOP_GRACE_S) if n != REDIS_ACTOR else a.stop.remote() for n, a in
-               zip(names, actors)]  # fmt: skip
-    try:
+        with contextlib.suppress(ValueError):  # never started, or already gone
+            actors[name] = ray.get_actor(name)
+    pending = [a.stop.remote() if n == REDIS_ACTOR else a.stop.remote(STOP_GRACE_S)
+               for n, a in actors.items()]  # fmt: skip
+    # A member that cannot stop cleanly (or a lost actor) is killed below all the same.
+    with contextlib.suppress(Exception):
         ray.get(pending, timeout=STOP_GRACE_S + 10)
-    except Exception:  # noqa: BLE001 - a member that cannot stop cleanly is killed below all the same
-        pass
-    for actor in actors:
+    for actor in actors.values():
         ray.kill(actor, no_restart=True)
 
 

@@ -67,7 +67,9 @@ class ClusterSpec:
         if self.num_decode < 1:
             raise ValueError(f"a cluster needs at least one decode worker, got {self.num_decode}")
         if min(self.num_fresh, self.num_warm) < 0 or self.num_fresh + self.num_warm < 1:
-            raise ValueError("a cluster needs at least one prefill worker (fresh or warm), and no negative counts")
+            raise ValueError(
+                "a cluster needs at least one prefill worker (fresh or warm), and no negative counts"
+            )
         arms = parse_ab(self.ab) if self.ab else {self.policy: 1.0}
         unknown = sorted(set(arms) - set(POLICIES))
         if unknown:
@@ -76,7 +78,11 @@ class ClusterSpec:
         for port in (self.grpc_port, self.http_port):
             if port is not None and not 0 <= port < 65536:
                 raise ValueError(f"a port is in [0, 65535], got {port}")
-        if self.block_size < 1 or self.max_num_seqs < 1 or (self.num_blocks is not None and self.num_blocks < 1):
+        if (
+            self.block_size < 1
+            or self.max_num_seqs < 1
+            or (self.num_blocks is not None and self.num_blocks < 1)
+        ):
             raise ValueError("block_size, max_num_seqs and num_blocks must be positive")
         for name, value, allowed in (("dtype", self.dtype, DTYPES), ("device", self.device, DEVICES),
                                      ("kv_transport", self.kv_transport, KV_TRANSPORTS)):  # fmt: skip
@@ -97,7 +103,15 @@ class ClusterSpec:
         members = []
         for pool, count in (("fresh", self.num_fresh), ("warm", self.num_warm)):
             for i in range(count):
-                args = [*engine, "--worker-id", f"{pool}-{i}", "--pool", pool, "--kv-transport", self.kv_transport]
+                args = [
+                    *engine,
+                    "--worker-id",
+                    f"{pool}-{i}",
+                    "--pool",
+                    pool,
+                    "--kv-transport",
+                    self.kv_transport,
+                ]
                 members.append(MemberSpec(f"{pool}-{i}", "prefill", "splitserve.prefill_worker", tuple(args)))
         for i in range(self.num_decode):
             args = (*engine, "--worker-id", f"decode-{i}")

@@ -5,8 +5,9 @@ the child to this process so it never outlives it), read the address it announce
 HOST:PORT [http HOST:PORT]"), send the rest of its output to a log file, restart it when it dies (backing
 off while it keeps dying), and stop it (SIGTERM, then SIGKILL). A member that dies before it ever
 announced an address at its first start is not restarted: that is a configuration error (a bad model path,
-a port in use), reported with its log's tail. The member registers itself with the router through the prefix index; the
-supervisor knows nothing about routing. A plain class: the Ray actor in `actors.py` is a shell around it.
+a port in use), reported with its log's tail. The member registers itself with the router through the
+prefix index; the supervisor knows nothing about routing. A plain class: the Ray actor in `actors.py` is
+a shell around it.
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ class ProcessSupervisor:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             self._state = MemberState.STARTING
-        self._thread = threading.Thread(target=self._monitor, name=f"supervise-{self.member.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._monitor, name=f"supervise-{self.member.name}", daemon=True
+        )
         self._thread.start()
         return self
 

@@ -26,6 +26,7 @@ from splitserve.router.dispatch import FailurePolicy
 from splitserve.router.http_front import HTTPFront
 from splitserve.router.policies import POLICIES, make_policy
 from splitserve.router.service import RouterService
+from splitserve.router.tenants import Tenants
 from splitserve.router.text import TextCodec
 
 log = logging.getLogger("splitserve.router")
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy-option", action="append", default=[], metavar="NAME=VALUE",
                         help="a policy threshold, e.g. local_prefill_max_tokens=128 (repeatable)")
     parser.add_argument("--failure-policy", default="recompute", choices=[p.value for p in FailurePolicy])
+    parser.add_argument("--tenants", default=None, metavar="FILE",
+                        help="API keys: JSON of tenant name → SHA-256 hex of its key; the tenant salts the "
+                             "requests' prefix hashes (default: no keys, one tenant)")
     parser.add_argument("--worker", action="append", default=[], metavar="ID=ROLE@HOST:PORT",
                         help="a worker added by hand (repeatable)")
     args = parser.parse_args(argv)
@@ -97,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         mirror.match if mirror is not None else (lambda hashes: {}),
         ArmAssigner(shares) if args.ab else None, FailurePolicy(args.failure_policy),
     )  # fmt: skip
-    service = RouterService(router, TextCodec(args.model), lambda: mirror is not None and mirror.stale)
+    tenants = Tenants.from_file(args.tenants) if args.tenants else None
+    stale = lambda: mirror is not None and mirror.stale  # noqa: E731
+    service = RouterService(router, TextCodec(args.model), stale, tenants)
     server = grpc.server(ThreadPoolExecutor(max_workers=128))
     router_pb2_grpc.add_RouterServicer_to_server(service, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")

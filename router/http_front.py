@@ -28,6 +28,7 @@ _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
 }  # fmt: skip
 
 
@@ -162,7 +163,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         chat = self.path == "/v1/chat/completions"
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        chunks = self.front.service.run(request, self.front.service.new_request_id())
+        service = self.front.service
+        chunks = service.run(request, service.new_request_id(), self.headers.get("Authorization"))
         try:
             if body.get("stream"):
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))

@@ -24,6 +24,7 @@ from splitserve.protos import router_pb2, router_pb2_grpc, workers_pb2
 from splitserve.router.core import Routed, RoutedRequest, Router
 from splitserve.router.dispatch import TransferFailed
 from splitserve.router.policies import NoWorker
+from splitserve.router.tenants import Tenants, Unauthenticated
 from splitserve.router.text import Detokenizer, TextCodec
 
 
@@ -46,16 +47,23 @@ class RequestError(Exception):
 
 class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(
-        self, router: Router, codec: TextCodec | None = None, index_stale: Callable[[], bool] = lambda: False
+        self,
+        router: Router,
+        codec: TextCodec | None = None,
+        index_stale: Callable[[], bool] = lambda: False,
+        tenants: Tenants | None = None,
     ) -> None:
         """`codec`: the checkpoint's tokenizer, for text and chat prompts and text output (None: token
-        ids only)."""
+        ids only). `tenants`: API keys → tenants, whose names salt the requests' block hashes (None: one
+        anonymous tenant, keys unchecked)."""
         self.router = router
         self.codec = codec
         self.index_stale = index_stale
+        self.tenants = tenants
         self._ids = itertools.count()
         self._arms: dict[str, _ArmCounters] = {}
-        self._running: dict[str, tuple[threading.Event, list[str]]] = {}  # id → (aborted, its decode worker)
+        # request id → (its tenant, aborted, its decode worker)
+        self._running: dict[str, tuple[str | None, threading.Event, list[str]]] = {}
         self._lock = threading.Lock()
 
     def Generate(self, request: router_pb2.RouterRequest, context: grpc.ServicerContext):
@@ -79,17 +87,19 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     def _grpc(self, request, context: grpc.ServicerContext, rid: str):
         try:
-            yield from self.run(request, rid)
+            yield from self.run(request, rid, _authorization(context))
         except RequestError as exc:
             context.abort(exc.code, exc.detail)
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
-    def run(self, request: router_pb2.RouterRequest, rid: str):
+    def run(self, request: router_pb2.RouterRequest, rid: str, authorization: str | None = None):
         """The request's chunks (the first with its route and TTFT, the last with its finish reason and
-        usage); raises `RequestError`. Closing the iterator early aborts the request on the workers."""
+        usage); raises `RequestError`. Closing the iterator early aborts the request on the workers.
+        `authorization`: the caller's "Bearer KEY", which names its tenant."""
         start = time.perf_counter()
+        tenant = self._tenant(authorization)
         prompt, detok = self._prompt(request)
         if request.sampling.max_tokens <= 0:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens must be positive")
@@ -97,9 +107,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
         with self._lock:
             if rid in self._running:
                 raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} is running")
-            self._running[rid] = (aborted, decode)
+            self._running[rid] = (tenant, aborted, decode)
         routed = RoutedRequest(rid, prompt, request.sampling, session_id=request.session_id or None,
-                               aborted=aborted)  # fmt: skip
+                               tenant_salt=tenant, aborted=aborted)  # fmt: skip
         counters, completion, cached = None, 0, 0
         outputs = self.router.generate(routed)
         try:
@@ -143,6 +153,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
             counters.prompt_tokens += len(routed.prompt_token_ids)
             counters.cached_tokens += cached
 
+    def _tenant(self, authorization: str | None) -> str | None:
+        if self.tenants is None:
+            return None
+        try:
+            return self.tenants.tenant_for(authorization)
+        except Unauthenticated as exc:
+            raise RequestError(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+
     def _prompt(self, request: router_pb2.RouterRequest) -> tuple[list[int], Detokenizer | None]:
         """The prompt's token ids and, with a tokenizer, the output's detokenizer (stop strings)."""
         def bad(detail: str) -> RequestError:
@@ -169,12 +187,17 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     def Abort(self, request: router_pb2.RouterAbortRequest, context=None):
         """Abort on the decode worker (which holds the request's reservation or runs it): its stream then
-        ends with "abort", and a transfer that fails because of it is not retried."""
+        ends with "abort", and a transfer that fails because of it is not retried. Only the request's own
+        tenant can abort it (another's request is "not found")."""
+        try:
+            tenant = self._tenant(_authorization(context))
+        except RequestError as exc:
+            context.abort(exc.code, exc.detail)
         with self._lock:
             running = self._running.get(request.request_id)
-        if running is None:
+        if running is None or running[0] != tenant:
             return router_pb2.RouterAbortReply(found=False)
-        aborted, decode = running
+        _, aborted, decode = running
         aborted.set()
         if decode:
             with contextlib.suppress(grpc.RpcError, NoWorker):
@@ -207,6 +230,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
             with self._lock:
                 counters.failures += 1
         raise RequestError(code, detail)
+
+
+def _authorization(context: grpc.ServicerContext | None) -> str | None:
+    return dict(context.invocation_metadata()).get("authorization") if context is not None else None
 
 
 def _route(routed: Routed) -> router_pb2.Route:

@@ -50,11 +50,16 @@ class DeadlineExceededError(SplitserveError, TimeoutError):
     """The request's deadline passed."""
 
 
+class AuthenticationError(SplitserveError, PermissionError):
+    """The router wants an API key (`api_key=`) and got none, or one it does not know."""
+
+
 _ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
 }
 
 
@@ -161,12 +166,15 @@ class Client:
     """A blocking client. `timeout` (seconds) is each request's deadline unless a call gives its own;
     `retries`: attempts after the first while nothing has been received."""
 
-    def __init__(self, address: str, timeout: float | None = 600.0, retries: int = 2) -> None:
+    def __init__(
+        self, address: str, timeout: float | None = 600.0, retries: int = 2, api_key: str | None = None
+    ) -> None:
         self.address = address
         self.timeout = timeout
         self.retries = retries
         self._channel = grpc.insecure_channel(address)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
 
     def close(self) -> None:
         self._channel.close()
@@ -175,7 +183,7 @@ class Client:
         """Stop a running request started with this `request_id`; True if it was running."""
         try:
             request = router_pb2.RouterAbortRequest(request_id=request_id)
-            return self._stub.Abort(request, timeout=self.timeout).found
+            return self._stub.Abort(request, timeout=self.timeout, metadata=self._metadata).found
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
@@ -218,7 +226,7 @@ class Client:
     def _calls(self, request, timeout: float | None) -> Iterator[router_pb2.RouterChunk]:
         deadline = timeout if timeout is not None else self.timeout
         for attempt in range(self.retries + 1):
-            call = self._stub.GenerateStream(request, timeout=deadline)
+            call = self._stub.GenerateStream(request, timeout=deadline, metadata=self._metadata)
             received = False
             try:
                 for msg in call:
@@ -234,11 +242,14 @@ class Client:
 class AsyncClient:
     """The asyncio client: `await generate(...)`, `async for chunk in stream(...)`; same arguments."""
 
-    def __init__(self, address: str, timeout: float | None = 600.0, retries: int = 2) -> None:
+    def __init__(
+        self, address: str, timeout: float | None = 600.0, retries: int = 2, api_key: str | None = None
+    ) -> None:
         self.timeout = timeout
         self.retries = retries
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
 
     async def close(self) -> None:
         await self._channel.close()
@@ -264,7 +275,7 @@ class AsyncClient:
     async def _calls(self, request, timeout: float | None) -> AsyncIterator[router_pb2.RouterChunk]:
         deadline = timeout if timeout is not None else self.timeout
         for attempt in range(self.retries + 1):
-            call = self._stub.GenerateStream(request, timeout=deadline)
+            call = self._stub.GenerateStream(request, timeout=deadline, metadata=self._metadata)
             received = False
             try:
                 async for msg in call:

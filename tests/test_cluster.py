@@ -69,12 +69,23 @@ def _by_hand(model, tmp):
     for wid, module, extra in (("decode-0", "splitserve.decode_worker", []),
                                ("fresh-0", "splitserve.prefill_worker", ["--pool", "fresh"]),
                                ("warm-0", "splitserve.prefill_worker", ["--pool", "warm"])):  # fmt: skip
-        args = [module, "--model", str(model), "--port", "0", *ENGINE, "--redis-url", redis.url, "--worker-id", wid]
+        args = [
+            module,
+            "--model",
+            str(model),
+            "--port",
+            "0",
+            *ENGINE,
+            "--redis-url",
+            redis.url,
+            "--worker-id",
+            wid,
+        ]
         procs.append(start_process([*args, *extra])[0])
     log = tmp / "router.log"
     with open(log, "w") as err:
-        router, address = start_process(["splitserve.router", "--model", str(model), "--port", "0", "--http-port",
-                                         "0", *BLOCK, "--redis-url", redis.url, *POLICY], stderr=err)  # fmt: skip
+        args = ["--model", str(model), "--port", "0", "--http-port", "0", *BLOCK, "--redis-url", redis.url]
+        router, address = start_process(["splitserve.router", *args, *POLICY], stderr=err)
     procs.append(router)
 
     def close():
@@ -87,7 +98,8 @@ def _by_hand(model, tmp):
                 proc.kill()
         redis.stop()
 
-    return {"address": address, "http": router.http_address, "redis": redis, "log": log, "redis_url": redis.url,
+    return {"address": address, "http": router.http_address, "redis": redis, "log": log,
+            "redis_url": redis.url,
             "close": close}  # fmt: skip
 
 
@@ -114,8 +126,23 @@ def cluster(request, tiny_model, tmp_path_factory):
     c = (_by_hand if request.param == "processes" else _on_ray)(model, tmp)
     odd = None
     try:  # a worker hashing blocks of another size: the router must refuse it
-        odd, _ = start_process(["splitserve.decode_worker", "--model", str(model), "--port", "0", "--block-size",
-                                "16", "--num-blocks", "64", "--redis-url", c["redis_url"], "--worker-id", "odd"])
+        odd, _ = start_process(
+            [
+                "splitserve.decode_worker",
+                "--model",
+                str(model),
+                "--port",
+                "0",
+                "--block-size",
+                "16",
+                "--num-blocks",
+                "64",
+                "--redis-url",
+                c["redis_url"],
+                "--worker-id",
+                "odd",
+            ]
+        )
         client = Client(c["address"], timeout=60)
         deadline = time.monotonic() + 30
         while client.generate([5, 6, 7], max_tokens=1).route["decode_worker"] != "decode-0":
@@ -132,8 +159,14 @@ def cluster(request, tiny_model, tmp_path_factory):
 
 def offline(model, prompt, max_tokens):
     llm = LLM(str(model), num_blocks=256, block_size=8)
-    return llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                                                     ignore_eos=True))[0].outputs[0].token_ids
+    return (
+        llm.generate(
+            {"prompt_token_ids": prompt},
+            SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+        )[0]
+        .outputs[0]
+        .token_ids
+    )
 
 
 def test_a_conversation_goes_fresh_then_warm_with_cached_tokens(cluster):
@@ -165,7 +198,9 @@ def test_the_official_openai_client_streaming_and_not(cluster):
     client = openai.OpenAI(base_url=f"http://{cluster['http']}/v1", api_key="unused", max_retries=0)
     llm = LLM(str(cluster["model"]), num_blocks=256, block_size=8)
     messages = [{"role": "user", "content": "How do I plant tomatoes in a small garden?"}]
-    want = llm.chat(messages, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0].outputs[0].text
+    want = (
+        llm.chat(messages, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0].outputs[0].text
+    )
     greedy = {"temperature": 0.0, "max_tokens": 8, "extra_body": {"ignore_eos": True}, "user": "tomatoes"}
     done = client.chat.completions.create(model="x", messages=messages, **greedy)
     assert done.choices[0].message.content == want
@@ -235,13 +270,15 @@ def test_ray_restarts_a_dead_worker_and_a_dead_member_actor(cluster):
     assert after["restarts"] == decode["restarts"] + 1
     prompt = list(range(100, 140))
     assert client.generate(prompt, max_tokens=4, temperature=0.0, ignore_eos=True).token_ids == offline(
-        model, prompt, 4)
+        model, prompt, 4
+    )
     fresh = _members(cluster)["fresh-0"]
     actor_pid = int(Path(f"/proc/{fresh['pid']}/stat").read_text().split()[3])  # its parent: the actor
     os.kill(actor_pid, signal.SIGKILL)  # the actor: Ray restarts it; its old worker dies with it
     _wait_restarted(cluster, "fresh-0", fresh["pid"])
     assert _gone(fresh["pid"])
-    out = splitserve("generate", "The weather in the mountains", "--max-tokens", "4", "--ignore-eos", "--json",
+    out = splitserve("generate", "The weather in the mountains", "--max-tokens", "4", "--ignore-eos",
+                     "--json",
                      "--state-file", str(cluster["state_file"]))  # fmt: skip
     assert len(json.loads(out.stdout)["token_ids"]) == 4
 

@@ -26,12 +26,23 @@ def test_cluster_spec_validates():
 
 
 def test_cluster_spec_members_are_the_entry_points_with_their_flags():
-    spec = ClusterSpec(model="/m", num_fresh=2, num_warm=1, num_decode=1, ab="cpd:0.5,least_loaded:0.5",
-                       http_port=None, num_blocks=64, policy_options=("local_prefill_max_tokens=8",))
+    spec = ClusterSpec(
+        model="/m",
+        num_fresh=2,
+        num_warm=1,
+        num_decode=1,
+        ab="cpd:0.5,least_loaded:0.5",
+        http_port=None,
+        num_blocks=64,
+        policy_options=("local_prefill_max_tokens=8",),
+    )
     workers = spec.workers("redis://r:1/0")
     assert [(w.name, w.kind, w.module) for w in workers] == [
-        ("fresh-0", "prefill", "splitserve.prefill_worker"), ("fresh-1", "prefill", "splitserve.prefill_worker"),
-        ("warm-0", "prefill", "splitserve.prefill_worker"), ("decode-0", "decode", "splitserve.decode_worker")]
+        ("fresh-0", "prefill", "splitserve.prefill_worker"),
+        ("fresh-1", "prefill", "splitserve.prefill_worker"),
+        ("warm-0", "prefill", "splitserve.prefill_worker"),
+        ("decode-0", "decode", "splitserve.decode_worker"),
+    ]
     warm = workers[2].args
     assert warm[warm.index("--pool") + 1] == "warm" and warm[warm.index("--worker-id") + 1] == "warm-0"
     assert warm[warm.index("--num-blocks") + 1] == "64" and warm[warm.index("--port") + 1] == "0"
@@ -43,7 +54,8 @@ def test_cluster_spec_members_are_the_entry_points_with_their_flags():
 
 def _router(tiny_model, *extra: str) -> MemberSpec:
     model = str(tiny_model("llama"))
-    return MemberSpec("router", "router", "splitserve.router", ("--model", model, "--port", "0", "--http-port",
+    return MemberSpec("router", "router", "splitserve.router", ("--model", model, "--port", "0",
+                      "--http-port",
                       "0", "--worker", "d=decode@127.0.0.1:9", *extra))  # fmt: skip
 
 
@@ -78,10 +90,13 @@ def test_a_member_is_announced_restarted_after_a_kill_and_stopped(tiny_model, tm
 
 
 def test_a_member_that_never_serves_fails_with_its_log(tmp_path):
-    member = MemberSpec("router", "router", "splitserve.router", ("--model", str(tmp_path / "missing"), "--port",
-                        "0"))  # fmt: skip
+    member = MemberSpec(
+        "router", "router", "splitserve.router", ("--model", str(tmp_path / "missing"), "--port", "0")
+    )
     sup = ProcessSupervisor(member, tmp_path / "router.log", backoff_s=0.1).start()
-    with pytest.raises(MemberFailed, match=r"(?s)router did not start \(exit status 1\).*missing/config.json"):
+    with pytest.raises(
+        MemberFailed, match=r"(?s)router did not start \(exit status 1\).*missing/config.json"
+    ):
         sup.wait_ready(30)
     assert sup.status().state is MemberState.FAILED and sup.status().restarts == 0
 

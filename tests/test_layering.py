@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("engine", "kernels", "router", "prefill_worker", "decode_worker", "kvtransfer", "protos", "index")
+PACKAGES = ("engine", "kernels", "router", "prefill_worker", "decode_worker", "kvtransfer", "protos", "index",
+            "cluster")
 
 ALLOWED: dict[str, set[str]] = {
     "kernels": set(),
@@ -22,9 +23,12 @@ ALLOWED: dict[str, set[str]] = {
     "protos": set(),
     # The publisher is a BlockPool listener, so it names BlockEvent (block_pool is torch-free too).
     "index": {"engine.block_hash", "engine.block_pool"},
+    # Orchestration: it starts the entry points as processes (never imports the workers) and asks the
+    # router through the client SDK whether every worker registered.
+    "cluster": {"router", "index", "client"},
 }
-TORCH_FREE = {"router", "protos", "index", "engine/block_hash.py", "engine/block_pool.py", "engine/errors.py",
-              "engine/sampling_params.py", "engine/model_config.py"}
+TORCH_FREE = {"router", "protos", "index", "cluster", "splitserve/client.py", "engine/block_hash.py",
+              "engine/block_pool.py", "engine/errors.py", "engine/sampling_params.py", "engine/model_config.py"}
 HEAVY = ("torch", "triton", "transformers", "numpy", "safetensors")
 
 
@@ -75,3 +79,15 @@ def test_the_layering_check_catches_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import torch\nfrom splitserve.engine.model import DecoderLM\n")
     assert imports_of(bad) == ["torch", "splitserve.engine.model"]
+
+
+def test_the_router_process_and_the_orchestration_never_load_torch():
+    """At run time too: everything `python -m splitserve.router` and `splitserve up` import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, splitserve.router.__main__, splitserve.cluster.launcher, splitserve.cli.up; "
+        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}); assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -251,3 +251,57 @@ def test_the_openai_http_front_with_the_official_client(model, cluster):
         assert 'splitserve_arm_requests_total{arm="cpd"}' in metrics and "splitserve_worker_up" in metrics
     finally:
         front.stop()
+
+
+def test_tenants_keys_and_salted_caches_over_grpc_and_http(model, cluster, tmp_path):
+    """A tenant's repeated prompt hits its own cache, never another tenant's; no key or an unknown key is
+    refused (the SDK's AuthenticationError, HTTP 401); a tenant cannot abort another's request."""
+    import hashlib
+    import json
+
+    import openai
+
+    from splitserve import Client
+    from splitserve.client import AuthenticationError
+    from splitserve.protos import router_pb2_grpc
+    from splitserve.router.http_front import HTTPFront
+    from splitserve.router.service import RouterService
+    from splitserve.router.tenants import Tenants
+    from splitserve.router.text import TextCodec
+
+    path = tmp_path / "tenants.json"
+    path.write_text(json.dumps({t: hashlib.sha256(f"key-{t}".encode()).hexdigest() for t in ("a", "b")}))
+    workers, matches, model_id = cluster
+    router = Router(workers, {"prefix_affinity": make_policy("prefix_affinity")}, model_id, 8, matches)
+    service = RouterService(router, TextCodec(model), tenants=Tenants.from_file(path))
+    server, port = make_server("127.0.0.1:0")
+    router_pb2_grpc.add_RouterServicer_to_server(service, server)
+    server.start()
+    front = HTTPFront(service, "tiny").start()
+    prompt = list(range(20, 60))
+    greedy = {"max_tokens": 4, "temperature": 0.0, "ignore_eos": True}
+    try:
+        address = f"127.0.0.1:{port}"
+        with Client(address, api_key="key-a") as a, Client(address, api_key="key-b") as b:
+            first = a.generate(prompt, **greedy)
+            assert a.generate(prompt, **greedy).usage.cached_tokens == 32  # its own cache (the last block
+            # of a 40-token prompt is computed again: its last token must be)
+            other = b.generate(prompt, **greedy)
+            assert other.usage.cached_tokens == 0 and other.token_ids == first.token_ids  # salted apart
+            stream = b.stream(prompt, max_tokens=300, ignore_eos=True, request_id="b-long")
+            next(stream)
+            assert not a.abort("b-long") and b.abort("b-long")
+            assert [c.finish_reason for c in stream][-1] == "abort"
+        for key in (None, "key-c"):
+            with Client(f"127.0.0.1:{port}", api_key=key, retries=0) as c, pytest.raises(AuthenticationError):
+                c.generate(prompt, **greedy)
+        http = openai.OpenAI(base_url=f"http://127.0.0.1:{front.port}/v1", api_key="key-b", max_retries=0)
+        done = http.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0.0,
+                                       extra_body={"ignore_eos": True})  # fmt: skip
+        assert done.usage.prompt_tokens_details.cached_tokens == 32  # tenant b's cache from above
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{front.port}/v1", api_key="nope", max_retries=0
+                          ).completions.create(model="tiny", prompt="hi", max_tokens=2)  # fmt: skip
+    finally:
+        front.stop()
+        server.stop(0).wait()

@@ -1,4 +1,4 @@
-"""`splitserve down`: stop the cluster that `splitserve up` started (members, embedded Redis, its Ray head)."""
+"""`splitserve down`: stop the cluster `splitserve up` started (members, embedded Redis, its Ray head)."""
 
 from __future__ import annotations
 

@@ -88,6 +88,7 @@ def _remote(args: argparse.Namespace, address: str) -> int:
     else:
         print(out.text)
         print(f"[{out.usage.prompt_tokens} prompt tokens ({out.usage.cached_tokens} cached), "
-              f"{out.usage.completion_tokens} generated, finish={out.finish_reason}, pool {route.get('pool')}, "
+              f"{out.usage.completion_tokens} generated, finish={out.finish_reason}, "
+              f"pool {route.get('pool')}, "
               f"TTFT {out.ttft_ms:.1f} ms, total {out.total_ms:.1f} ms]")  # fmt: skip
     return 0

@@ -11,7 +11,9 @@ from splitserve.cluster.state import default_state_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("status", help="show the cluster started by `splitserve up`", description=__doc__)
+    p = subparsers.add_parser(
+        "status", help="show the cluster started by `splitserve up`", description=__doc__
+    )
     p.add_argument("--state-file", type=Path, default=default_state_file())
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_run)
@@ -34,7 +36,8 @@ def _run(args: argparse.Namespace) -> int:
         w = loads.get(m["name"], {})
         load = w.get("load", {})
         healthy = "-" if m["name"] == "router" else ("yes" if w.get("healthy") else "no")
-        print(f"{m['name']:<12}{m['state']:<12}{m.get('restarts', '-'):>9}  {m.get('node', '-'):<16}{healthy:<9}"
+        print(f"{m['name']:<12}{m['state']:<12}{m.get('restarts', '-'):>9}  {m.get('node', '-'):<16}"
+              f"{healthy:<9}"
               f"{load.get('queued_tokens', 0):>8}{load.get('running_requests', 0):>8}"
               f"{load.get('kv_usage', 0.0):>7.2f}")  # fmt: skip
     for arm in router.get("arms", []):

@@ -22,16 +22,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decode", type=int, default=1, help="decode workers")
     p.add_argument("--policy", default="cpd", help="routing policy (see `python -m splitserve.router -h`)")
     p.add_argument("--ab", default=None, help="A/B arms by share, e.g. cpd:0.5,least_loaded:0.5")
-    p.add_argument("--policy-option", action="append", default=[], metavar="NAME=VALUE",
-                   help="a policy threshold (repeatable)")
+    p.add_argument(
+        "--policy-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a policy threshold (repeatable)",
+    )
     p.add_argument("--failure-policy", default="recompute", choices=["fail", "recompute"])
     p.add_argument("--grpc-port", type=int, default=50051, help="the router's gRPC port (0: any free port)")
-    p.add_argument("--http-port", type=int, default=8000,
-                   help="the router's OpenAI-compatible HTTP port (0: any free port; -1: none)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="interface every member binds (0.0.0.0: all; members then advertise their node's IP)")
-    p.add_argument("--redis-url", default=None, help="the prefix index's Redis (default: start an embedded one)")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a Ray head here)")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="the router's OpenAI-compatible HTTP port (0: any free port; -1: none)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface every member binds (0.0.0.0: all; members then advertise their node's IP)",
+    )
+    p.add_argument(
+        "--redis-url", default=None, help="the prefix index's Redis (default: start an embedded one)"
+    )
+    p.add_argument(
+        "--ray-address", default=None, help="join this Ray cluster (default: start a Ray head here)"
+    )
     p.add_argument("--tenants", default=None, help="JSON file: tenant name → SHA-256 hex of its API key")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: from memory)")
@@ -63,8 +79,10 @@ def _run(args: argparse.Namespace) -> int:
     state = launcher.up(spec, args.state_file, args.timeout)
     print(f"cluster up: gRPC {state.router_address}" + (f", HTTP http://{state.http_address}/v1"
                                                          if state.http_address else ""))  # fmt: skip
-    print(f"state: {args.state_file}; stop with `splitserve down" +
-          ("`" if args.state_file == default_state_file() else f" --state-file {args.state_file}`"))
+    print(
+        f"state: {args.state_file}; stop with `splitserve down"
+        + ("`" if args.state_file == default_state_file() else f" --state-file {args.state_file}`")
+    )
     if args.detach:
         return 0
     stop = threading.Event()
