@@ -28,7 +28,8 @@ ALLOWED: dict[str, set[str]] = {
     "cluster": {"router", "index", "client"},
 }
 TORCH_FREE = {"router", "protos", "index", "cluster", "splitserve/client.py", "engine/block_hash.py",
-              "engine/block_pool.py", "engine/errors.py", "engine/sampling_params.py", "engine/model_config.py"}
+              "engine/block_pool.py", "engine/errors.py", "engine/sampling_params.py",
+              "engine/model_config.py"}
 HEAVY = ("torch", "triton", "transformers", "numpy", "safetensors")
 
 
