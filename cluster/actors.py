@@ -10,6 +10,7 @@ statuses); requests and KV never pass through Ray.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from splitserve.cluster.spec import MemberSpec
@@ -29,9 +30,7 @@ class MemberActor:
     def __init__(self, member: MemberSpec, log_dir: str, bind_host: str) -> None:
         public_host = node_address() if bind_host in WILDCARD_HOSTS else None
         if public_host is not None and member.is_worker:  # the index must name a reachable address
-            member = MemberSpec(
-                member.name, member.kind, member.module, (*member.args, "--advertise", public_host)
-            )
+            member = dataclasses.replace(member, args=(*member.args, "--advertise", public_host))
         log = Path(log_dir) / f"{member.name}.log"
         self.supervisor = ProcessSupervisor(member, log, public_host).start()
 

@@ -30,6 +30,7 @@ from splitserve.client import Client, SplitserveError
 from splitserve.cluster.actors import MemberActor, RedisActor
 from splitserve.cluster.spec import ClusterSpec, MemberSpec
 from splitserve.cluster.state import ClusterState
+from splitserve.index.config import redact_url
 
 RAY_HEAD_TIMEOUT_S = 60.0
 STOP_GRACE_S = 20.0
@@ -52,12 +53,13 @@ def up(spec: ClusterSpec, state_file: Path, timeout_s: float = 300.0, say: Calla
             state.ray_address, state.ray_head_pid = start_ray_head(Path(state.log_dir))
         state.save(state_file)  # from here on `down` can clean up, even after a crash of this process
         connect(state.ray_address, namespace)
-        state.redis_url = spec.redis_url
-        if state.redis_url is None:
+        redis_url = spec.redis_url
+        if redis_url is None:
             state.embedded_redis = True
-            state.redis_url = _start_redis(spec.host, timeout_s)
-            say(f"embedded Redis at {state.redis_url}")
-        members = [spec.router(state.redis_url), *spec.workers(state.redis_url)]
+            redis_url = _start_redis(spec.host, timeout_s)
+            say(f"embedded Redis at {redis_url}")
+        state.redis_url = redact_url(redis_url)  # the state file is readable: no password in it
+        members = [spec.router(redis_url), *spec.workers(redis_url)]
         gpus = _gpus_per_worker(spec)
         actors = [_start_member(m, gpus if m.is_worker else 0, state.log_dir, spec.host) for m in members]
         state.members = [m.name for m in members]

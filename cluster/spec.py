@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from splitserve.index.config import REDIS_URL_ENV
 from splitserve.router.core import parse_ab
 from splitserve.router.dispatch import FailurePolicy
 from splitserve.router.policies import POLICIES
@@ -22,13 +23,14 @@ KV_TRANSPORTS = ("auto", "grpc")
 
 @dataclass(frozen=True)
 class MemberSpec:
-    """One supervised process: its name (the worker id in the index), kind, `python -m` module and
-    arguments."""
+    """One supervised process: its name (the worker id in the index), kind, `python -m` module,
+    arguments, and environment additions (secrets go there, not into the command line)."""
 
     name: str
     kind: MemberKind
     module: str
     args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_worker(self) -> bool:
@@ -54,6 +56,7 @@ class ClusterSpec:
     http_port: int | None = 8000
     host: str = "127.0.0.1"
     redis_url: str | None = None
+    router_redis_url: str | None = None  # the router's own (read-only) Redis user; default: redis_url
     ray_address: str | None = None
     tenants: str | None = None
     block_size: int = 16
@@ -95,15 +98,16 @@ class ClusterSpec:
 
     def workers(self, redis_url: str) -> list[MemberSpec]:
         """The prefill and decode workers, registering in the index at `redis_url` under their names."""
-        engine = ["--model", self.model, "--host", self.host, "--port", "0", "--redis-url", redis_url,
-                  "--block-size", str(self.block_size), "--max-num-seqs", str(self.max_num_seqs),
-                  "--dtype", self.dtype, "--device", self.device]  # fmt: skip
+        env = ((REDIS_URL_ENV, redis_url),)
+        engine = ["--model", self.model, "--host", self.host, "--port", "0", "--block-size",
+                  str(self.block_size), "--max-num-seqs", str(self.max_num_seqs), "--dtype", self.dtype,
+                  "--device", self.device]  # fmt: skip
         if self.num_blocks is not None:
             engine += ["--num-blocks", str(self.num_blocks)]
         members = []
         for pool, count in (("fresh", self.num_fresh), ("warm", self.num_warm)):
             for i in range(count):
-                args = [
+                args = (
                     *engine,
                     "--worker-id",
                     f"{pool}-{i}",
@@ -111,18 +115,18 @@ class ClusterSpec:
                     pool,
                     "--kv-transport",
                     self.kv_transport,
-                ]
-                members.append(MemberSpec(f"{pool}-{i}", "prefill", "splitserve.prefill_worker", tuple(args)))
+                )
+                members.append(MemberSpec(f"{pool}-{i}", "prefill", "splitserve.prefill_worker", args, env))
         for i in range(self.num_decode):
             args = (*engine, "--worker-id", f"decode-{i}")
-            members.append(MemberSpec(f"decode-{i}", "decode", "splitserve.decode_worker", args))
+            members.append(MemberSpec(f"decode-{i}", "decode", "splitserve.decode_worker", args, env))
         return members
 
     def router(self, redis_url: str) -> MemberSpec:
-        """The router: it finds the workers through the index at `redis_url` (they register there)."""
+        """The router: it finds the workers through the index at `redis_url` (they register there), as
+        `router_redis_url`'s user when one is given."""
         args = ["--model", self.model, "--host", self.host, "--port", str(self.grpc_port),
-                "--redis-url", redis_url, "--block-size", str(self.block_size),
-                "--failure-policy", self.failure_policy]  # fmt: skip
+                "--block-size", str(self.block_size), "--failure-policy", self.failure_policy]  # fmt: skip
         args += ["--ab", self.ab] if self.ab else ["--policy", self.policy]
         for option in self.policy_options:
             args += ["--policy-option", option]
@@ -130,4 +134,5 @@ class ClusterSpec:
             args += ["--http-port", str(self.http_port)]
         if self.tenants is not None:
             args += ["--tenants", self.tenants]
-        return MemberSpec("router", "router", "splitserve.router", tuple(args))
+        env = ((REDIS_URL_ENV, self.router_redis_url or redis_url),)
+        return MemberSpec("router", "router", "splitserve.router", tuple(args), env)

@@ -19,7 +19,7 @@ class ClusterState:
     ray_address: str
     log_dir: str
     ray_head_pid: int | None = None  # a Ray head this cluster started (stopped on down)
-    redis_url: str | None = None
+    redis_url: str | None = None  # with its password redacted
     embedded_redis: bool = False  # the Redis is the cluster's own actor (stopped on down)
     router_address: str | None = None
     http_address: str | None = None

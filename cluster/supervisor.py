@@ -170,7 +170,8 @@ class ProcessSupervisor:
         with open(self.log_path, "ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.member.name}\n".encode())
             log.flush()
-            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, **dict(self.member.env)})  # fmt: skip
             with self._lock:
                 self._proc = proc
             if self._stopping.is_set():  # stop() ran before the child existed

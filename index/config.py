@@ -6,7 +6,18 @@ process configs (router, prefill worker, decode worker) embed it. Nothing here r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+
+# The environment variable a cluster's members read their Redis URL from when no --redis-url is given: a
+# URL with a password stays out of command lines, which every user of the machine can list.
+REDIS_URL_ENV = "SPLITSERVE_REDIS_URL"
+ROUTER_REDIS_URL_ENV = "SPLITSERVE_ROUTER_REDIS_URL"  # `splitserve up`: the router's own (read-only) user
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced, for logs, status output and state files."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 @dataclass(frozen=True)
@@ -18,7 +29,7 @@ class IndexConfig:
     worker list with the leases. Retries back off from `retry_backoff_s` to `retry_max_backoff_s`.
     """
 
-    redis_url: str
+    redis_url: str = field(repr=False)  # may carry a password: never in a repr or a log (`redact_url`)
     namespace: str = "spx"
     lease_ttl_s: float = 10.0
     heartbeat_s: float | None = None
@@ -32,7 +43,8 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"redis_url must be a redis://, rediss:// or unix:// URL: {self.redis_url!r}")
+            shown = redact_url(self.redis_url)
+            raise ValueError(f"redis_url must be a redis://, rediss:// or unix:// URL: {shown!r}")
         if not self.namespace or ":" in self.namespace:
             raise ValueError(f"namespace must be non-empty and contain no ':', got {self.namespace!r}")
         if self.lease_ttl_s <= 0:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from splitserve.index.config import REDIS_URL_ENV
 from splitserve.kvtransfer.chunks import MAX_CHUNK_BYTES
 from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 
@@ -133,8 +134,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-queued-tokens", type=int, default=None,
                         help="refuse new requests (RESOURCE_EXHAUSTED) past this many queued prompt tokens")
-    parser.add_argument("--redis-url", default=None,
-                        help="publish this worker and its cached blocks to the prefix index there")
+    parser.add_argument("--redis-url", default=os.environ.get(REDIS_URL_ENV),
+                        help=f"publish this worker and its cached blocks to the prefix index there (default: "
+                             f"${REDIS_URL_ENV})")
     parser.add_argument("--worker-id", default=None, help="its name in the index (default: its address)")
     parser.add_argument("--advertise", default=None, metavar="HOST[:PORT]",
                         help="the address routers reach this worker at (default: the bound host:port; "

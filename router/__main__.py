@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -17,7 +18,7 @@ from pathlib import Path
 import grpc
 
 from splitserve.engine.model_config import checkpoint_identity
-from splitserve.index.config import IndexConfig
+from splitserve.index.config import REDIS_URL_ENV, IndexConfig, redact_url
 from splitserve.index.mirror import IndexMirror
 from splitserve.index.schema import WorkerInfo
 from splitserve.protos import router_pb2_grpc
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, default=None,
                         help="also serve the OpenAI-compatible HTTP API on this port (0: any free port)")
     parser.add_argument("--block-size", type=int, default=16, help="the workers' KV block size")
-    parser.add_argument("--redis-url", default=None, help="the prefix index (workers register there)")
+    parser.add_argument("--redis-url", default=os.environ.get(REDIS_URL_ENV),
+                        help=f"the prefix index (workers register there; default: ${REDIS_URL_ENV})")
     parser.add_argument("--policy", default="cpd", choices=sorted(POLICIES))
     parser.add_argument("--ab", default=None, help="A/B arms by share, e.g. cpd:0.5,least_loaded:0.5")
     parser.add_argument("--policy-option", action="append", default=[], metavar="NAME=VALUE",
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.redis_url:
         mirror = IndexMirror(IndexConfig(args.redis_url), registrar(workers, model_id, args.block_size))
         if not mirror.start():
-            log.warning("prefix index at %s not reachable yet: routing on load until it is", args.redis_url)
+            log.warning("prefix index at %s not reachable yet: routing on load until it is",
+                        redact_url(args.redis_url))
     workers.start()
     shares = parse_ab(args.ab) if args.ab else {args.policy: 1.0}
     options = {name: float(value) for name, _, value in (o.partition("=") for o in args.policy_option)}

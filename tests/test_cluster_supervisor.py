@@ -46,7 +46,14 @@ def test_cluster_spec_members_are_the_entry_points_with_their_flags():
     warm = workers[2].args
     assert warm[warm.index("--pool") + 1] == "warm" and warm[warm.index("--worker-id") + 1] == "warm-0"
     assert warm[warm.index("--num-blocks") + 1] == "64" and warm[warm.index("--port") + 1] == "0"
+    assert all(
+        w.env == (("SPLITSERVE_REDIS_URL", "redis://r:1/0"),) and "redis://r:1/0" not in w.args
+        for w in workers
+    )  # a password in a URL stays out of command lines (`ps` lists those)
     router = spec.router("redis://r:1/0")
+    assert ClusterSpec(model="/m", router_redis_url="redis://ro:pw@r:1/0").router("redis://r:1/0").env == (
+        ("SPLITSERVE_REDIS_URL", "redis://ro:pw@r:1/0"),
+    )
     assert router.kind == "router" and not router.is_worker
     assert "--ab" in router.args and "--policy" not in router.args and "--http-port" not in router.args
     assert router.args[router.args.index("--policy-option") + 1] == "local_prefill_max_tokens=8"

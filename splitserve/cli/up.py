@@ -7,11 +7,13 @@ stops it from elsewhere); with `--detach` it returns once the cluster serves.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from pathlib import Path
 
 from splitserve.cluster.state import default_state_file
+from splitserve.index.config import REDIS_URL_ENV, ROUTER_REDIS_URL_ENV
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,32 +24,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decode", type=int, default=1, help="decode workers")
     p.add_argument("--policy", default="cpd", help="routing policy (see `python -m splitserve.router -h`)")
     p.add_argument("--ab", default=None, help="A/B arms by share, e.g. cpd:0.5,least_loaded:0.5")
-    p.add_argument(
-        "--policy-option",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a policy threshold (repeatable)",
-    )
+    p.add_argument("--policy-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a policy threshold (repeatable)")
     p.add_argument("--failure-policy", default="recompute", choices=["fail", "recompute"])
     p.add_argument("--grpc-port", type=int, default=50051, help="the router's gRPC port (0: any free port)")
-    p.add_argument(
-        "--http-port",
-        type=int,
-        default=8000,
-        help="the router's OpenAI-compatible HTTP port (0: any free port; -1: none)",
-    )
-    p.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="interface every member binds (0.0.0.0: all; members then advertise their node's IP)",
-    )
-    p.add_argument(
-        "--redis-url", default=None, help="the prefix index's Redis (default: start an embedded one)"
-    )
-    p.add_argument(
-        "--ray-address", default=None, help="join this Ray cluster (default: start a Ray head here)"
-    )
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="the router's OpenAI-compatible HTTP port (0: any free port; -1: none)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface every member binds (0.0.0.0: all; members then advertise their node's IP)")
+    p.add_argument("--redis-url", default=os.environ.get(REDIS_URL_ENV),
+                   help=f"the prefix index's Redis (default: ${REDIS_URL_ENV}; unset: start an embedded one)")
+    p.add_argument("--router-redis-url", default=os.environ.get(ROUTER_REDIS_URL_ENV),
+                   help=f"the router's Redis URL, a read-only ACL user (deploy/redis) (default: "
+                        f"${ROUTER_REDIS_URL_ENV}, else --redis-url)")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a Ray head)")
     p.add_argument("--tenants", default=None, help="JSON file: tenant name → SHA-256 hex of its API key")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: from memory)")
@@ -70,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
         num_decode=args.decode, policy=args.policy, ab=args.ab, policy_options=tuple(args.policy_option),
         failure_policy=args.failure_policy, grpc_port=args.grpc_port,
         http_port=None if args.http_port < 0 else args.http_port, host=args.host, redis_url=args.redis_url,
+        router_redis_url=args.router_redis_url,
         ray_address=args.ray_address, tenants=str(Path(args.tenants).resolve()) if args.tenants else None,
         block_size=args.block_size, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
         dtype=args.dtype, device=args.device, kv_transport=args.kv_transport,
