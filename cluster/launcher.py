@@ -37,10 +37,14 @@ STOP_GRACE_S = 20.0
 REDIS_ACTOR = "redis"
 
 
+class ClusterStartError(RuntimeError):
+    """A member, the Ray head or the embedded Redis could not start (the message says which, and why)."""
+
+
 def up(spec: ClusterSpec, state_file: Path, timeout_s: float = 300.0, say: Callable[[str], None] = print):
     """Start the cluster `spec` and return its `ClusterState` (also saved to `state_file`). Raises
-    ValueError for a cluster that cannot be placed, RuntimeError (with the member's log tail) for a member
-    that cannot start, TimeoutError; everything started is stopped again before it raises."""
+    ValueError for a cluster that cannot be placed, `ClusterStartError` (with the member's log tail) for a
+    member that cannot start, TimeoutError; everything started is stopped again before it raises."""
     if state_file.exists():
         raise ValueError(
             f"{state_file} names a running cluster: `splitserve down` first (or use --state-file)"
@@ -61,9 +65,9 @@ def up(spec: ClusterSpec, state_file: Path, timeout_s: float = 300.0, say: Calla
         state.redis_url = redact_url(redis_url)  # the state file is readable: no password in it
         members = [spec.router(redis_url), *spec.workers(redis_url)]
         gpus = _gpus_per_worker(spec)
-        actors = [_start_member(m, gpus if m.is_worker else 0, state.log_dir, spec.host) for m in members]
         state.members = [m.name for m in members]
         state.save(state_file)
+        actors = [_start_member(m, gpus if m.is_worker else 0, state.log_dir, spec.host) for m in members]
         say(f"starting {len(members) - 1} workers and a router (logs: {state.log_dir})")
         ready = _get([a.wait_ready.remote(timeout_s) for a in actors], timeout_s + 10)
         state.router_address, state.http_address = ready[0]["address"], ready[0]["http_address"]
@@ -147,7 +151,7 @@ def start_ray_head(log_dir: Path) -> tuple[str, int]:
     deadline = time.monotonic() + RAY_HEAD_TIMEOUT_S
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(
+            raise ClusterStartError(
                 f"the Ray head exited with status {proc.returncode}; see {log_dir}/ray-head.log"
             )
         with socket.socket() as s:
@@ -252,7 +256,7 @@ def _get(refs, timeout_s: float):
     try:
         return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.RayTaskError as exc:
-        raise RuntimeError(str(exc.cause) if exc.cause is not None else str(exc)) from None
+        raise ClusterStartError(str(exc.cause) if exc.cause is not None else str(exc)) from None
     except ray.exceptions.GetTimeoutError:
         raise TimeoutError(f"the cluster's members did not start within {timeout_s:.0f} s") from None
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -298,3 +300,26 @@ def test_down_stops_everything(cluster):
 
     with pytest.raises(redis.exceptions.ConnectionError):  # the embedded Redis is gone too
         redis.Redis.from_url(cluster["redis_url"], socket_timeout=1).ping()
+
+
+def test_up_with_a_member_that_cannot_start_fails_with_its_log_and_leaves_nothing(tiny_model, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model("llama"), broken)
+    (broken / "model.safetensors").write_bytes(b"\0" * 64)  # config and tokenizer load; the weights do not
+    state_file = tmp_path / "cluster.json"
+    args = ["up", "--model", str(broken), "--grpc-port", "0", "--http-port", "0", "--fresh-prefill", "1",
+            "--warm-prefill", "0", "--decode", "1", "--detach", "--state-file", str(state_file)]  # fmt: skip
+    heads_before = _pids("ray.scripts.scripts start")
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        splitserve(*args)
+    assert failed.value.returncode == 1
+    assert re.search(r"the cluster did not start: (fresh|decode)-0 did not start \(exit status 1\)",
+                     failed.value.stderr), failed.value.stderr  # fmt: skip
+    assert "SafetensorError" in failed.value.stderr  # the member's own log tail
+    assert not state_file.exists()
+    assert not _pids(str(broken)) and _pids("ray.scripts.scripts start") <= heads_before  # no member, no head
+
+
+def _pids(pattern: str) -> set[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return {int(pid) for pid in found.split()} - {os.getpid()}

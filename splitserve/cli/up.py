@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -67,7 +68,11 @@ def _run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if not (Path(spec.model) / "config.json").exists():
         raise FileNotFoundError(f"{args.model} is not a Hugging Face checkpoint directory (no config.json)")
-    state = launcher.up(spec, args.state_file, args.timeout)
+    try:
+        state = launcher.up(spec, args.state_file, args.timeout)
+    except launcher.ClusterStartError as exc:
+        print(f"splitserve up: the cluster did not start: {exc}", file=sys.stderr)
+        return 1
     print(f"cluster up: gRPC {state.router_address}" + (f", HTTP http://{state.http_address}/v1"
                                                          if state.http_address else ""))  # fmt: skip
     print(
