@@ -136,14 +136,15 @@ def teardown(state: ClusterState, say: Callable[[str], None] = lambda line: None
         say("stopped the Ray head")
 
 
-def start_ray_head(log_dir: Path) -> tuple[str, int]:
+def start_ray_head(log_dir: Path, extra_args: tuple[str, ...] = ()) -> tuple[str, int]:
     """A Ray head on this machine, in its own session (it outlives this process; `stop_ray_head` ends
-    it). Returns its address and the pid of its `ray start --block` process."""
+    it). `extra_args` go to `ray start` (e.g. "--num-gpus=2"). Returns its address and the pid of its
+    `ray start --block` process."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
-               "--include-dashboard=false", "--disable-usage-stats"]  # fmt: skip
+               "--include-dashboard=false", "--disable-usage-stats", *extra_args]  # fmt: skip
     with open(log_dir / "ray-head.log", "ab") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env,

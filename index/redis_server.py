@@ -54,12 +54,14 @@ class EmbeddedRedis:
     at interpreter exit, so the process never outlives its owner's normal exit.
 
     `port=None` picks a free port at the first start and keeps it across `restart()`, so clients holding
-    `url` reconnect to the new server.
+    `url` reconnect to the new server. `extra_args` are appended to the redis-server command line (e.g.
+    `("--aclfile", path)`); a server that refuses the unauthenticated readiness PING counts as up.
     """
 
     def __init__(self, port: int | None = None, *, host: str = "127.0.0.1", binary: str | None = None,
-                 start_timeout_s: float = 10.0) -> None:
+                 start_timeout_s: float = 10.0, extra_args: tuple[str, ...] = ()) -> None:
         self.host = host
+        self.extra_args = tuple(extra_args)
         self._port = port
         self._binary = binary
         self.start_timeout_s = start_timeout_s
@@ -121,7 +123,7 @@ class EmbeddedRedis:
     def _spawn(self, binary: str) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="splitserve-redis-"))
         args = [binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
-                "--dir", str(self._dir), "--daemonize", "no", "--logfile", ""]
+                "--dir", str(self._dir), "--daemonize", "no", "--logfile", "", *self.extra_args]
         with open(self._dir / "redis.log", "wb") as log:
             self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT)
@@ -139,6 +141,8 @@ class EmbeddedRedis:
                 try:
                     if client.ping():
                         return
+                except redis.AuthenticationError:
+                    return  # it answers: it only wants credentials (an ACL file turned `default` off)
                 except redis.RedisError:
                     pass
                 if time.monotonic() > deadline:

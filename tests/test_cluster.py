@@ -323,3 +323,39 @@ def test_up_with_a_member_that_cannot_start_fails_with_its_log_and_leaves_nothin
 def _pids(pattern: str) -> set[int]:
     found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
     return {int(pid) for pid in found.split()} - {os.getpid()}
+
+
+def test_up_joins_a_ray_cluster_with_one_gpu_per_worker_and_down_leaves_that_cluster_running(
+    tiny_model, tmp_path
+):
+    """A Ray head that declares 3 GPUs (logical: Ray hands out their ids; this machine has none, so the
+    workers compute on CPU): 3 workers get one distinct GPU each, 4 are refused, and `down` stops only
+    what `up` started."""
+    from splitserve.cluster.launcher import start_ray_head, stop_ray_head
+
+    address, head = start_ray_head(tmp_path, ("--num-gpus=3",))
+    try:
+        state_file = tmp_path / "cluster.json"
+        common = ["--model", str(tiny_model("llama")), "--grpc-port", "0", "--http-port", "-1",
+                  "--ray-address", address, "--state-file", str(state_file), "--detach"]  # fmt: skip
+        with pytest.raises(subprocess.CalledProcessError) as refused:
+            splitserve("up", *common, "--fresh-prefill", "2", "--warm-prefill", "1", "--decode", "1")
+        assert "4 workers need one GPU each; the Ray cluster has 3" in refused.value.stderr
+        splitserve("up", *common, "--fresh-prefill", "1", "--warm-prefill", "1", "--decode", "1")
+        members = json.loads(splitserve("status", "--json", "--state-file", str(state_file)).stdout)[
+            "members"
+        ]
+        gpus = {}
+        for m in members:
+            entries = Path(f"/proc/{m['pid']}/environ").read_text().split("\0")
+            environ = dict(kv.split("=", 1) for kv in entries if "=" in kv)
+            gpus[m["name"]] = environ.get("CUDA_VISIBLE_DEVICES")
+        assert sorted(gpus[w] for w in ("fresh-0", "warm-0", "decode-0")) == ["0", "1", "2"]
+        assert gpus["router"] in (None, "")  # the router takes no GPU
+        assert (
+            Client(ClusterState.load(state_file).router_address).generate([1, 2, 3], max_tokens=2).token_ids
+        )
+        splitserve("down", "--state-file", str(state_file))
+        assert not _gone(head)  # not this cluster's head: it keeps running
+    finally:
+        stop_ray_head(head)
