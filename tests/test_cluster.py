@@ -359,3 +359,28 @@ def test_up_joins_a_ray_cluster_with_one_gpu_per_worker_and_down_leaves_that_clu
         assert not _gone(head)  # not this cluster's head: it keeps running
     finally:
         stop_ray_head(head)
+
+
+def test_up_in_the_foreground_serves_until_interrupted(tiny_model, tmp_path):
+    state_file = tmp_path / "cluster.json"
+    heads_before = _pids("ray.scripts.scripts start")
+    up = subprocess.Popen([sys.executable, "-m", "splitserve", "up", "--model", str(tiny_model("llama")),
+                           "--grpc-port", "0", "--http-port", "-1", "--warm-prefill", "0", "--state-file",
+                           str(state_file)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        while "cluster up" not in (line := up.stdout.readline()):
+            assert line, "up exited before the cluster served"
+        with Client(ClusterState.load(state_file).router_address) as client:
+            assert len(client.generate([1, 2, 3], max_tokens=3).token_ids) == 3
+        members = [m["pid"] for m in json.loads(splitserve("status", "--json", "--state-file",
+                                                           str(state_file)).stdout)["members"]]  # fmt: skip
+        up.send_signal(signal.SIGINT)  # Ctrl-C: the cluster goes down with the command
+        assert up.wait(120) == 0
+        assert not state_file.exists()  # `up` took the cluster down itself
+    finally:
+        if up.poll() is None:
+            up.kill()
+        if state_file.exists():
+            splitserve("down", "--state-file", str(state_file))
+    assert all(_gone(pid) for pid in members)
+    assert _pids("ray.scripts.scripts start") <= heads_before
