@@ -143,6 +143,10 @@ def start_ray_head(log_dir: Path, extra_args: tuple[str, ...] = ()) -> tuple[str
     log_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    if env["RAY_AUTH_MODE"] == "token" and not _has_ray_token():
+        # `ray start` refuses token mode without a token; Ray's own command makes one (~/.ray/auth_token).
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
+                       check=True, capture_output=True, env=env)  # fmt: skip
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
                "--include-dashboard=false", "--disable-usage-stats", *extra_args]  # fmt: skip
     with open(log_dir / "ray-head.log", "ab") as log:
@@ -179,11 +183,17 @@ def stop_ray_head(pid: int, timeout_s: float = 60.0) -> None:
 def _ray():
     """The `ray` module, imported in token-auth mode when a token is present: Ray reads its auth mode once,
     at import, and a head started in token mode refuses anything else."""
-    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
+    if "RAY_AUTH_MODE" not in os.environ and _has_ray_token():
         os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     return ray
+
+
+def _has_ray_token() -> bool:
+    """A Ray token is available to this process where Ray looks for one."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or path.exists()
 
 
 def connect(address: str, namespace: str) -> None:
