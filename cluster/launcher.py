@@ -62,6 +62,9 @@ def up(spec: ClusterSpec, state_file: Path, timeout_s: float = 300.0, say: Calla
             state.embedded_redis = True
             redis_url = _start_redis(spec.host, timeout_s)
             say(f"embedded Redis at {redis_url}")
+            if spec.host != "127.0.0.1":
+                say(f"warning: the embedded Redis has no password and listens on {spec.host}; beyond one "
+                    "machine give --redis-url a Redis secured as in deploy/README.md")  # fmt: skip
         state.redis_url = redact_url(redis_url)  # the state file is readable: no password in it
         members = [spec.router(redis_url), *spec.workers(redis_url)]
         gpus = _gpus_per_worker(spec)
