@@ -200,9 +200,18 @@ def _has_ray_token() -> bool:
 
 
 def connect(address: str, namespace: str) -> None:
+    """Connect this process to the Ray cluster at `address` (raises ConnectionError at once when nothing
+    listens there: `ray.init` would wait minutes for a head that is gone)."""
     ray = _ray()
-    if not ray.is_initialized():
-        ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
+    if ray.is_initialized():
+        return
+    host, sep, port = address.rpartition(":")
+    if sep and port.isdigit():
+        try:
+            socket.create_connection((host, int(port)), timeout=3.0).close()
+        except OSError as exc:
+            raise ConnectionError(f"no Ray cluster at {address} ({exc.strerror or exc})") from None
+    ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
 
 
 def _start_redis(bind_host: str, timeout_s: float) -> str:

@@ -384,3 +384,20 @@ def test_up_in_the_foreground_serves_until_interrupted(tiny_model, tmp_path):
             splitserve("down", "--state-file", str(state_file))
     assert all(_gone(pid) for pid in members)
     assert _pids("ray.scripts.scripts start") <= heads_before
+
+
+def test_down_after_the_ray_cluster_died_cleans_up_at_once(tmp_path):
+    """A state file whose Ray head is gone (a reboot, a crash): `down` says so and removes the file instead
+    of waiting on Ray; `status` fails with a clear line."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    state_file = tmp_path / "cluster.json"
+    ClusterState("splitserve-gone", f"127.0.0.1:{port}", str(tmp_path), members=["router"]).save(state_file)
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        splitserve("status", "--state-file", str(state_file), timeout=30)
+    assert f"no Ray cluster at 127.0.0.1:{port}" in failed.value.stderr
+    out = splitserve("down", "--state-file", str(state_file), timeout=30)
+    assert "not reachable" in out.stdout and not state_file.exists()
