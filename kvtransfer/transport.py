@@ -37,6 +37,12 @@ GRPC_OPTIONS = [
 ]
 
 
+# gRPC servers set SO_REUSEPORT by default: a second server on a taken port would bind it too and the kernel
+# would share the connections between the two (another cluster's router answering half the clients). Off:
+# a taken port is an error at start.
+SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
 # glibc malloc in the worker processes. A Push moves 1-16 MiB frames through fresh buffers: gRPC's read
 # slices, the `bytes` grpcio hands the servicer, the sender's `encode_frame` join. With glibc's defaults that
 # memory goes back to the kernel when freed, so every frame page-faults in and is zeroed again (page faults,
@@ -69,7 +75,8 @@ def make_server(address: str, max_workers: int = 256) -> tuple[grpc.Server, int]
     bound port. Raises RuntimeError when the address cannot be bound. The synchronous server holds one
     thread per running RPC (a Generate stream holds its thread until the request ends), so
     `max_workers` must exceed the streams a worker serves at once plus its transfers."""
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+    options = [*GRPC_OPTIONS, *SERVER_OPTIONS]
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=options)
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot bind {address}")

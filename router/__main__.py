@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     tenants = Tenants.from_file(args.tenants) if args.tenants else None
     stale = lambda: mirror is not None and mirror.stale  # noqa: E731
     service = RouterService(router, TextCodec(args.model), stale, tenants)
-    server = grpc.server(ThreadPoolExecutor(max_workers=128))
+    # No SO_REUSEPORT: a second router on a taken port must fail (RuntimeError), not share its clients.
+    server = grpc.server(ThreadPoolExecutor(max_workers=128), options=[("grpc.so_reuseport", 0)])
     router_pb2_grpc.add_RouterServicer_to_server(service, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     server.start()

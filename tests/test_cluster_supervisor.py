@@ -128,3 +128,18 @@ def test_a_member_dies_with_its_supervisor(tiny_model, tmp_path):
         assert _gone(member_pid), "the member outlived its supervisor"
     finally:
         parent.kill()
+
+
+def test_a_second_router_on_a_taken_port_fails_instead_of_sharing_it(tiny_model, tmp_path):
+    """gRPC binds with SO_REUSEPORT by default: two routers on one port would split its clients."""
+    first = ProcessSupervisor(_router(tiny_model), tmp_path / "a.log").start()
+    try:
+        port = first.wait_ready(30).address.rpartition(":")[2]
+        model = str(tiny_model("llama"))
+        args = ("--model", model, "--port", port, "--worker", "d=decode@127.0.0.1:9")
+        second = MemberSpec("router", "router", "splitserve.router", args)
+        sup = ProcessSupervisor(second, tmp_path / "b.log").start()
+        with pytest.raises(MemberFailed, match=r"Address already in use|Failed to bind"):
+            sup.wait_ready(30)
+    finally:
+        first.stop(10)
