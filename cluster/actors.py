@@ -11,6 +11,8 @@ statuses); requests and KV never pass through Ray.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from pathlib import Path
 
 from splitserve.cluster.spec import MemberSpec
@@ -49,8 +51,12 @@ class MemberActor:
 
 
 class RedisActor:
-    def __init__(self, bind_host: str) -> None:
-        self.redis = EmbeddedRedis(host=bind_host).start()
+    """The embedded Redis on a fixed `port`, so that when Ray restarts this actor (its process died, and
+    the server with it) the index comes back at the same URL, empty: an outage the index recovers from."""
+
+    def __init__(self, bind_host: str, port: int) -> None:
+        tied = (sys.executable, "-m", "splitserve.cluster.child", str(os.getpid()), "--exec")
+        self.redis = EmbeddedRedis(port, host=bind_host, command_prefix=tied).start()
         self.public_host = node_address() if bind_host in WILDCARD_HOSTS else bind_host
 
     def url(self) -> str:

@@ -1,5 +1,6 @@
 """`python -m splitserve.cluster.child PARENT_PID MODULE ARGS...`: run `python -m MODULE ARGS...` so that it
-dies with its supervisor.
+dies with its supervisor; `... PARENT_PID --exec PROGRAM ARGS...` does the same for a program (it replaces
+this process, and the kernel keeps the parent-death signal across the exec).
 
 On Linux the child asks the kernel for SIGTERM when its parent goes (PR_SET_PDEATHSIG), so a supervisor
 killed outright (a Ray actor's process lost, `kill -9`) leaves no orphaned worker holding a GPU or a
@@ -30,6 +31,8 @@ def main() -> None:
     if len(sys.argv) < 3:
         sys.exit("usage: python -m splitserve.cluster.child PARENT_PID MODULE [ARGS...]")
     _die_with_parent(int(sys.argv[1]))
+    if sys.argv[2] == "--exec":
+        os.execv(sys.argv[3], sys.argv[3:])
     module = sys.argv[2]
     sys.argv = [module, *sys.argv[3:]]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -215,9 +215,12 @@ def connect(address: str, namespace: str) -> None:
 
 
 def _start_redis(bind_host: str, timeout_s: float) -> str:
+    """The embedded Redis actor, on this node, on a port chosen here (it keeps it across restarts)."""
     ray = _ray()
-    actor = ray.remote(RedisActor).options(name=REDIS_ACTOR, lifetime="detached", num_cpus=0,
-                                           scheduling_strategy=_this_node()).remote(bind_host)  # fmt: skip
+    port = _free_port("0.0.0.0" if bind_host in ("0.0.0.0", "::") else bind_host)
+    options = {"name": REDIS_ACTOR, "lifetime": "detached", "num_cpus": 0, "max_restarts": -1}
+    placed = ray.remote(RedisActor).options(**options, scheduling_strategy=_this_node())
+    actor = placed.remote(bind_host, port)
     return _get(actor.url.remote(), timeout_s)
 
 
@@ -291,9 +294,9 @@ def _this_node():
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -56,12 +56,15 @@ class EmbeddedRedis:
     `port=None` picks a free port at the first start and keeps it across `restart()`, so clients holding
     `url` reconnect to the new server. `extra_args` are appended to the redis-server command line (e.g.
     `("--aclfile", path)`); a server that refuses the unauthenticated readiness PING counts as up.
+    `command_prefix` runs the server through a wrapper that execs it (e.g. one tying it to its parent).
     """
 
     def __init__(self, port: int | None = None, *, host: str = "127.0.0.1", binary: str | None = None,
-                 start_timeout_s: float = 10.0, extra_args: tuple[str, ...] = ()) -> None:
+                 start_timeout_s: float = 10.0, extra_args: tuple[str, ...] = (),
+                 command_prefix: tuple[str, ...] = ()) -> None:
         self.host = host
         self.extra_args = tuple(extra_args)
+        self.command_prefix = tuple(command_prefix)
         self._port = port
         self._binary = binary
         self.start_timeout_s = start_timeout_s
@@ -122,8 +125,9 @@ class EmbeddedRedis:
 
     def _spawn(self, binary: str) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="splitserve-redis-"))
-        args = [binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
-                "--dir", str(self._dir), "--daemonize", "no", "--logfile", "", *self.extra_args]
+        args = [*self.command_prefix, binary, "--port", str(self.port), "--bind", self.host, "--save", "",
+                "--appendonly", "no", "--dir", str(self._dir), "--daemonize", "no", "--logfile", "",
+                *self.extra_args]
         with open(self._dir / "redis.log", "wb") as log:
             self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT)

@@ -279,10 +279,36 @@ def test_ray_restarts_a_dead_worker_and_a_dead_member_actor(cluster):
     os.kill(actor_pid, signal.SIGKILL)  # the actor: Ray restarts it; its old worker dies with it
     _wait_restarted(cluster, "fresh-0", fresh["pid"])
     assert _gone(fresh["pid"])
+    _kill_the_redis_actor_and_see_the_index_return(cluster)
     out = splitserve("generate", "The weather in the mountains", "--max-tokens", "4", "--ignore-eos",
                      "--json",
                      "--state-file", str(cluster["state_file"]))  # fmt: skip
     assert len(json.loads(out.stdout)["token_ids"]) == 4
+
+
+def _kill_the_redis_actor_and_see_the_index_return(cluster):
+    """The embedded Redis's actor dies: its server dies with it (no orphan holding the port), Ray restarts
+    the actor, the server comes back on the same URL, and the workers register again."""
+    import redis
+
+    port = int(cluster["redis_url"].rsplit(":", 1)[1].split("/")[0])
+    server = next(p for p in _pids("redis-server") if f":{port}" in Path(f"/proc/{p}/cmdline").read_text())
+    actor = int(Path(f"/proc/{server}/stat").read_text().split()[3])
+    os.kill(actor, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not _gone(server):
+        assert time.monotonic() < deadline, "the Redis server outlived its actor"
+        time.sleep(0.2)
+    while True:
+        try:
+            if redis.Redis.from_url(cluster["redis_url"], socket_timeout=1).ping():
+                break
+        except redis.exceptions.ConnectionError:
+            assert time.monotonic() < deadline, "Ray did not bring the embedded Redis back"
+            time.sleep(0.5)
+    while not cluster["client"].health()["serving"] or cluster["client"].health()["index_stale"]:
+        assert time.monotonic() < deadline, "the index did not recover"
+        time.sleep(0.5)
 
 
 def test_down_stops_everything(cluster):
