@@ -142,8 +142,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     break
         except (NoWorker, TransferFailed) as exc:
             self._fail(counters, grpc.StatusCode.UNAVAILABLE, str(exc))
-        except grpc.RpcError as exc:  # a worker's verdict (e.g. the prompt is too long), passed on
-            self._fail(counters, exc.code(), exc.details())
+        except grpc.RpcError as exc:  # a worker's verdict (e.g. the prompt is too long), or its death
+            where = f"decode worker {decode[0]}" if decode else "worker"
+            self._fail(counters, exc.code(), f"{where}, after {completion} tokens: {exc.details()}")
         finally:
             outputs.close()  # after a stop string or a cancelled call: the workers abort the request
             with self._lock:

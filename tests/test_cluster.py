@@ -25,6 +25,7 @@ import pytest
 from workers_cluster import start_process
 
 from splitserve import LLM, Client, SamplingParams
+from splitserve.client import UnavailableError
 from splitserve.cluster.state import ClusterState
 from splitserve.index.redis_server import EmbeddedRedis
 
@@ -267,7 +268,14 @@ def test_ray_restarts_a_dead_worker_and_a_dead_member_actor(cluster):
         pytest.skip("restarts are the Ray cluster's")
     client, model = cluster["client"], cluster["model"]
     decode = _members(cluster)["decode-0"]
-    os.kill(decode["pid"], signal.SIGKILL)  # the worker process: its supervisor restarts it
+    stream = client.stream(list(range(10, 60)), max_tokens=5000, ignore_eos=True, temperature=0.0)
+    received = 0
+    while received < 10:  # past the first token (from the prefill worker): the decode worker streams
+        received += len(next(stream).token_ids)
+    os.kill(decode["pid"], signal.SIGKILL)  # mid-stream: the request fails in band, with who and when
+    with pytest.raises(UnavailableError, match=r"decode worker decode-0, after \d+ tokens"):
+        list(stream)
+    # The worker process: its supervisor restarts it.
     after = _wait_restarted(cluster, "decode-0", decode["pid"])
     assert after["restarts"] == decode["restarts"] + 1
     prompt = list(range(100, 140))
