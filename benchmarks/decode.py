@@ -180,6 +180,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-hf-static", action="store_true")
     parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--fused-gemv", type=int, default=0, metavar="N",
+                        help="projections of batches up to N rows on the fused GEMV kernels (engine option)")
     parser.add_argument("--profile", action="store_true", help="per-kernel times of the context-2k steps")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -194,7 +196,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     path = str(make_tiny_model(tmp.name, TinyModelSpec.llama_3_2_1b_shape()))
     llm = LLM(path, dtype="bfloat16", device="cuda", max_model_len=8192, max_num_seqs=64,
-              max_num_batched_tokens=8192)
+              max_num_batched_tokens=8192, fused_gemv_max_tokens=args.fused_gemv)
     cfg = llm.engine.model_config
     weights = weight_bytes_per_step(llm)
     rows = []

@@ -146,19 +146,24 @@ class Bench:
         return self.case.weight_bytes / (us * 1e-6) / bandwidth
 
 
-def sweep_tunings(case: Case, quick: bool) -> list[GemvTuning]:
-    """A modest grid: column block x K tile x split; splits only where programs are few."""
+def sweep_tunings(case: Case, quick: bool, one_row: bool = False) -> list[GemvTuning]:
+    """A modest grid: column block x K tile x split (x warps for the one-row kernel); splits only where
+    programs are few."""
+    warps = (4,)
     if quick:
         block_ns, block_ks, splits = (16, 32), (256,), (1, 2)
+    elif one_row:
+        block_ns, block_ks, splits, warps = (16, 32, 64), (256, 512, 1024), (1, 2, 4), (4, 8)
     else:
         block_ns, block_ks, splits = (16, 32, 64), (128, 256), (1, 2, 4)
     stages = 4 if case.kind == "plain" else 3
     tunings = []
-    for block_n, block_k, split_k in itertools.product(block_ns, block_ks, splits):
+    for block_n, block_k, split_k, num_warps in itertools.product(block_ns, block_ks, splits, warps):
         programs = triton.cdiv(case.out_features, block_n)
         if split_k > 1 and (programs * split_k > 1024 or case.in_features < 2 * split_k * block_k):
             continue
-        tunings.append(GemvTuning(block_n=block_n, block_k=block_k, num_stages=stages, split_k=split_k))
+        tunings.append(GemvTuning(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=stages,
+                                  split_k=split_k))  # fmt: skip
     return tunings
 
 
@@ -299,6 +304,7 @@ def print_tables(rows: list[dict], chains: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="M 1 and 8, a 4-config sweep, chain at M=1")
+    parser.add_argument("--one-row", action="store_true", help="M 1 only, a wider sweep (the one-row kernel)")
     parser.add_argument("--sweep-budget-s", type=float, default=100.0, help="stop sweeping after this long")
     parser.add_argument("--json", help="write all results here")
     args = parser.parse_args()
@@ -307,12 +313,12 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
           f"copy bandwidth {bw / 1e12:.3f} TB/s; PDL {'on' if pdl_ok else 'unsupported'}")  # fmt: skip
-    token_counts = (1, 8) if args.quick else (1, 4, 8, 16)
+    token_counts = (1,) if args.one_row else (1, 8) if args.quick else (1, 4, 8, 16)
     rep_ms = 5 if args.quick else 10
     rows = []
     for case, num_tokens in itertools.product(CASES, token_counts):
         over_budget = time.perf_counter() - start > args.sweep_budget_s
-        sweep = [] if over_budget else sweep_tunings(case, args.quick)
+        sweep = [] if over_budget else sweep_tunings(case, args.quick, args.one_row)
         row = run_case(case, num_tokens, bw, rep_ms, sweep)
         rows.append(row)
         print(
@@ -322,7 +328,7 @@ def main() -> None:
         )
 
     layers = make_layers()
-    chains = [run_chain(layers, m, bw, pdl_ok) for m in ((1,) if args.quick else (1, 8))]
+    chains = [run_chain(layers, m, bw, pdl_ok) for m in ((1,) if args.quick or args.one_row else (1, 8))]
     print_tables(rows, chains)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.json:

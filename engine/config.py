@@ -64,6 +64,9 @@ class EngineConfig:
     model_id: str | None = None  # identity in block hashes; None: derived from the checkpoint's files
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     kernels: Kernels = "auto"  # auto: Triton on CUDA, the torch reference on CPU
+    # Decode batches of at most this many rows run their projections on the fused GEMV kernels (norm
+    # prologue, SiLU epilogue); larger ones on cuBLAS. Triton kernels only; 0: never.
+    fused_gemv_max_tokens: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -76,6 +79,8 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be auto, triton or torch; got {self.kernels!r}")
+        if not 0 <= self.fused_gemv_max_tokens <= 16:
+            raise ValueError(f"fused_gemv_max_tokens must be in [0, 16], got {self.fused_gemv_max_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.model_id is not None and not self.model_id:

@@ -62,7 +62,7 @@ class Engine:
             self.dtype,
             self.max_model_len,
             config.scheduler.max_num_seqs,
-            ops=select_ops(self.device, config.kernels),
+            ops=select_ops(self.device, config.kernels, config.fused_gemv_max_tokens),
             enforce_eager=config.enforce_eager,
         )
         self.block_pool = BlockPool(self.runner.num_blocks, config.cache.enable_prefix_caching)

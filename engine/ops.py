@@ -104,9 +104,10 @@ class TorchOps:
 ModelOps = TorchOps  # the interface: the Triton set subclasses it and overrides what it accelerates
 
 
-def select_ops(device: torch.device, kernels: str = "auto") -> ModelOps:
+def select_ops(device: torch.device, kernels: str = "auto", fused_gemv_max_tokens: int = 0) -> ModelOps:
     """`auto`: the Triton kernels on CUDA when Triton is importable, the torch reference elsewhere.
-    `triton` forces the kernels (on CPU they need TRITON_INTERPRET=1); `torch` forces the reference."""
+    `triton` forces the kernels (on CPU they need TRITON_INTERPRET=1); `torch` forces the reference.
+    `fused_gemv_max_tokens`: see `TritonOps`."""
     if kernels == "torch" or (kernels == "auto" and device.type != "cuda"):
         return TorchOps()
     try:
@@ -116,4 +117,4 @@ def select_ops(device: torch.device, kernels: str = "auto") -> ModelOps:
         if kernels == "triton":
             raise
         return TorchOps()
-    return TritonOps(pdl=pdl_supported(device))
+    return TritonOps(fused_gemv_max_tokens=fused_gemv_max_tokens, pdl=pdl_supported(device))

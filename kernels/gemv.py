@@ -95,7 +95,27 @@ def default_tuning(
     ):
         split_k *= 2
     num_stages = 3 if norm or silu else 4
+    if num_tokens == 1:
+        return _one_row_tuning(out_features, in_features, num_stages)
     return GemvTuning(block_n=block_n, block_k=block_k, num_stages=num_stages, split_k=split_k)
+
+
+def _one_row_tuning(out_features: int, in_features: int, num_stages: int) -> GemvTuning:
+    """The one-row kernel (no tensor-core tile) wants more bytes in flight per program: long K tiles (1024
+    elements up to K = 4096, else 512), 8 warps while programs are few, and K split until about two
+    programs per SM... times two. From the H100 sweep in docs/benchmarks.md (`benchmarks/gemv.py
+    --one-row`): qkv/o best at k1024 w8 no split, down at k512 split 4, lm_head at k1024 w4."""
+    block_k = min(1024 if in_features <= 4096 else 512, max(16, triton.next_power_of_2(in_features)))
+    num_programs = triton.cdiv(out_features, 16)
+    split_k = 1
+    while (
+        num_programs * split_k < 2 * TARGET_PROGRAMS
+        and in_features >= 2 * split_k * MIN_TILES_PER_SPLIT * block_k
+    ):
+        split_k *= 2
+    num_warps = 8 if num_programs < 1024 else 4
+    return GemvTuning(block_n=16, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+                      split_k=split_k)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -157,9 +177,13 @@ def _activation_tile(
 
 
 @triton.jit
-def _mac(acc, a, w, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _mac(acc, a, w, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_DOT: tl.constexpr):
     """acc + a @ w in float32. UPCAST works around the interpreter's broken bfloat16 tl.dot: products of
-    bfloat16 values are exact in float32, so the result is the tensor-core one up to summation order."""
+    bfloat16 values are exact in float32, so the result is the tensor-core one up to summation order.
+    Without USE_DOT (one row: a 16-row tensor-core tile would be 15/16 padding) the products are summed on
+    the CUDA cores, in float32."""
+    if not USE_DOT:
+        return acc + tl.sum(a.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
     if UPCAST:
         a = a.to(tl.float32)
         w = w.to(tl.float32)
@@ -217,16 +241,18 @@ def _gemv_kernel(
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     a = _activation_tile(x_ptr, residual_ptr, norm_weight_ptr, offs_m, m_mask, offs_k, K, rstd, stride_xm,
                          stride_rm, HAS_NORM, HAS_RESIDUAL)  # fmt: skip
-    acc = _mac(acc, a, w_gate, DOT_PRECISION, UPCAST)
+    USE_DOT: tl.constexpr = BLOCK_M >= 16
+    acc = _mac(acc, a, w_gate, DOT_PRECISION, UPCAST, USE_DOT)
     if SILU:
-        acc_up = _mac(acc_up, a, w_up, DOT_PRECISION, UPCAST)
+        acc_up = _mac(acc_up, a, w_up, DOT_PRECISION, UPCAST, USE_DOT)
     for k in range(k_start + BLOCK_K, k_end, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         a = _activation_tile(x_ptr, residual_ptr, norm_weight_ptr, offs_m, m_mask, offs_k, K, rstd,
                              stride_xm, stride_rm, HAS_NORM, HAS_RESIDUAL)  # fmt: skip
-        acc = _mac(acc, a, _load_weight_tile(gate_rows, offs_k, n_mask, K), DOT_PRECISION, UPCAST)
+        acc = _mac(acc, a, _load_weight_tile(gate_rows, offs_k, n_mask, K), DOT_PRECISION, UPCAST, USE_DOT)
         if SILU:
-            acc_up = _mac(acc_up, a, _load_weight_tile(up_rows, offs_k, n_mask, K), DOT_PRECISION, UPCAST)
+            w_up = _load_weight_tile(up_rows, offs_k, n_mask, K)
+            acc_up = _mac(acc_up, a, w_up, DOT_PRECISION, UPCAST, USE_DOT)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its weight loads
     mask = m_mask[:, None] & n_mask[None, :]
@@ -335,6 +361,7 @@ def _launch(x, residual, norm_weight, eps, weight, bias, out, h, *, silu, pdl, t
         width = 2 * N if silu else N
         partial = torch.empty(num_splits, M, width, dtype=torch.float32, device=x.device)  # [S, M, width]
     has_norm = norm_weight is not None
+    block_m = 1 if M == 1 else BLOCK_M  # one row: no tensor-core tile (see `_mac`)
     pdl_kwargs = {"launch_pdl": True} if pdl else {}  # the interpreter does not take the keyword
     _gemv_kernel[(triton.cdiv(N, tuning.block_n), num_splits)](
         x, x if residual is None else residual, weight if norm_weight is None else norm_weight, weight,
@@ -345,7 +372,7 @@ def _launch(x, residual, norm_weight, eps, weight, bias, out, h, *, silu, pdl, t
         HAS_NORM=has_norm, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         SILU=silu, SPLIT=split, USE_PDL=pdl, UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 or INTERPRETED else "tf32",
-        BLOCK_M=BLOCK_M, BLOCK_N=tuning.block_n, BLOCK_K=tuning.block_k,
+        BLOCK_M=block_m, BLOCK_N=tuning.block_n, BLOCK_K=tuning.block_k,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         enable_fp_fusion=False,  # no FMA contraction: the norm rounds as torch's separate ops do
         **pdl_kwargs,
@@ -353,7 +380,7 @@ def _launch(x, residual, norm_weight, eps, weight, bias, out, h, *, silu, pdl, t
     if split:
         _split_k_reduce_kernel[(triton.cdiv(N, _REDUCE_BLOCK_N),)](
             partial, weight if bias is None else bias, out, M, N, num_splits, out.stride(0),
-            HAS_BIAS=bias is not None, SILU=silu, USE_PDL=pdl, BLOCK_M=BLOCK_M, BLOCK_N=_REDUCE_BLOCK_N,
+            HAS_BIAS=bias is not None, SILU=silu, USE_PDL=pdl, BLOCK_M=block_m, BLOCK_N=_REDUCE_BLOCK_N,
             num_warps=4, enable_fp_fusion=False, **pdl_kwargs,
         )  # fmt: skip
 
