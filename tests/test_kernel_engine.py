@@ -100,3 +100,15 @@ def test_cuda_graph_decode_equals_eager(tiny_model, dtype):
         assert got == want
     pool = graphs.engine.block_pool
     assert pool.num_free_blocks == pool.num_usable_blocks
+
+
+def test_the_engine_option_reaches_the_triton_ops():
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.ops import select_ops
+
+    ops = select_ops(torch.device("cpu"), "triton", fused_gemv_max_tokens=4)
+    assert isinstance(ops, TritonOps) and ops.fused_gemv_max_tokens == 4
+    assert not isinstance(select_ops(torch.device("cpu"), "auto", 4), TritonOps)  # CPU auto: the reference
+    for bad in (-1, 17):
+        with pytest.raises(ValueError, match="fused_gemv_max_tokens"):
+            EngineConfig(model="m", fused_gemv_max_tokens=bad)
