@@ -15,6 +15,7 @@ Ray token authentication: a head started here runs with `RAY_AUTH_MODE=token` (R
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import signal
@@ -66,6 +67,7 @@ def up(spec: ClusterSpec, state_file: Path, timeout_s: float = 300.0, say: Calla
                 say(f"warning: the embedded Redis has no password and listens on {spec.host}; beyond one "
                     "machine give --redis-url a Redis secured as in deploy/README.md")  # fmt: skip
         state.redis_url = redact_url(redis_url)  # the state file is readable: no password in it
+        spec = _fixed_router_ports(spec)
         members = [spec.router(redis_url), *spec.workers(redis_url)]
         gpus = _gpus_per_worker(spec)
         state.members = [m.name for m in members]
@@ -222,6 +224,15 @@ def _start_redis(bind_host: str, timeout_s: float) -> str:
     placed = ray.remote(RedisActor).options(**options, scheduling_strategy=_this_node())
     actor = placed.remote(bind_host, port)
     return _get(actor.url.remote(), timeout_s)
+
+
+def _fixed_router_ports(spec: ClusterSpec) -> ClusterSpec:
+    """`spec` with a port chosen now where it asks for any free one (0): the router runs on this node, and a
+    restarted router must come back at the address clients and the state file hold."""
+    bind = "0.0.0.0" if spec.host in ("0.0.0.0", "::") else spec.host
+    grpc_port = spec.grpc_port or _free_port(bind)
+    http_port = spec.http_port if spec.http_port != 0 else _free_port(bind)
+    return dataclasses.replace(spec, grpc_port=grpc_port, http_port=http_port)
 
 
 def _start_member(member: MemberSpec, num_gpus: int, log_dir: str, bind_host: str):
