@@ -6,22 +6,15 @@ detached `MemberActor` per member — the router on this node, the workers where
 each when the cluster has GPUs) — and returns once every member serves and the router has registered
 every worker through the index. Ray restarts a member actor whose process dies; the actor's supervisor
 restarts a member process that dies. What was started is written to a state file, which `down` and
-`status` read (from any later process). A failed `up` takes down what it had started.
-
-Ray token authentication: a head started here runs with `RAY_AUTH_MODE=token` (Ray keeps the token in
-~/.ray/auth_token); when a token is present this process connects in token mode as well.
+`status` read (from any later process). A failed `up` takes down what it had started. The Ray head and
+this process's connection to Ray (token authentication included) are `ray_head.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,17 +22,20 @@ from pathlib import Path
 
 from splitserve.client import Client, SplitserveError
 from splitserve.cluster.actors import MemberActor, RedisActor
+from splitserve.cluster.ray_head import (
+    ClusterStartError,
+    connect,
+    free_port,
+    ray_module,
+    start_ray_head,
+    stop_ray_head,
+)
 from splitserve.cluster.spec import ClusterSpec, MemberSpec
 from splitserve.cluster.state import ClusterState
 from splitserve.index.config import redact_url
 
-RAY_HEAD_TIMEOUT_S = 60.0
 STOP_GRACE_S = 20.0
 REDIS_ACTOR = "redis"
-
-
-class ClusterStartError(RuntimeError):
-    """A member, the Ray head or the embedded Redis could not start (the message says which, and why)."""
 
 
 def up(spec: ClusterSpec, state_file: Path, timeout_s: float = 300.0, say: Callable[[str], None] = print):
@@ -96,7 +92,7 @@ def down(state_file: Path, say: Callable[[str], None] = print) -> ClusterState:
 def status(state_file: Path) -> dict:
     """Members (state, pid, restarts, node, address, log) and the router's view (workers with their load,
     A/B arm counters, index staleness)."""
-    ray = _ray()
+    ray = ray_module()
     state = ClusterState.load(state_file)
     connect(state.ray_address, state.namespace)
     try:
@@ -121,7 +117,7 @@ def status(state_file: Path) -> dict:
 def teardown(state: ClusterState, say: Callable[[str], None] = lambda line: None) -> None:
     """Stop the members (router first, then the workers together), the embedded Redis, and a Ray head
     this cluster started. Tolerates anything already gone."""
-    ray = _ray()
+    ray = ray_module()
     if state.ray_address:
         try:
             connect(state.ray_address, state.namespace)
@@ -141,85 +137,10 @@ def teardown(state: ClusterState, say: Callable[[str], None] = lambda line: None
         say("stopped the Ray head")
 
 
-def start_ray_head(log_dir: Path, extra_args: tuple[str, ...] = ()) -> tuple[str, int]:
-    """A Ray head on this machine, in its own session (it outlives this process; `stop_ray_head` ends
-    it). `extra_args` go to `ray start` (e.g. "--num-gpus=2"). Returns its address and the pid of its
-    `ray start --block` process."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
-    if env["RAY_AUTH_MODE"] == "token" and not _has_ray_token():
-        # `ray start` refuses token mode without a token; Ray's own command makes one (~/.ray/auth_token).
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
-                       check=True, capture_output=True, env=env)  # fmt: skip
-    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
-               "--include-dashboard=false", "--disable-usage-stats", *extra_args]  # fmt: skip
-    with open(log_dir / "ray-head.log", "ab") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env,
-                                start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + RAY_HEAD_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            raise ClusterStartError(
-                f"the Ray head exited with status {proc.returncode}; see {log_dir}/ray-head.log"
-            )
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return f"127.0.0.1:{port}", proc.pid
-        if time.monotonic() > deadline:
-            stop_ray_head(proc.pid)
-            raise TimeoutError(f"the Ray head did not listen within {RAY_HEAD_TIMEOUT_S:.0f} s")
-        time.sleep(0.2)
-
-
-def stop_ray_head(pid: int, timeout_s: float = 60.0) -> None:
-    """SIGTERM the head's `ray start --block` (it drains and stops its Ray processes); SIGKILL its whole
-    session after `timeout_s`."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    if not _wait_gone(pid, timeout_s):
-        os.killpg(pid, signal.SIGKILL)
-        _wait_gone(pid, 5.0)
-
-
-def _ray():
-    """The `ray` module, imported in token-auth mode when a token is present: Ray reads its auth mode once,
-    at import, and a head started in token mode refuses anything else."""
-    if "RAY_AUTH_MODE" not in os.environ and _has_ray_token():
-        os.environ["RAY_AUTH_MODE"] = "token"
-    import ray
-
-    return ray
-
-
-def _has_ray_token() -> bool:
-    """A Ray token is available to this process where Ray looks for one."""
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    return bool(os.environ.get("RAY_AUTH_TOKEN")) or path.exists()
-
-
-def connect(address: str, namespace: str) -> None:
-    """Connect this process to the Ray cluster at `address` (raises ConnectionError at once when nothing
-    listens there: `ray.init` would wait minutes for a head that is gone)."""
-    ray = _ray()
-    if ray.is_initialized():
-        return
-    host, sep, port = address.rpartition(":")
-    if sep and port.isdigit():
-        try:
-            socket.create_connection((host, int(port)), timeout=3.0).close()
-        except OSError as exc:
-            raise ConnectionError(f"no Ray cluster at {address} ({exc.strerror or exc})") from None
-    ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
-
-
 def _start_redis(bind_host: str, timeout_s: float) -> str:
     """The embedded Redis actor, on this node, on a port chosen here (it keeps it across restarts)."""
-    ray = _ray()
-    port = _free_port("0.0.0.0" if bind_host in ("0.0.0.0", "::") else bind_host)
+    ray = ray_module()
+    port = free_port("0.0.0.0" if bind_host in ("0.0.0.0", "::") else bind_host)
     options = {"name": REDIS_ACTOR, "lifetime": "detached", "num_cpus": 0, "max_restarts": -1}
     placed = ray.remote(RedisActor).options(**options, scheduling_strategy=_this_node())
     actor = placed.remote(bind_host, port)
@@ -230,15 +151,15 @@ def _fixed_router_ports(spec: ClusterSpec) -> ClusterSpec:
     """`spec` with a port chosen now where it asks for any free one (0): the router runs on this node, and a
     restarted router must come back at the address clients and the state file hold."""
     bind = "0.0.0.0" if spec.host in ("0.0.0.0", "::") else spec.host
-    grpc_port = spec.grpc_port or _free_port(bind)
-    http_port = spec.http_port if spec.http_port != 0 else _free_port(bind)
+    grpc_port = spec.grpc_port or free_port(bind)
+    http_port = spec.http_port if spec.http_port != 0 else free_port(bind)
     return dataclasses.replace(spec, grpc_port=grpc_port, http_port=http_port)
 
 
 def _start_member(member: MemberSpec, num_gpus: int, log_dir: str, bind_host: str):
     """A detached, restarting actor for `member`: the router next to this process (its address is the
     cluster's front door), workers spread over the nodes."""
-    ray = _ray()
+    ray = ray_module()
     placement = "SPREAD" if member.is_worker else _this_node()
     return ray.remote(MemberActor).options(
         name=member.name, lifetime="detached", num_cpus=0, num_gpus=num_gpus, max_restarts=-1,
@@ -247,7 +168,7 @@ def _start_member(member: MemberSpec, num_gpus: int, log_dir: str, bind_host: st
 
 
 def _gpus_per_worker(spec: ClusterSpec) -> int:
-    ray = _ray()
+    ray = ray_module()
     num_gpus = int(ray.cluster_resources().get("GPU", 0))
     if spec.device == "cuda" and num_gpus == 0:
         raise ValueError("--device cuda, but the Ray cluster has no GPUs")
@@ -273,7 +194,7 @@ def _wait_registered(router_address: str, names: set[str], timeout_s: float) -> 
 
 
 def _stop_actors(names: list[str]) -> None:
-    ray = _ray()
+    ray = ray_module()
     actors = {}
     for name in names:
         with contextlib.suppress(ValueError):  # never started, or already gone
@@ -289,7 +210,7 @@ def _stop_actors(names: list[str]) -> None:
 
 def _get(refs, timeout_s: float):
     """`ray.get`, with a member's own error (its log tail) instead of Ray's wrapper around it."""
-    ray = _ray()
+    ray = ray_module()
     try:
         return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.RayTaskError as exc:
@@ -299,28 +220,7 @@ def _get(refs, timeout_s: float):
 
 
 def _this_node():
-    ray = _ray()
+    ray = ray_module()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _wait_gone(pid: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child (a foreground `up`)
-                return True
-        except ChildProcessError:  # not our child: is it still there?
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True
-        time.sleep(0.2)
-    return False

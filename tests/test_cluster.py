@@ -54,7 +54,7 @@ class RayRedis:
         self._call("start")
 
     def _call(self, method: str) -> None:
-        from splitserve.cluster.launcher import connect
+        from splitserve.cluster.ray_head import connect
 
         connect(self.state.ray_address, self.state.namespace)
         import ray
@@ -376,7 +376,7 @@ def test_up_joins_a_ray_cluster_with_one_gpu_per_worker_and_down_leaves_that_clu
     """A Ray head that declares 3 GPUs (logical: Ray hands out their ids; this machine has none, so the
     workers compute on CPU): 3 workers get one distinct GPU each, 4 are refused, and `down` stops only
     what `up` started."""
-    from splitserve.cluster.launcher import start_ray_head, stop_ray_head
+    from splitserve.cluster.ray_head import start_ray_head, stop_ray_head
 
     address, head = start_ray_head(tmp_path, ("--num-gpus=3",))
     try:

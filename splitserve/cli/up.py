@@ -54,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from splitserve.cluster import launcher
+    from splitserve.cluster.ray_head import ClusterStartError
     from splitserve.cluster.spec import ClusterSpec
 
     spec = ClusterSpec(
@@ -70,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.model} is not a Hugging Face checkpoint directory (no config.json)")
     try:
         state = launcher.up(spec, args.state_file, args.timeout)
-    except launcher.ClusterStartError as exc:
+    except ClusterStartError as exc:
         print(f"splitserve up: the cluster did not start: {exc}", file=sys.stderr)
         return 1
     print(f"cluster up: gRPC {state.router_address}" + (f", HTTP http://{state.http_address}/v1"
