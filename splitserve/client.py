@@ -162,6 +162,11 @@ def _add(out: Completion, msg: router_pb2.RouterChunk) -> None:
         out.finish_reason, out.usage = chunk.finish_reason, chunk.usage or Usage()
 
 
+def _as_dict(reply) -> dict:
+    return json_format.MessageToDict(reply, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)  # fmt: skip
+
+
 class Client:
     """A blocking client. `timeout` (seconds) is each request's deadline unless a call gives its own;
     `retries`: attempts after the first while nothing has been received."""
@@ -181,11 +186,8 @@ class Client:
 
     def abort(self, request_id: str) -> bool:
         """Stop a running request started with this `request_id`; True if it was running."""
-        try:
-            request = router_pb2.RouterAbortRequest(request_id=request_id)
-            return self._stub.Abort(request, timeout=self.timeout, metadata=self._metadata).found
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
+        request = router_pb2.RouterAbortRequest(request_id=request_id)
+        return self._unary(self._stub.Abort, request)["found"]
 
     def health(self) -> dict:
         """{"serving": a decode worker answers, "index_stale": routing on the last index mirror}."""
@@ -198,11 +200,9 @@ class Client:
 
     def _unary(self, method, request) -> dict:
         try:
-            reply = method(request, timeout=self.timeout)
+            return _as_dict(method(request, timeout=self.timeout, metadata=self._metadata))
         except grpc.RpcError as exc:
             raise _error(exc) from None
-        return json_format.MessageToDict(reply, preserving_proto_field_name=True,
-                                         always_print_fields_with_no_presence=True)  # fmt: skip
 
     def __enter__(self) -> Client:
         return self
@@ -253,6 +253,25 @@ class AsyncClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+    async def abort(self, request_id: str) -> bool:
+        """Stop a running request started with this `request_id`; True if it was running."""
+        request = router_pb2.RouterAbortRequest(request_id=request_id)
+        return (await self._unary(self._stub.Abort, request))["found"]
+
+    async def health(self) -> dict:
+        """As `Client.health`."""
+        return await self._unary(self._stub.Health, router_pb2.HealthRequest())
+
+    async def status(self) -> dict:
+        """As `Client.status`."""
+        return await self._unary(self._stub.Status, router_pb2.StatusRequest())
+
+    async def _unary(self, method, request) -> dict:
+        try:
+            return _as_dict(await method(request, timeout=self.timeout, metadata=self._metadata))
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
 
     async def __aenter__(self) -> AsyncClient:
         return self

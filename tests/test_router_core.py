@@ -198,6 +198,12 @@ def test_the_client_sdk_blocking_and_async(model, cluster):
 
         async def use_async():
             async with AsyncClient(f"127.0.0.1:{port}") as client:
+                assert (await client.health())["serving"]
+                assert {w["worker_id"] for w in (await client.status())["workers"]} == {"f1", "w1", "d1"}
+                stream = client.stream(text, max_tokens=400, ignore_eos=True, request_id="mine-async")
+                await anext(stream)
+                assert await client.abort("mine-async") and not await client.abort("no-such-request")
+                assert [c.finish_reason async for c in stream][-1] == "abort"
                 return await client.generate(text, max_tokens=12, temperature=0.0, ignore_eos=True)
 
         assert asyncio.run(use_async()).token_ids == expected.token_ids
