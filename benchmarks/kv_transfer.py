@@ -36,6 +36,7 @@ import grpc
 import torch
 
 from splitserve import LLM, SamplingParams
+from splitserve.cluster.supervisor import parse_announcement
 from splitserve.engine.kv_watch import KVReady, KVWatch
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.push import KVPush
@@ -142,10 +143,11 @@ def start_decode_worker(path: str, dtype: str, num_blocks: int) -> tuple[subproc
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     line = proc.stdout.readline()
-    if "listening on" not in line:
+    announced = parse_announcement(line)
+    if announced is None:
         proc.kill()
         raise RuntimeError(f"the decode worker did not start: {line!r}")
-    return proc, line.split()[-1]
+    return proc, announced[0]
 
 
 def stop_worker(proc: subprocess.Popen) -> None:

@@ -15,11 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-from splitserve.cluster.spec import MemberSpec
+from splitserve.cluster.spec import MemberSpec, is_wildcard
 from splitserve.cluster.supervisor import ProcessSupervisor
 from splitserve.index.redis_server import EmbeddedRedis
-
-WILDCARD_HOSTS = ("0.0.0.0", "::")
 
 
 def node_address() -> str:
@@ -30,7 +28,7 @@ def node_address() -> str:
 
 class MemberActor:
     def __init__(self, member: MemberSpec, log_dir: str, bind_host: str) -> None:
-        public_host = node_address() if bind_host in WILDCARD_HOSTS else None
+        public_host = node_address() if is_wildcard(bind_host) else None
         if public_host is not None and member.is_worker:  # the index must name a reachable address
             member = dataclasses.replace(member, args=(*member.args, "--advertise", public_host))
         log = Path(log_dir) / f"{member.name}.log"
@@ -57,7 +55,7 @@ class RedisActor:
     def __init__(self, bind_host: str, port: int) -> None:
         tied = (sys.executable, "-m", "splitserve.cluster.child", str(os.getpid()), "--exec")
         self.redis = EmbeddedRedis(port, host=bind_host, command_prefix=tied).start()
-        self.public_host = node_address() if bind_host in WILDCARD_HOSTS else bind_host
+        self.public_host = node_address() if is_wildcard(bind_host) else bind_host
 
     def url(self) -> str:
         return f"redis://{self.public_host}:{self.redis.port}/0"
@@ -66,5 +64,6 @@ class RedisActor:
         """Start again after `stop` (empty, on the same port: an outage's end)."""
         self.redis.start()
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 0.0) -> None:
+        """As `MemberActor.stop`, also for an outage; redis-server needs no grace (persistence off)."""
         self.redis.stop()

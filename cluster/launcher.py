@@ -22,17 +22,11 @@ from pathlib import Path
 
 from splitserve.client import Client, SplitserveError
 from splitserve.cluster.actors import MemberActor, RedisActor
-from splitserve.cluster.ray_head import (
-    ClusterStartError,
-    connect,
-    free_port,
-    ray_module,
-    start_ray_head,
-    stop_ray_head,
-)
-from splitserve.cluster.spec import ClusterSpec, MemberSpec
+from splitserve.cluster.ray_head import ClusterStartError, connect, ray_module, start_ray_head, stop_ray_head
+from splitserve.cluster.spec import ClusterSpec, MemberSpec, is_wildcard
 from splitserve.cluster.state import ClusterState
 from splitserve.index.config import redact_url
+from splitserve.index.redis_server import free_port
 
 STOP_GRACE_S = 20.0
 REDIS_ACTOR = "redis"
@@ -70,9 +64,10 @@ def up(spec: ClusterSpec, state_file: Path, timeout_s: float = 300.0, say: Calla
         state.save(state_file)
         actors = [_start_member(m, gpus if m.is_worker else 0, state.log_dir, spec.host) for m in members]
         say(f"starting {len(members) - 1} workers and a router (logs: {state.log_dir})")
-        ready = _get([a.wait_ready.remote(timeout_s) for a in actors], timeout_s + 10)
+        ready = _get([a.wait_ready.remote(timeout_s) for a in actors], timeout_s + 10, state.log_dir)
         state.router_address, state.http_address = ready[0]["address"], ready[0]["http_address"]
-        _wait_registered(state.router_address, {m.name for m in members if m.is_worker}, timeout_s)
+        workers = {m.name for m in members if m.is_worker}
+        _wait_registered(state.router_address, workers, timeout_s, state.log_dir)
         state.save(state_file)
         return state
     except BaseException:
@@ -140,7 +135,7 @@ def teardown(state: ClusterState, say: Callable[[str], None] = lambda line: None
 def _start_redis(bind_host: str, timeout_s: float) -> str:
     """The embedded Redis actor, on this node, on a port chosen here (it keeps it across restarts)."""
     ray = ray_module()
-    port = free_port("0.0.0.0" if bind_host in ("0.0.0.0", "::") else bind_host)
+    port = free_port("0.0.0.0" if is_wildcard(bind_host) else bind_host)
     options = {"name": REDIS_ACTOR, "lifetime": "detached", "num_cpus": 0, "max_restarts": -1}
     placed = ray.remote(RedisActor).options(**options, scheduling_strategy=_this_node())
     actor = placed.remote(bind_host, port)
@@ -150,7 +145,7 @@ def _start_redis(bind_host: str, timeout_s: float) -> str:
 def _fixed_router_ports(spec: ClusterSpec) -> ClusterSpec:
     """`spec` with a port chosen now where it asks for any free one (0): the router runs on this node, and a
     restarted router must come back at the address clients and the state file hold."""
-    bind = "0.0.0.0" if spec.host in ("0.0.0.0", "::") else spec.host
+    bind = "0.0.0.0" if is_wildcard(spec.host) else spec.host
     grpc_port = spec.grpc_port or free_port(bind)
     http_port = spec.http_port if spec.http_port != 0 else free_port(bind)
     return dataclasses.replace(spec, grpc_port=grpc_port, http_port=http_port)
@@ -179,7 +174,7 @@ def _gpus_per_worker(spec: ClusterSpec) -> int:
     return 1
 
 
-def _wait_registered(router_address: str, names: set[str], timeout_s: float) -> None:
+def _wait_registered(router_address: str, names: set[str], timeout_s: float, log_dir: str) -> None:
     deadline = time.monotonic() + timeout_s
     with Client(router_address, timeout=10) as client:
         while True:
@@ -189,7 +184,7 @@ def _wait_registered(router_address: str, names: set[str], timeout_s: float) -> 
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the router did not register {', '.join(sorted(missing))} within "
-                                   f"{timeout_s:.0f} s (see the workers' and the router's logs)")  # fmt: skip
+                                   f"{timeout_s:.0f} s; their logs and the router's: {log_dir}")  # fmt: skip
             time.sleep(0.2)
 
 
@@ -199,8 +194,7 @@ def _stop_actors(names: list[str]) -> None:
     for name in names:
         with contextlib.suppress(ValueError):  # never started, or already gone
             actors[name] = ray.get_actor(name)
-    pending = [a.stop.remote() if n == REDIS_ACTOR else a.stop.remote(STOP_GRACE_S)
-               for n, a in actors.items()]  # fmt: skip
+    pending = [actor.stop.remote(STOP_GRACE_S) for actor in actors.values()]
     # A member that cannot stop cleanly (or a lost actor) is killed below all the same.
     with contextlib.suppress(Exception):
         ray.get(pending, timeout=STOP_GRACE_S + 10)
@@ -208,7 +202,7 @@ def _stop_actors(names: list[str]) -> None:
         ray.kill(actor, no_restart=True)
 
 
-def _get(refs, timeout_s: float):
+def _get(refs, timeout_s: float, log_dir: str | None = None):
     """`ray.get`, with a member's own error (its log tail) instead of Ray's wrapper around it."""
     ray = ray_module()
     try:
@@ -216,7 +210,8 @@ def _get(refs, timeout_s: float):
     except ray.exceptions.RayTaskError as exc:
         raise ClusterStartError(str(exc.cause) if exc.cause is not None else str(exc)) from None
     except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"the cluster's members did not start within {timeout_s:.0f} s") from None
+        logs = f" (their logs: {log_dir})" if log_dir else ""
+        raise TimeoutError(f"the cluster's members did not start within {timeout_s:.0f} s{logs}") from None
 
 
 def _this_node():

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from splitserve.index.redis_server import free_port
+
 RAY_HEAD_TIMEOUT_S = 60.0
 
 
@@ -97,12 +99,6 @@ def connect(address: str, namespace: str) -> None:
         except OSError as exc:
             raise ConnectionError(f"no Ray cluster at {address} ({exc.strerror or exc})") from None
     ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _wait_gone(pid: int, timeout_s: float) -> bool:

@@ -19,6 +19,11 @@ MemberKind = Literal["router", "prefill", "decode"]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 KV_TRANSPORTS = ("auto", "grpc")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")  # bind hosts meaning "every interface": not an address to reach
+
+
+def is_wildcard(host: str) -> bool:
+    return host in WILDCARD_HOSTS
 
 
 @dataclass(frozen=True)

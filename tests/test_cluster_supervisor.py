@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from waiting import process_gone, wait_until
 
 from splitserve.cluster.spec import ClusterSpec, MemberSpec
 from splitserve.cluster.supervisor import MemberFailed, MemberState, ProcessSupervisor
@@ -66,17 +67,6 @@ def _router(tiny_model, *extra: str) -> MemberSpec:
                       "0", "--worker", "d=decode@127.0.0.1:9", *extra))  # fmt: skip
 
 
-def _gone(pid: int, timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_a_member_is_announced_restarted_after_a_kill_and_stopped(tiny_model, tmp_path):
     sup = ProcessSupervisor(_router(tiny_model), tmp_path / "router.log", backoff_s=0.1).start()
     try:
@@ -93,7 +83,7 @@ def test_a_member_is_announced_restarted_after_a_kill_and_stopped(tiny_model, tm
     finally:
         sup.stop(10)
     assert sup.status().state is MemberState.STOPPED and sup.status().pid is None
-    assert _gone(status.pid)
+    wait_until(lambda: process_gone(status.pid), 15, "the stopped member gone")
 
 
 def test_a_member_that_never_serves_fails_with_its_log(tmp_path):
@@ -125,7 +115,7 @@ def test_a_member_dies_with_its_supervisor(tiny_model, tmp_path):
         member_pid = int(parent.stdout.readline())
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
-        assert _gone(member_pid), "the member outlived its supervisor"
+        wait_until(lambda: process_gone(member_pid), 15, "the member dying with its supervisor")
     finally:
         parent.kill()
 

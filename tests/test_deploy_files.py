@@ -30,6 +30,7 @@ import yaml
 from redis.backoff import NoBackoff
 from redis.connection import SSLConnection, parse_url
 from redis.retry import Retry
+from waiting import wait_until
 
 from splitserve.cli import build_parser
 from splitserve.cluster.spec import ClusterSpec
@@ -389,14 +390,6 @@ def client(server: EmbeddedRedis, user: str | None, password: str | None = None,
 
 def url(server: EmbeddedRedis, user: str) -> str:
     return f"redis://{user}:{PASSWORDS[user]}@{server.host}:{server.port}/0"
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(0.01)
 
 
 def test_the_shipped_conf_is_tls_only_and_runs_without_persistence_or_eviction(server):

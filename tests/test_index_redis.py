@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+from waiting import wait_until
 
 from splitserve.engine.block_hash import BlockHash, HashContext, hash_blocks
 from splitserve.engine.block_pool import BlockEvent, BlockEventKind, BlockPool
@@ -42,14 +43,6 @@ BLOCK_SIZE = 4
 
 def chain(num_blocks: int, model: str = "m") -> list[BlockHash]:
     return hash_blocks(list(range(num_blocks * BLOCK_SIZE)), BLOCK_SIZE, HashContext(model))
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(0.01)
 
 
 class Worker:

@@ -3,11 +3,11 @@ on its own loop thread, serving on localhost over real gRPC."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 
 from splitserve import LLM, SamplingParams
+from splitserve.cluster.supervisor import parse_announcement
 from splitserve.decode_worker.service import DecodeService
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.requests import sampling_to_proto
@@ -89,9 +89,9 @@ def start_process(args: list[str], stderr=subprocess.DEVNULL) -> tuple[subproces
     Returns the process and that address."""
     proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=stderr, text=True)
     line = proc.stdout.readline()
-    match = re.search(r"listening on (\S+)(?: http (\S+))?", line)
-    if match is None:
+    announced = parse_announcement(line)
+    if announced is None:
         proc.kill()
         raise RuntimeError(f"{args[0]} did not start: {line!r}")
-    proc.http_address = match.group(2)  # a router started with --http-port
-    return proc, match.group(1)
+    address, proc.http_address = announced  # the HTTP one: a router started with --http-port
+    return proc, address
