@@ -105,10 +105,7 @@ def _one_row_tuning(out_features: int, in_features: int, num_stages: int) -> Gem
     elements up to K = 4096, else 512), 8 warps while programs are few, and K split until about
     2 × TARGET_PROGRAMS programs run (four per SM of an H100). From the H100 sweep in docs/benchmarks.md
     (`benchmarks/gemv.py --one-row`): qkv/o best at k1024 w8 no split, down at k512 split 4, lm_head at
-    k1024 w4."""The one-row kernel (no tensor-core tile) wants more bytes in flight per program: long K tiles (1024
-    elements up to K = 4096, else 512), 8 warps while programs are few, and K split until about
-    2 × TARGET_PROGRAMS programs run (four per SM of an H100). From the H100 sweep in docs/benchmarks.md (`benchmarks/gemv.py
-    --one-row`): qkv/o best at k1024 w8 no split, down at k512 split 4, lm_head at k1024 w4."""
+    k1024 w4."""
     block_k = min(1024 if in_features <= 4096 else 512, max(16, triton.next_power_of_2(in_features)))
     num_programs = triton.cdiv(out_features, 16)
     split_k = 1
