@@ -1,0 +1,179 @@
+"""Predicted costs of serving work, in seconds: what the `cpd` policy weighs and what the simulator runs.
+
+One model, three parts, each a small formula fitted to measurements of this project's own engine and wire:
+- `PrefillCost`: a prefill of `num_new` tokens after `num_cached` cached ones (linear layers per new token,
+  attention per new token per context token, a fixed cost per request);
+- `DecodeCost`: one decode step of a batch (a fixed cost, per sequence, per context token read);
+- `TransferCost`: moving KV bytes between workers, per transport (a latency plus bytes / bandwidth).
+
+A calibration file (JSON, written by `benchmarks/calibrate.py` on the machine it measures, or by hand from
+the figures in docs/benchmarks.md) holds the fitted numbers and where they came from. `load_calibration`
+raises `CalibrationError` naming the field that is missing or wrong; nothing is half-loaded. Torch-free:
+the router process imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+CALIBRATION_VERSION = 1
+
+
+class CalibrationError(ValueError):
+    """A calibration file that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class PrefillCost:
+    fixed_s: float  # per prefill request (RPC, scheduling, sampling the first token)
+    per_token_s: float  # per new token: the linear layers
+    per_token_ctx_s: float  # per new token per token it attends to: attention
+
+    def seconds(self, num_new: int, num_cached: int = 0) -> float:
+        """A prefill of `num_new` tokens whose first `num_cached` prompt tokens are cached. 0 for none."""
+        if num_new <= 0:
+            return 0.0
+        attended = num_cached + num_new / 2  # the mean context a new token attends to (causal)
+        return self.fixed_s + num_new * (self.per_token_s + attended * self.per_token_ctx_s)
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    fixed_s: float  # per step: launches, the weights read once
+    per_seq_s: float  # per sequence in the batch: sampling, host work, its GEMV rows
+    per_ctx_token_s: float  # per context token read by attention
+
+    def step_seconds(self, num_seqs: int, num_ctx_tokens: int) -> float:
+        """One decode step over `num_seqs` sequences holding `num_ctx_tokens` tokens of KV in all."""
+        if num_seqs <= 0:
+            return 0.0
+        return self.fixed_s + num_seqs * self.per_seq_s + num_ctx_tokens * self.per_ctx_token_s
+
+
+@dataclass(frozen=True)
+class TransferCost:
+    latency_s: float  # per transfer: reserve, lease and the last chunk's round trip
+    bytes_per_s: float
+
+    def seconds(self, num_bytes: int) -> float:
+        return 0.0 if num_bytes <= 0 else self.latency_s + num_bytes / self.bytes_per_s
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """The fitted model and its provenance. `kv_bytes_per_token`: KV bytes one token occupies in every
+    layer (2 × layers × kv heads × head dim × dtype size). `transfers`: by transport ("grpc", "same-host")."""
+
+    prefill: PrefillCost
+    decode: DecodeCost
+    transfers: dict[str, TransferCost]
+    kv_bytes_per_token: int
+    device: str = "unknown"
+    source: str = "defaults"  # how the numbers were obtained (a benchmark run, a docs table)
+    measured: str = ""  # date of the measurement
+    extra: dict = field(default_factory=dict)  # free-form provenance (versions, model shape)
+
+    def __post_init__(self) -> None:
+        if self.kv_bytes_per_token <= 0:
+            raise ValueError(f"kv_bytes_per_token must be positive, got {self.kv_bytes_per_token}")
+        if not self.transfers:
+            raise ValueError("a cost model needs at least one transfer transport")
+
+    def transfer(self, transport: str | None = None) -> TransferCost:
+        """The named transport's cost; None: "same-host" if calibrated, else the first one."""
+        if transport is None:
+            transport = "same-host" if "same-host" in self.transfers else next(iter(self.transfers))
+        if transport not in self.transfers:
+            raise KeyError(f"no transfer cost for transport {transport!r}; have {sorted(self.transfers)}")
+        return self.transfers[transport]
+
+    def kv_bytes(self, num_tokens: int) -> int:
+        return max(0, num_tokens) * self.kv_bytes_per_token
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["version"] = CALIBRATION_VERSION
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+# The Llama-3.2-1B shape in bf16 on one H200 (docs/benchmarks.md, 2026-11-23/12-02): prefill at ~0.9 of
+# the matmul rate (2.5 GFLOP per token → ~4 µs/token), decode step ~1.2 ms at batch 1 plus host work per
+# sequence, same-host CUDA IPC 7.3 GB/s, gRPC 0.82 GB/s; KV 32 KiB per token (16 layers × 8 heads × 64 × 2
+# × 2 bytes). A starting point for the live router until a calibration file says otherwise.
+DEFAULT_COST_MODEL = CostModel(
+    prefill=PrefillCost(fixed_s=2e-3, per_token_s=4e-6, per_token_ctx_s=2e-10),
+    decode=DecodeCost(fixed_s=1.2e-3, per_seq_s=2e-5, per_ctx_token_s=8e-9),
+    transfers={"same-host": TransferCost(1e-3, 7.3e9), "grpc": TransferCost(2e-3, 0.82e9)},
+    kv_bytes_per_token=32768,
+    device="NVIDIA H200 (Llama-3.2-1B shape, bf16)",
+    source="defaults from docs/benchmarks.md",
+)
+
+
+def _number(data: dict, key: str, where: str, positive: bool = False) -> float:
+    if key not in data:
+        raise CalibrationError(f"{where}: missing field {key!r}")
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise CalibrationError(f"{where}.{key}: expected a finite number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise CalibrationError(f"{where}.{key}: must be {'positive' if positive else 'non-negative'}, "
+                               f"got {value!r}")  # fmt: skip
+    return float(value)
+
+
+def _section(data: dict, key: str, where: str) -> dict:
+    value = data.get(key)
+    if not isinstance(value, dict):
+        raise CalibrationError(f"{where}: field {key!r} must be an object, got {value!r}")
+    return value
+
+
+def cost_model_from_json(data: object, where: str = "calibration") -> CostModel:
+    """Parse a calibration document; raises `CalibrationError` naming `where` and the field."""
+    if not isinstance(data, dict):
+        raise CalibrationError(f"{where}: expected a JSON object")
+    if data.get("version") != CALIBRATION_VERSION:
+        raise CalibrationError(f"{where}.version: expected {CALIBRATION_VERSION}, got {data.get('version')!r}")
+    p, d = _section(data, "prefill", where), _section(data, "decode", where)
+    prefill = PrefillCost(*(_number(p, k, f"{where}.prefill") for k in ("fixed_s", "per_token_s",
+                                                                         "per_token_ctx_s")))  # fmt: skip
+    decode = DecodeCost(*(_number(d, k, f"{where}.decode") for k in ("fixed_s", "per_seq_s",
+                                                                      "per_ctx_token_s")))  # fmt: skip
+    raw = _section(data, "transfers", where)
+    if not raw:
+        raise CalibrationError(f"{where}.transfers: needs at least one transport")
+    transfers = {}
+    for name, t in raw.items():
+        at = f"{where}.transfers.{name}"
+        if not isinstance(t, dict):
+            raise CalibrationError(f"{at}: must be an object")
+        transfers[name] = TransferCost(_number(t, "latency_s", at), _number(t, "bytes_per_s", at, True))
+    kv = _number(data, "kv_bytes_per_token", where, positive=True)
+    if kv != int(kv):
+        raise CalibrationError(f"{where}.kv_bytes_per_token: must be an integer, got {kv!r}")
+    text = {k: data.get(k, "") for k in ("device", "source", "measured")}
+    for k, v in text.items():
+        if not isinstance(v, str):
+            raise CalibrationError(f"{where}.{k}: must be a string, got {v!r}")
+    extra = data.get("extra", {})
+    if not isinstance(extra, dict):
+        raise CalibrationError(f"{where}.extra: must be an object")
+    return CostModel(prefill, decode, transfers, int(kv), extra=extra, **text)
+
+
+def load_calibration(path: str | Path) -> CostModel:
+    """A calibration file → `CostModel`. Raises `CalibrationError` (a ValueError) naming the file and
+    field, or FileNotFoundError."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CalibrationError(f"{path}: not JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    return cost_model_from_json(data, str(path))
