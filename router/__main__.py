@@ -25,7 +25,7 @@ from splitserve.protos import router_pb2_grpc
 from splitserve.router.core import ArmAssigner, Router, WorkerSet, parse_ab
 from splitserve.router.dispatch import FailurePolicy
 from splitserve.router.http_front import HTTPFront
-from splitserve.router.policies import POLICIES, make_policy
+from splitserve.router.policies import POLICIES, make_policy, parse_policy_options, policy_options
 from splitserve.router.service import RouterService
 from splitserve.router.tenants import Tenants
 from splitserve.router.text import TextCodec
@@ -52,12 +52,6 @@ def registrar(workers: WorkerSet, model_id: str, block_size: int):
         workers.add(worker_id, info.role, info.address)
 
     return on_change
-
-
-def _options_for(policy: str, options: dict[str, float]) -> dict[str, float]:
-    """The `--policy-option`s a policy takes (each policy's dataclass fields); ints stay ints."""
-    fields = getattr(POLICIES[policy], "__dataclass_fields__", {})
-    return {k: (int(v) if fields[k].type == "int" else v) for k, v in options.items() if k in fields}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                         redact_url(args.redis_url))
     workers.start()
     shares = parse_ab(args.ab) if args.ab else {args.policy: 1.0}
-    options = {name: float(value) for name, _, value in (o.partition("=") for o in args.policy_option)}
-    policies = {name: make_policy(name, **_options_for(name, options)) for name in shares}
+    options = parse_policy_options(args.policy_option)
+    policies = {name: make_policy(name, **policy_options(name, options)) for name in shares}
     router = Router(
         workers, policies, model_id, args.block_size,
         mirror.match if mirror is not None else (lambda hashes: {}),

@@ -140,7 +140,8 @@ def cost_model_from_json(data: object, where: str = "calibration") -> CostModel:
     if not isinstance(data, dict):
         raise CalibrationError(f"{where}: expected a JSON object")
     if data.get("version") != CALIBRATION_VERSION:
-        raise CalibrationError(f"{where}.version: expected {CALIBRATION_VERSION}, got {data.get('version')!r}")
+        got = data.get("version")
+        raise CalibrationError(f"{where}.version: expected {CALIBRATION_VERSION}, got {got!r}")
     p, d = _section(data, "prefill", where), _section(data, "decode", where)
     prefill = PrefillCost(*(_number(p, k, f"{where}.prefill") for k in ("fixed_s", "per_token_s",
                                                                          "per_token_ctx_s")))  # fmt: skip
@@ -175,5 +176,6 @@ def load_calibration(path: str | Path) -> CostModel:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise CalibrationError(f"{path}: not JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise CalibrationError(f"{path}: not JSON: {where}: {exc.msg}") from None
     return cost_model_from_json(data, str(path))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 FRESH, WARM, DECODE = "fresh", "warm", "decode"
 LOCAL = "decode-local"  # the decode worker prefills the request itself
@@ -38,6 +39,7 @@ class WorkerView:
     queued_tokens: int = 0
     running_requests: int = 0
     kv_usage: float = 0.0
+    free_blocks: int | None = None  # None: not reported (no KV room check)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class RequestShape:
     num_prompt_tokens: int
     block_size: int
     session_id: str | None = None
+    max_tokens: int = 0  # tokens it may generate: with the prompt, the KV room a decode worker needs
 
     @property
     def num_full_blocks(self) -> int:
@@ -60,6 +63,15 @@ class Decision:
     prefill: str | None
     decode: str
     terms: dict[str, float] = field(default_factory=dict)
+
+
+class Policy(Protocol):
+    """What the router, the A/B framework and the simulator call. `route` may keep state of its own (a
+    cursor) but reads nothing else: no clock, no I/O. Raises `NoWorker` when no worker can take it."""
+
+    name: str
+
+    def route(self, request: RequestShape, workers: Sequence[WorkerView]) -> Decision: ...
 
 
 def _split(workers: Sequence[WorkerView]) -> tuple[list[WorkerView], list[WorkerView]]:
@@ -191,8 +203,29 @@ POLICIES = {"round_robin": RoundRobin, "least_loaded": LeastLoaded, "prefix_affi
             "cpd": CPD}  # fmt: skip
 
 
-def make_policy(name: str, **config):
+def make_policy(name: str, **config) -> Policy:
     """A policy by name, configured. Raises ValueError naming the known policies for an unknown one."""
     if name not in POLICIES:
         raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(sorted(POLICIES))}")
     return POLICIES[name](**config)
+
+
+def policy_options(name: str, options: dict[str, float]) -> dict[str, float | int]:
+    """Of `options` (e.g. parsed `--policy-option NAME=VALUE`s shared by several arms), the ones policy
+    `name` takes (its dataclass fields); int fields get ints."""
+    fields = getattr(POLICIES[name], "__dataclass_fields__", {})
+    return {k: (int(v) if fields[k].type == "int" else v) for k, v in options.items() if k in fields}
+
+
+def parse_policy_options(specs: Sequence[str]) -> dict[str, float]:
+    """["local_prefill_max_tokens=128", ...] → {"local_prefill_max_tokens": 128.0}. ValueError: malformed."""
+    options = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or not name:
+            raise ValueError(f"a policy option is NAME=VALUE, got {spec!r}")
+        try:
+            options[name] = float(value)
+        except ValueError:
+            raise ValueError(f"policy option {name}: expected a number, got {value!r}") from None
+    return options
