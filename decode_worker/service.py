@@ -31,7 +31,7 @@ from splitserve.kvtransfer.leases import Lease, LeaseTable, TransferState
 from splitserve.kvtransfer.requests import queue_request, sampling_from_proto, worker_load
 from splitserve.kvtransfer.same_host import SourceMaps, host_id
 from splitserve.kvtransfer.stream import ChunkSink, kv_layout
-from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
+from splitserve.protos import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
 
 log = logging.getLogger(__name__)
 REAP_INTERVAL_S = 0.5
@@ -203,6 +203,10 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
 
     def Load(self, request, context):
         return self.loop.call(worker_load, self.loop.engine)
+
+    def ResetCache(self, request, context):
+        evicted = self.loop.call(self.loop.engine.block_pool.reset_cache)
+        return common_pb2.ResetCacheReply(num_evicted_blocks=evicted)
 
     # ------------------------------------------------------------------------------------------- leases
 

@@ -156,6 +156,20 @@ class BlockPool:
         if stored:
             self._emit(BlockEvent(BlockEventKind.STORED, tuple(stored)))
 
+    def reset_cache(self) -> int:
+        """Forget every cached hash of a free block (blocks in use keep theirs): the prefix cache starts
+        over, as between the arms of an experiment. Emits one EVICTED event. Returns the blocks forgotten."""
+        evicted = []
+        for block_id in self._free:
+            old_hash = self._hash_of[block_id]
+            if old_hash is not None:
+                del self._cached[old_hash]
+                self._hash_of[block_id] = None
+                evicted.append(old_hash)
+        if evicted:
+            self._emit(BlockEvent(BlockEventKind.EVICTED, tuple(evicted)))
+        return len(evicted)
+
     def _emit(self, event: BlockEvent) -> None:
         for listener in self._listeners:
             listener(event)

@@ -27,7 +27,7 @@ from splitserve.kvtransfer.requests import queue_request, worker_load
 from splitserve.kvtransfer.same_host import export_source, host_id
 from splitserve.kvtransfer.stream import kv_layout
 from splitserve.kvtransfer.transport import channel, push_stub
-from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
+from splitserve.protos import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
 
 KV_TRANSPORTS = ("auto", "grpc")  # auto: same-host when the target shares this host, else gRPC
 
@@ -173,6 +173,10 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
 
     def Load(self, request, context):
         return self.loop.call(worker_load, self.loop.engine)
+
+    def ResetCache(self, request, context):
+        evicted = self.loop.call(self.loop.engine.block_pool.reset_cache)
+        return common_pb2.ResetCacheReply(num_evicted_blocks=evicted)
 
     def _channel(self, address: str) -> grpc.Channel:
         with self._lock:

@@ -59,6 +59,16 @@ class LoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ResetCacheRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResetCacheReply(_message.Message):
+    __slots__ = ("num_evicted_blocks",)
+    NUM_EVICTED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    num_evicted_blocks: int
+    def __init__(self, num_evicted_blocks: _Optional[int] = ...) -> None: ...
+
 class BlockEvent(_message.Message):
     __slots__ = ("seq", "kind", "block_hashes")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):

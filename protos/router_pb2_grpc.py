@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from splitserve.protos import common_pb2 as splitserve_dot_protos_dot_common__pb2
 from splitserve.protos import router_pb2 as splitserve_dot_protos_dot_router__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
@@ -59,6 +60,11 @@ class RouterStub:
                 request_serializer=splitserve_dot_protos_dot_router__pb2.StatusRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_router__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.ResetCache = channel.unary_unary(
+                '/splitserve.v1.Router/ResetCache',
+                request_serializer=splitserve_dot_protos_dot_common__pb2.ResetCacheRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_common__pb2.ResetCacheReply.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -99,6 +105,14 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetCache(self, request, context):
+        """Empty every worker's prefix cache (between the arms of an experiment). Fails (UNAVAILABLE) naming the
+        workers that did not answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +140,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=splitserve_dot_protos_dot_router__pb2.StatusRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_router__pb2.StatusReply.SerializeToString,
+            ),
+            'ResetCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetCache,
+                    request_deserializer=splitserve_dot_protos_dot_common__pb2.ResetCacheRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_common__pb2.ResetCacheReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +282,33 @@ class Router:
             '/splitserve.v1.Router/Status',
             splitserve_dot_protos_dot_router__pb2.StatusRequest.SerializeToString,
             splitserve_dot_protos_dot_router__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Router/ResetCache',
+            splitserve_dot_protos_dot_common__pb2.ResetCacheRequest.SerializeToString,
+            splitserve_dot_protos_dot_common__pb2.ResetCacheReply.FromString,
             options,
             channel_credentials,
             insecure,

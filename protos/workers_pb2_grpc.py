@@ -45,6 +45,11 @@ class PrefillWorkerStub:
                 request_serializer=splitserve_dot_protos_dot_common__pb2.LoadRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_common__pb2.WorkerLoad.FromString,
                 _registered_method=True)
+        self.ResetCache = channel.unary_unary(
+                '/splitserve.v1.PrefillWorker/ResetCache',
+                request_serializer=splitserve_dot_protos_dot_common__pb2.ResetCacheRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_common__pb2.ResetCacheReply.FromString,
+                _registered_method=True)
         self.Events = channel.unary_stream(
                 '/splitserve.v1.PrefillWorker/Events',
                 request_serializer=splitserve_dot_protos_dot_common__pb2.EventsRequest.SerializeToString,
@@ -71,6 +76,13 @@ class PrefillWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetCache(self, request, context):
+        """Empty the prefix cache (its blocks leave the index as evicted); blocks in use are kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Events(self, request, context):
         """The worker's block stored / evicted events, batched, until the caller hangs up. A subscriber that
         falls too far behind is cut off with RESOURCE_EXHAUSTED (it must resubscribe and resync).
@@ -91,6 +103,11 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
                     servicer.Load,
                     request_deserializer=splitserve_dot_protos_dot_common__pb2.LoadRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_common__pb2.WorkerLoad.SerializeToString,
+            ),
+            'ResetCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetCache,
+                    request_deserializer=splitserve_dot_protos_dot_common__pb2.ResetCacheRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_common__pb2.ResetCacheReply.SerializeToString,
             ),
             'Events': grpc.unary_stream_rpc_method_handler(
                     servicer.Events,
@@ -163,6 +180,33 @@ class PrefillWorker:
             _registered_method=True)
 
     @staticmethod
+    def ResetCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.PrefillWorker/ResetCache',
+            splitserve_dot_protos_dot_common__pb2.ResetCacheRequest.SerializeToString,
+            splitserve_dot_protos_dot_common__pb2.ResetCacheReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Events(request,
             target,
             options=(),
@@ -214,6 +258,11 @@ class DecodeWorkerStub:
                 request_serializer=splitserve_dot_protos_dot_common__pb2.LoadRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_common__pb2.WorkerLoad.FromString,
                 _registered_method=True)
+        self.ResetCache = channel.unary_unary(
+                '/splitserve.v1.DecodeWorker/ResetCache',
+                request_serializer=splitserve_dot_protos_dot_common__pb2.ResetCacheRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_common__pb2.ResetCacheReply.FromString,
+                _registered_method=True)
         self.Events = channel.unary_stream(
                 '/splitserve.v1.DecodeWorker/Events',
                 request_serializer=splitserve_dot_protos_dot_common__pb2.EventsRequest.SerializeToString,
@@ -244,6 +293,12 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetCache(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Events(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -267,6 +322,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.Load,
                     request_deserializer=splitserve_dot_protos_dot_common__pb2.LoadRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_common__pb2.WorkerLoad.SerializeToString,
+            ),
+            'ResetCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetCache,
+                    request_deserializer=splitserve_dot_protos_dot_common__pb2.ResetCacheRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_common__pb2.ResetCacheReply.SerializeToString,
             ),
             'Events': grpc.unary_stream_rpc_method_handler(
                     servicer.Events,
@@ -355,6 +415,33 @@ class DecodeWorker:
             '/splitserve.v1.DecodeWorker/Load',
             splitserve_dot_protos_dot_common__pb2.LoadRequest.SerializeToString,
             splitserve_dot_protos_dot_common__pb2.WorkerLoad.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.DecodeWorker/ResetCache',
+            splitserve_dot_protos_dot_common__pb2.ResetCacheRequest.SerializeToString,
+            splitserve_dot_protos_dot_common__pb2.ResetCacheReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,8 +23,11 @@ from splitserve.index.mirror import IndexMirror
 from splitserve.index.schema import WorkerInfo
 from splitserve.protos import router_pb2_grpc
 from splitserve.router.core import ArmAssigner, Router, WorkerSet, parse_ab
+from splitserve.router.cost_model import load_calibration
+from splitserve.router.decision_log import DecisionLog
 from splitserve.router.dispatch import FailurePolicy
 from splitserve.router.http_front import HTTPFront
+from splitserve.router.inflight import Ledger
 from splitserve.router.policies import POLICIES, make_policy, parse_policy_options, policy_options
 from splitserve.router.service import RouterService
 from splitserve.router.tenants import Tenants
@@ -68,6 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ab", default=None, help="A/B arms by share, e.g. cpd:0.5,least_loaded:0.5")
     parser.add_argument("--policy-option", action="append", default=[], metavar="NAME=VALUE",
                         help="a policy threshold, e.g. local_prefill_max_tokens=128 (repeatable)")
+    parser.add_argument("--calibration", default=None, metavar="FILE",
+                        help="the cost model cpd predicts with (benchmarks/calibrate.py writes one; default: "
+                             "H200 figures from docs/benchmarks.md)")
+    parser.add_argument("--load-view", default="inflight", choices=["inflight", "polled"],
+                        help="inflight: polled loads plus this router's own assignments since (default); "
+                             "polled: the workers' last reported loads only")
+    parser.add_argument("--decision-log", default=None, metavar="FILE",
+                        help="append every routing decision (score terms, shadow choices) as JSON lines")
+    parser.add_argument("--shadow-policies", default="", metavar="NAME,...",
+                        help="policies asked what they would have chosen, for the decision log "
+                             "(default: the other A/B arms)")
     parser.add_argument("--failure-policy", default="recompute", choices=[p.value for p in FailurePolicy])
     parser.add_argument("--tenants", default=None, metavar="FILE",
                         help="API keys: JSON of tenant name → SHA-256 hex of its key; the tenant salts the "
@@ -92,11 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     workers.start()
     shares = parse_ab(args.ab) if args.ab else {args.policy: 1.0}
     options = parse_policy_options(args.policy_option)
-    policies = {name: make_policy(name, **policy_options(name, options)) for name in shares}
+    costs = load_calibration(args.calibration) if args.calibration else None
+
+    def policy(name: str):
+        return make_policy(name, costs, **policy_options(name, options))
+
+    policies = {name: policy(name) for name in shares}
+    shadow_names = [n for n in args.shadow_policies.split(",") if n] or list(shares)
+    decision_log = DecisionLog(args.decision_log) if args.decision_log else None
     router = Router(
         workers, policies, model_id, args.block_size,
         mirror.match if mirror is not None else (lambda hashes: {}),
         ArmAssigner(shares) if args.ab else None, FailurePolicy(args.failure_policy),
+        shadows={name: policy(name) for name in shadow_names},
+        ledger=Ledger() if args.load_view == "inflight" else None, decision_log=decision_log,
     )  # fmt: skip
     tenants = Tenants.from_file(args.tenants) if args.tenants else None
     stale = lambda: mirror is not None and mirror.stale  # noqa: E731
@@ -124,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if mirror is not None:
         mirror.stop()
     workers.close()
+    if decision_log is not None:
+        decision_log.close()
     return 0
 
 

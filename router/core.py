@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -21,8 +23,10 @@ import grpc
 
 from splitserve.engine.block_hash import BlockHash, HashContext, hash_blocks
 from splitserve.protos import common_pb2, workers_pb2, workers_pb2_grpc
+from splitserve.router.decision_log import Choice, DecisionLog, DecisionRecord, predicted_cached_tokens
 from splitserve.router.dispatch import Emitted, FailurePolicy, PrefillTarget, run_disaggregated
-from splitserve.router.policies import DECODE, LOCAL, Decision, NoWorker, RequestShape, WorkerView
+from splitserve.router.inflight import Ledger, Ticket
+from splitserve.router.policies import DECODE, LOCAL, Decision, NoWorker, Policy, RequestShape, WorkerView
 
 log = logging.getLogger(__name__)
 
@@ -176,17 +180,23 @@ class Routed:
 
 class Router:
     """Decides and runs requests. `policies`: arm name → policy object; `arms` picks the arm per session
-    (None: the single policy). `matches`: the index mirror's query (no network)."""
+    (None: the single policy). `matches`: the index mirror's query (no network). `shadows`: policies
+    asked on every request for what they would have chosen (the decision log's shadow scoring; the live
+    ones are never asked twice, since a policy may keep state). `ledger`: this router's own assignments,
+    folded into the polled loads (None: polled loads only). `decision_log`: where decisions are recorded."""
 
     def __init__(
         self,
         workers: WorkerSet,
-        policies: dict[str, object],
+        policies: dict[str, Policy],
         model_id: str,
         block_size: int,
         matches: Matches,
         arms: ArmAssigner | None = None,
         failure_policy: FailurePolicy = FailurePolicy.RECOMPUTE,
+        shadows: dict[str, Policy] | None = None,
+        ledger: Ledger | None = None,
+        decision_log: DecisionLog | None = None,
     ) -> None:
         if arms is None and len(policies) != 1:
             raise ValueError("several policies need an A/B assignment")
@@ -197,25 +207,87 @@ class Router:
         self.matches = matches
         self.arms = arms
         self.failure_policy = failure_policy
+        self.shadows = shadows or {}
+        self.ledger = ledger
+        self.decision_log = decision_log
+        self._deciding = threading.Lock()
+
+    def views(self, matched: dict[str, int]) -> list[WorkerView]:
+        """Every healthy worker as the policies see it: its prefix match and its load (with this router's
+        own assignments folded in, when it keeps a ledger)."""
+        views = []
+        for h in self.workers.healthy():
+            load = h.load if self.ledger is None else self.ledger.adjusted(h.worker_id, h.load)
+            views.append(WorkerView(h.worker_id, h.role, matched.get(h.worker_id, 0), load.queued_tokens,
+                                    load.running_requests + load.waiting_requests, load.kv_usage,
+                                    load.free_blocks))  # fmt: skip
+        return views
 
     def decide(self, request: RoutedRequest) -> tuple[str, Decision]:
-        """The request's arm and its policy's decision (hashing and an in-memory index lookup only)."""
+        """The request's arm and its policy's decision (hashing and an in-memory index lookup only); the
+        decision's terms include `predicted_cached_tokens`. Recorded in the decision log, with shadows."""
+        arm, decision, _ = self._decide(request)
+        return arm, decision
+
+    def _decide(self, request: RoutedRequest) -> tuple[str, Decision, dict[str, int]]:
         arm = next(iter(self.policies)) if self.arms is None else self.arms.arm_for(
             request.session_id or request.request_id)
         ctx = HashContext(self.model_id, request.tenant_salt)
         hashes = hash_blocks(request.prompt_token_ids, self.block_size, ctx)
         matched = self.matches(hashes)
-        views = [
-            WorkerView(h.worker_id, h.role, matched.get(h.worker_id, 0), h.load.queued_tokens,
-                       h.load.running_requests, h.load.kv_usage)
-            for h in self.workers.healthy()
-        ]  # fmt: skip
-        shape = RequestShape(len(request.prompt_token_ids), self.block_size, request.session_id)
-        return arm, self.policies[arm].route(shape, views)
+        views = self.views(matched)
+        shape = RequestShape(len(request.prompt_token_ids), self.block_size, request.session_id,
+                             request.sampling.max_tokens)  # fmt: skip
+        decision = self.policies[arm].route(shape, views)
+        predicted = predicted_cached_tokens(decision, matched, self.block_size, shape.num_prompt_tokens)
+        decision.terms["predicted_cached_tokens"] = float(predicted)
+        log.debug("request %s: arm %s → %s prefill %s decode %s, terms %s", request.request_id, arm,
+                  decision.pool, decision.prefill, decision.decode, decision.terms)  # fmt: skip
+        if self.decision_log is not None:
+            self.decision_log.record(DecisionRecord(
+                time.time(), request.request_id, arm, Choice.of(decision), dict(decision.terms),
+                shape.num_prompt_tokens, predicted, self._shadow(arm, shape, views),
+            ))  # fmt: skip
+        return arm, decision, matched
+
+    def _shadow(self, arm: str, shape: RequestShape, views: list[WorkerView]) -> dict[str, Choice]:
+        choices = {}
+        for name, policy in self.shadows.items():
+            if name == arm:
+                continue
+            try:
+                choices[name] = Choice.of(policy.route(shape, views))
+            except NoWorker:
+                continue
+        return choices
+
+    def _assign(self, decision: Decision, request: RoutedRequest, matched: dict[str, int]) -> Ticket:
+        """Enter the decision in the ledger: the prompt tokens left to compute at the prefill target, and the
+        request and its KV blocks on the decode worker."""
+        n, bs = len(request.prompt_token_ids), self.block_size
+        target = decision.decode if decision.pool == LOCAL else decision.prefill
+        new_tokens = n - int(decision.terms["predicted_cached_tokens"])
+        blocks = math.ceil((n + request.sampling.max_tokens) / bs) - matched.get(decision.decode, 0)
+        entries = {decision.decode: (new_tokens if decision.pool == LOCAL else 0, 1, blocks)}
+        if decision.pool != LOCAL:
+            entries[target] = (new_tokens, 0, 0)
+        return self.ledger.assign(entries)
 
     def generate(self, request: RoutedRequest) -> Iterator[Routed | Emitted]:
-        arm, decision = self.decide(request)
-        yield Routed(arm, decision)
+        with self._deciding:  # the next decision sees this one's assignment
+            arm, decision, matched = self._decide(request)
+            ticket = None if self.ledger is None else self._assign(decision, request, matched)
+        try:
+            yield Routed(arm, decision)
+            for out in self._run(decision, request):
+                if ticket is not None and out.token_ids:
+                    ticket.first_token()
+                yield out
+        finally:
+            if ticket is not None:
+                ticket.end()
+
+    def _run(self, decision: Decision, request: RoutedRequest) -> Iterator[Emitted]:
         decode = self.workers.get(decision.decode)
         salt = request.tenant_salt
         if decision.pool == LOCAL:

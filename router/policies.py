@@ -10,88 +10,35 @@ Policies (`make_policy(name, **config)`):
 - `least_loaded`: the prefill and the decode worker with the least queued work.
 - `prefix_affinity`: the prefill worker holding most of the prompt, net of load, with a guard against hot
   spots; the decode worker by load.
-- `cpd`: cache-aware prefill/decode split — see `CPD`.
+- `cpd`: cache-aware prefill/decode split by predicted cost — see `cpd.CPD`.
+- `cpd_threshold`: the earlier, threshold-driven cpd — see `CPDThreshold`.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
-FRESH, WARM, DECODE = "fresh", "warm", "decode"
-LOCAL = "decode-local"  # the decode worker prefills the request itself
+from splitserve.router.cost_model import CostModel
+from splitserve.router.cpd import CPD
+from splitserve.router.policy_types import (
+    DECODE,
+    FRESH,
+    LOCAL,
+    WARM,
+    Decision,
+    NoWorker,
+    Policy,
+    RequestShape,
+    WorkerView,
+    load_key,
+    require,
+    split_roles,
+)
 
-
-class NoWorker(Exception):
-    """No live worker can take the request (no decode worker, or no prefill target at all)."""
-
-
-@dataclass(frozen=True)
-class WorkerView:
-    """One live worker as a policy sees it. `matched_blocks`: leading blocks of this request's prompt
-    the worker holds. Load is what the worker reports (queued tokens include its running prefills)."""
-
-    worker_id: str
-    role: str  # FRESH, WARM or DECODE
-    matched_blocks: int = 0
-    queued_tokens: int = 0
-    running_requests: int = 0
-    kv_usage: float = 0.0
-    free_blocks: int | None = None  # None: not reported (no KV room check)
-
-
-@dataclass(frozen=True)
-class RequestShape:
-    num_prompt_tokens: int
-    block_size: int
-    session_id: str | None = None
-    max_tokens: int = 0  # tokens it may generate: with the prompt, the KV room a decode worker needs
-
-    @property
-    def num_full_blocks(self) -> int:
-        return self.num_prompt_tokens // self.block_size
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Where the request goes. `prefill` is None when the decode worker prefills it (`pool` LOCAL)."""
-
-    policy: str
-    pool: str  # FRESH, WARM or LOCAL
-    prefill: str | None
-    decode: str
-    terms: dict[str, float] = field(default_factory=dict)
-
-
-class Policy(Protocol):
-    """What the router, the A/B framework and the simulator call. `route` may keep state of its own (a
-    cursor) but reads nothing else: no clock, no I/O. Raises `NoWorker` when no worker can take it."""
-
-    name: str
-
-    def route(self, request: RequestShape, workers: Sequence[WorkerView]) -> Decision: ...
-
-
-def _split(workers: Sequence[WorkerView]) -> tuple[list[WorkerView], list[WorkerView]]:
-    prefills = [w for w in workers if w.role in (FRESH, WARM)]
-    decodes = [w for w in workers if w.role == DECODE]
-    if not decodes:
-        raise NoWorker("no live decode worker")
-    return prefills, decodes
-
-
-def _load_key(w: WorkerView) -> tuple:
-    """Least loaded first: queued tokens, then running requests, then KV usage, then id (determinism)."""
-    return (w.queued_tokens, w.running_requests, w.kv_usage, w.worker_id)
-
-
-def _require(prefills: list[WorkerView]) -> list[WorkerView]:
-    if not prefills:
-        raise NoWorker("no live prefill worker")
-    return prefills
-
+__all__ = ["DECODE", "FRESH", "LOCAL", "POLICIES", "WARM", "Decision", "NoWorker", "Policy", "RequestShape",
+           "WorkerView", "make_policy", "parse_policy_options", "policy_options"]  # fmt: skip
 
 class RoundRobin:
     name = "round_robin"
@@ -100,8 +47,8 @@ class RoundRobin:
         self._turn = itertools.count()
 
     def route(self, request: RequestShape, workers: Sequence[WorkerView]) -> Decision:
-        prefills, decodes = _split(workers)
-        prefills = sorted(_require(prefills), key=lambda w: w.worker_id)
+        prefills, decodes = split_roles(workers)
+        prefills = sorted(require(prefills), key=lambda w: w.worker_id)
         decodes = sorted(decodes, key=lambda w: w.worker_id)
         turn = next(self._turn)
         p, d = prefills[turn % len(prefills)], decodes[turn % len(decodes)]
@@ -112,9 +59,9 @@ class LeastLoaded:
     name = "least_loaded"
 
     def route(self, request: RequestShape, workers: Sequence[WorkerView]) -> Decision:
-        prefills, decodes = _split(workers)
-        p = min(_require(prefills), key=_load_key)
-        d = min(decodes, key=_load_key)
+        prefills, decodes = split_roles(workers)
+        p = min(require(prefills), key=load_key)
+        d = min(decodes, key=load_key)
         terms = {"prefill_queued_tokens": float(p.queued_tokens),
                  "decode_queued_tokens": float(d.queued_tokens)}  # fmt: skip
         return Decision(self.name, p.role, p.worker_id, d.worker_id, terms)
@@ -131,25 +78,27 @@ class PrefixAffinity:
     name: str = "prefix_affinity"
 
     def route(self, request: RequestShape, workers: Sequence[WorkerView]) -> Decision:
-        prefills, decodes = _split(workers)
-        prefills = _require(prefills)
+        prefills, decodes = split_roles(workers)
+        prefills = require(prefills)
 
         def score(w: WorkerView) -> float:
             return w.matched_blocks * request.block_size - self.load_weight * w.queued_tokens
 
         best = max(prefills, key=lambda w: (score(w), -w.queued_tokens, w.worker_id))
-        idle = min(prefills, key=_load_key)
+        idle = min(prefills, key=load_key)
         guarded = best.queued_tokens - idle.queued_tokens > self.max_queue_gap_tokens
         p = idle if guarded else best
-        d = min(decodes, key=_load_key)
+        d = min(decodes, key=load_key)
         terms = {"cached_tokens": float(p.matched_blocks * request.block_size), "score": score(p),
                  "queued_tokens": float(p.queued_tokens), "hot_spot_guard": float(guarded)}  # fmt: skip
         return Decision(self.name, p.role, p.worker_id, d.worker_id, terms)
 
 
 @dataclass
-class CPD:
-    """Cache-aware prefill/decode split.
+class CPDThreshold:
+    """Cache-aware prefill/decode split by fixed thresholds — `cpd` before the A/B experiment showed its
+    faults (kept so an A/B can show the difference): the warm pool takes every mostly-cached prompt even
+    when another worker holds more of it, and its decode choice ignores running requests.
 
     1. Decode worker: the most cached tokens of this prompt net of `decode_load_weight` × queued tokens
        (a decode worker holding the context saves a transfer of those blocks) — every decode worker that
@@ -172,10 +121,10 @@ class CPD:
     load_weight: float = 1.0
     decode_load_weight: float = 1.0
     max_queue_gap_tokens: int = 8192
-    name: str = "cpd"
+    name: str = "cpd_threshold"
 
     def route(self, request: RequestShape, workers: Sequence[WorkerView]) -> Decision:
-        prefills, decodes = _split(workers)
+        prefills, decodes = split_roles(workers)
         bs = request.block_size
         d = max(decodes, key=lambda w: (w.matched_blocks * bs - self.decode_load_weight * w.queued_tokens,
                                         -w.queued_tokens, w.worker_id))  # fmt: skip
@@ -194,20 +143,27 @@ class CPD:
             p = next(w for w in prefills if w.worker_id == inner.prefill)
             terms.update(inner.terms)
         else:
-            p = min(fresh, key=_load_key)
+            p = min(fresh, key=load_key)
             terms["queued_tokens"] = float(p.queued_tokens)
         return Decision(self.name, p.role, p.worker_id, d.worker_id, terms)
 
 
 POLICIES = {"round_robin": RoundRobin, "least_loaded": LeastLoaded, "prefix_affinity": PrefixAffinity,
-            "cpd": CPD}  # fmt: skip
+            "cpd": CPD, "cpd_threshold": CPDThreshold}  # fmt: skip
 
 
-def make_policy(name: str, **config) -> Policy:
-    """A policy by name, configured. Raises ValueError naming the known policies for an unknown one."""
+def make_policy(name: str, costs: CostModel | None = None, **config) -> Policy:
+    """A policy by name, configured. `costs`: the cost model, for the policies that predict costs (others
+    ignore it). Raises ValueError naming the known policies for an unknown one, or a bad option."""
     if name not in POLICIES:
         raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(sorted(POLICIES))}")
-    return POLICIES[name](**config)
+    cls = POLICIES[name]
+    if costs is not None and "costs" in getattr(cls, "__dataclass_fields__", {}):
+        config["costs"] = costs
+    try:
+        return cls(**config)
+    except TypeError as exc:
+        raise ValueError(f"policy {name}: {exc}") from None
 
 
 def policy_options(name: str, options: dict[str, float]) -> dict[str, float | int]:

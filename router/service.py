@@ -20,7 +20,7 @@ import grpc
 
 from splitserve.engine.errors import InvalidRequest
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.protos import router_pb2, router_pb2_grpc, workers_pb2
+from splitserve.protos import common_pb2, router_pb2, router_pb2_grpc, workers_pb2
 from splitserve.router.core import Routed, RoutedRequest, Router
 from splitserve.router.dispatch import TransferFailed
 from splitserve.router.policies import NoWorker
@@ -221,6 +221,26 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                prompt_tokens=c.prompt_tokens, cached_tokens=c.cached_tokens,
                                ttft_ms_sum=c.ttft_ms_sum)  # fmt: skip
         return reply
+
+    def ResetCache(self, request=None, context=None):
+        """Empty every registered worker's prefix cache (their evictions reach the index as events). With
+        tenants, only a caller with a key may. UNAVAILABLE names the workers that did not answer."""
+        try:
+            self._tenant(_authorization(context))
+            total, failed = 0, []
+            for h in self.router.workers.all():
+                try:
+                    reply = h.stub.ResetCache(common_pb2.ResetCacheRequest(), timeout=10.0)
+                    total += reply.num_evicted_blocks
+                except grpc.RpcError as exc:
+                    failed.append(f"{h.worker_id} ({exc.code().name})")
+            if failed:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"cache not reset on {', '.join(failed)}")
+        except RequestError as exc:
+            if context is None:
+                raise
+            context.abort(exc.code, exc.detail)
+        return common_pb2.ResetCacheReply(num_evicted_blocks=total)
 
     def _counters(self, arm: str) -> _ArmCounters:
         with self._lock:

@@ -198,6 +198,11 @@ class Client:
         "index_stale"."""
         return self._unary(self._stub.Status, router_pb2.StatusRequest())
 
+    def reset_cache(self) -> int:
+        """Empty every worker's prefix cache (e.g. between the arms of an experiment); returns the cached
+        blocks forgotten. Raises `UnavailableError` naming workers that did not answer."""
+        return int(self._unary(self._stub.ResetCache, common_pb2.ResetCacheRequest())["num_evicted_blocks"])
+
     def _unary(self, method, request) -> dict:
         try:
             return _as_dict(method(request, timeout=self.timeout, metadata=self._metadata))
@@ -266,6 +271,11 @@ class AsyncClient:
     async def status(self) -> dict:
         """As `Client.status`."""
         return await self._unary(self._stub.Status, router_pb2.StatusRequest())
+
+    async def reset_cache(self) -> int:
+        """As `Client.reset_cache`."""
+        reply = await self._unary(self._stub.ResetCache, common_pb2.ResetCacheRequest())
+        return int(reply["num_evicted_blocks"])
 
     async def _unary(self, method, request) -> dict:
         try:

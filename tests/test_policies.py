@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from splitserve.router.cost_model import CostModel, DecodeCost, PrefillCost, TransferCost
 from splitserve.router.policies import (
     DECODE,
     FRESH,
@@ -53,15 +54,15 @@ def test_prefix_affinity_prefers_cached_tokens_net_of_load_and_guards_hot_spots(
     assert make_policy("prefix_affinity").route(RequestShape(4000, 16), hot).prefill == "w1"  # gap 8192
 
 
-def test_cpd_prefills_a_short_suffix_on_the_decode_worker_that_holds_the_context():
+def test_cpd_threshold_prefills_a_short_suffix_on_the_decode_worker_that_holds_the_context():
     workers = cluster(d2={"matched_blocks": 50}, w1={"matched_blocks": 50})  # suffix 1000 - 800 = 200
-    decision = make_policy("cpd").route(REQ, workers)
+    decision = make_policy("cpd_threshold").route(REQ, workers)
     assert (decision.pool, decision.prefill, decision.decode) == (LOCAL, None, "d2")
     assert decision.terms["decode_uncached_tokens"] == 200.0
 
 
-def test_cpd_sends_mostly_cached_prompts_to_the_warm_pool_and_new_ones_to_the_fresh_pool():
-    policy = make_policy("cpd")
+def test_cpd_threshold_sends_mostly_cached_prompts_to_the_warm_pool_and_new_ones_to_the_fresh_pool():
+    policy = make_policy("cpd_threshold")
     warm = cluster(w2={"matched_blocks": 40}, w1={"matched_blocks": 10})  # hit ratio 0.64
     decision = policy.route(REQ, warm)
     assert (decision.pool, decision.prefill) == (WARM, "w2") and decision.terms["hit_ratio"] == 0.64
@@ -72,17 +73,71 @@ def test_cpd_sends_mostly_cached_prompts_to_the_warm_pool_and_new_ones_to_the_fr
     assert policy.route(REQ, no_fresh).prefill == "w2"
 
 
-def test_cpd_picks_the_decode_worker_by_cached_context_net_of_load():
+def test_cpd_threshold_picks_the_decode_worker_by_cached_context_net_of_load():
     workers = cluster(d1={"matched_blocks": 10, "queued_tokens": 400}, d2={"matched_blocks": 5})
-    assert make_policy("cpd").route(REQ, workers).decode == "d2"  # 160 - 400 < 80
+    assert make_policy("cpd_threshold").route(REQ, workers).decode == "d2"  # 160 - 400 < 80
 
 
 def test_unknown_policies_and_missing_workers_fail_clearly():
-    with pytest.raises(ValueError, match="known: cpd, least_loaded"):
+    with pytest.raises(ValueError, match="known: cpd, cpd_threshold, least_loaded"):
         make_policy("fastest")
     with pytest.raises(NoWorker, match="decode"):
         make_policy("least_loaded").route(REQ, [w for w in cluster() if w.role != DECODE])
     only_decode = [w for w in cluster() if w.role == DECODE]
     with pytest.raises(NoWorker, match="prefill"):
         make_policy("prefix_affinity").route(REQ, only_decode)
-    assert make_policy("cpd").route(REQ, only_decode).pool == LOCAL  # cpd prefills on the decode worker
+    for name in ("cpd", "cpd_threshold"):  # cpd prefills on the decode worker
+        assert make_policy(name).route(REQ, only_decode).pool == LOCAL
+    with pytest.raises(ValueError, match=r"policy cpd: .*unexpected keyword"):
+        make_policy("cpd", no_such_option=1.0)
+
+
+# Round numbers, so each cost below is checked by hand: prefill 1 ms per new token, a decode step 10 ms
+# plus 1 ms per sequence, KV 100 bytes per token moved at 1 MB/s (0.1 ms per token).
+COSTS = CostModel(prefill=PrefillCost(0.0, 1e-3, 0.0), decode=DecodeCost(0.01, 1e-3, 0.0),
+                  transfers={"grpc": TransferCost(0.0, 1e6)}, kv_bytes_per_token=100)  # fmt: skip
+
+
+def cpd(**options):
+    return make_policy("cpd", costs=COSTS, **options)
+
+
+def test_cpd_sends_a_warm_turn_to_the_worker_that_holds_its_context():
+    # d2 holds the conversation (60 blocks = 960 tokens) and runs nothing: it prefills the 40-token suffix
+    # itself: TTFT 0.040 + one decode step 0.011 = 0.051, against 0.2 + 0.011 on f1 (which holds 800).
+    workers = cluster(d2={"matched_blocks": 60}, f1={"matched_blocks": 50}, w1={"matched_blocks": 10})
+    decision = cpd().route(REQ, workers)
+    assert (decision.pool, decision.decode) == (LOCAL, "d2")
+    assert decision.terms["cost_s"] == pytest.approx(0.051) and decision.terms["interference_s"] == 0.0
+    # With 40 sequences running on d2 a local prefill would stall each of them 40 ms (1.6 s in all): the
+    # prefill worker holding most of the prompt (f1, the one that computed the earlier turn, not the warm
+    # pool's w1) computes 200 tokens, and the idle d1 decodes (the 0.1 s transfer hides under the prefill).
+    workers = cluster(d2={"matched_blocks": 60, "running_requests": 40}, f1={"matched_blocks": 50},
+                      w1={"matched_blocks": 10})  # fmt: skip
+    decision = cpd().route(REQ, workers)
+    assert (decision.pool, decision.prefill, decision.decode) == (FRESH, "f1", "d1")
+    assert decision.terms["ttft_s"] == pytest.approx(0.2) and decision.terms["cost_s"] == pytest.approx(0.211)
+    assert decision.terms["transfer_tail_s"] == 0.0 and decision.terms["cached_tokens"] == 800.0
+
+
+def test_cpd_spreads_warm_turns_by_queue_and_keeps_fresh_ones_in_the_fresh_pool():
+    # Both warm workers hold the prompt's first 40 blocks; w2's queue of 300 tokens costs 0.3 s: w1.
+    workers = cluster(w1={"matched_blocks": 40}, w2={"matched_blocks": 40, "queued_tokens": 300},
+                      d1={"running_requests": 3}, f1={"queued_tokens": 5000},
+                      f2={"queued_tokens": 5000})  # fmt: skip
+    decision = cpd(local_prefill_max_tokens=0).route(REQ, workers)
+    assert (decision.prefill, decision.decode) == ("w1", "d2")
+    # Mostly new (hit ratio 0.32 < 0.5): the fresh pool, even with both warm workers idle.
+    workers = cluster(w1={"matched_blocks": 20}, f1={"queued_tokens": 50})
+    decision = cpd(local_prefill_max_tokens=0).route(REQ, workers)
+    assert (decision.pool, decision.prefill) == (FRESH, "f2") and decision.terms["hit_ratio"] == 0.32
+
+
+def test_cpd_skips_a_decode_worker_without_room_for_the_kv():
+    # 1000 prompt + 100 output tokens = 69 blocks; d2 holds 60 of them but has 5 free: d1 (idle, 100 free).
+    request = RequestShape(1000, 16, max_tokens=100)
+    workers = cluster(d2={"matched_blocks": 60, "free_blocks": 5}, d1={"free_blocks": 100})
+    assert cpd().route(request, workers).decode == "d1"
+    # No decode worker has room: the best one is still chosen (it refuses with a clear error).
+    workers = cluster(d2={"matched_blocks": 60, "free_blocks": 5}, d1={"free_blocks": 6})
+    assert cpd().route(request, workers).decode == "d2"

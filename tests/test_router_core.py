@@ -13,6 +13,7 @@ from workers_cluster import GREEDY, offline
 
 from splitserve import LLM, SamplingParams
 from splitserve.decode_worker.service import DecodeService
+from splitserve.engine.block_hash import HashContext, hash_blocks
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.requests import sampling_to_proto
 from splitserve.kvtransfer.transport import add_kvtransfer_servicer, make_server
@@ -90,9 +91,17 @@ def test_cpd_routes_a_conversation_fresh_then_local_or_warm(model, cluster):
     assert emitted[0].num_cached_tokens >= len(turn1) - 8
     assert out2 == offline(model, [turn2], 6)[0]
     turn3 = [*turn1, *range(100, 160)]  # 60 new tokens after an 80-token cached prefix: hit ratio 0.57
-    routed, out3, _ = run(router, "t3", turn3, 4, session="s")
-    assert (routed.decision.pool, routed.decision.prefill) == (WARM, "w1")
+    routed, out3, emitted = run(router, "t3", turn3, 4, session="s")
+    # Too long a suffix for the decode worker (cap 16): the prefill worker that holds the prefix (f1
+    # computed turn 1) takes it, not an empty warm worker that would recompute it.
+    assert (routed.decision.pool, routed.decision.prefill) == (FRESH, "f1")
+    assert emitted[0].num_cached_tokens == 80 == routed.decision.terms["predicted_cached_tokens"]
     assert out3 == offline(model, [turn3], 4)[0]
+    # The threshold cpd (kept for A/B) sends it to the warm pool, which holds nothing of it.
+    router.policies = {"cpd": make_policy("cpd_threshold", local_prefill_max_tokens=16)}
+    routed, _, emitted = run(router, "t4", [*turn1, *range(200, 260)], 4, session="s")
+    assert (routed.decision.pool, routed.decision.prefill) == (WARM, "w1")
+    assert emitted[0].num_cached_tokens == 0 and routed.decision.terms["predicted_cached_tokens"] == 0
 
 
 def test_ab_arms_are_per_session_and_follow_the_shares():
@@ -154,6 +163,15 @@ def test_the_router_front_door_over_grpc(model, cluster):
         assert {w.worker_id for w in status.workers} == {"f1", "w1", "d1"}
         assert status.arms[0].arm == "cpd" and status.arms[0].requests >= 2
         assert stub.Health(router_pb2.HealthRequest()).serving
+        # ResetCache empties every worker's prefix cache: the same prompt then finds nothing cached.
+        again = router_pb2.RouterRequest(prompt_token_ids=[*prompt, 5], sampling=sampling, session_id="s")
+        assert stub.Generate(again).usage.cached_tokens >= 80
+        from splitserve.protos import common_pb2
+
+        assert stub.ResetCache(common_pb2.ResetCacheRequest()).num_evicted_blocks >= 10
+        assert all(matches(hash_blocks([*prompt, 5], 8, HashContext(model_id))).get(w) == 0
+                   for w in ("f1", "w1", "d1"))  # fmt: skip
+        assert stub.Generate(again).usage.cached_tokens == 0
     finally:
         channel.close()
         server.stop(0).wait()

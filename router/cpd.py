@@ -1,0 +1,150 @@
+"""`cpd`: the cache-aware prefill/decode split, by predicted cost.
+
+For every decode worker with room for the request's KV and every place its prompt could be prefilled —
+each admissible prefill worker, or that decode worker itself (LOCAL) — the policy predicts, in seconds,
+what the placement costs the cluster's users, and takes the cheapest:
+
+    cost = queue wait + prefill compute            (this request's time to first token)
+         + transfer tail                           (KV the decode worker lacks, not hidden by the prefill)
+         + interference                            (LOCAL only: the decode batch stalls for the prefill)
+         + decode time                             (its own steps on that decode worker, and what it adds
+                                                    to every other sequence's steps there)
+
+Prefill compute counts only the tokens the target lacks (its prefix match), so a warm turn goes where its
+context is — to the decode worker that holds the whole conversation when the batch there can absorb the
+suffix, else to whichever prefill worker holds most of it, net of its queue. Queues are in the inputs (and
+the router adds its own assignments between load polls), so a burst spreads instead of piling onto one
+worker. Pools keep one rule: a request that is mostly new everywhere (best hit ratio below
+`warm_min_hit_ratio`) goes to the fresh pool when there is one, so cold prefills do not queue in front of
+warm turns. The costs come from a `CostModel` (a calibration file, or the defaults).
+
+Pure: no I/O, no clock; the live router, the A/B framework and the simulator call the same object.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from splitserve.router.cost_model import DEFAULT_COST_MODEL, CostModel
+from splitserve.router.policy_types import (
+    FRESH,
+    LOCAL,
+    Decision,
+    RequestShape,
+    WorkerView,
+    split_roles,
+)
+
+
+@dataclass(frozen=True)
+class _Option:
+    cost_s: float
+    prefill: WorkerView | None  # None: LOCAL on `decode`
+    decode: WorkerView
+    terms: dict[str, float]
+
+    def key(self) -> tuple:
+        target = self.decode if self.prefill is None else self.prefill
+        return (self.cost_s, target.queued_tokens, self.decode.running_requests, target.worker_id,
+                self.decode.worker_id)  # fmt: skip
+
+
+@dataclass
+class CPD:
+    """Options: `warm_min_hit_ratio` — below it (best prefix match anywhere / prompt length) a request is
+    fresh and stays in the fresh pool; `local_prefill_max_tokens` — the most uncached tokens a decode
+    worker may prefill itself; `interference_weight` — how much a second of a decode batch's stall (per
+    running sequence) weighs against a second of this request's TTFT; `transfer_weight` — the same for the
+    transfer tail; `transport` — the transfer cost used ("same-host" or "grpc"; "" = the model's default).
+    """
+
+    warm_min_hit_ratio: float = 0.5
+    local_prefill_max_tokens: int = 4096
+    interference_weight: float = 1.0
+    transfer_weight: float = 1.0
+    transport: str = ""
+    costs: CostModel = field(default=DEFAULT_COST_MODEL, repr=False)
+    name: str = "cpd"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.warm_min_hit_ratio <= 1.0:
+            raise ValueError(f"warm_min_hit_ratio must be in [0, 1], got {self.warm_min_hit_ratio}")
+        if self.interference_weight < 0 or self.transfer_weight < 0 or self.local_prefill_max_tokens < 0:
+            raise ValueError("cpd weights and local_prefill_max_tokens must be non-negative")
+        self._transfer = self.costs.transfer(self.transport or None)
+
+    def route(self, request: RequestShape, workers: Sequence[WorkerView]) -> Decision:
+        prefills, decodes = split_roles(workers)
+        n, bs = request.num_prompt_tokens, request.block_size
+        hit_ratio = max(w.matched_blocks for w in workers) * bs / n
+        fresh = [w for w in prefills if w.role == FRESH]
+        admissible = fresh if hit_ratio < self.warm_min_hit_ratio and fresh else prefills
+        cap = self.local_prefill_max_tokens if prefills else math.inf  # no prefill worker: local it is
+        best = min((opt for d in _with_room(decodes, request)
+                    for opt in self._options(request, admissible, d, cap)), key=_Option.key)  # fmt: skip
+        terms = {"hit_ratio": hit_ratio, **best.terms}
+        prefill = best.prefill
+        if prefill is None:
+            return Decision(self.name, LOCAL, None, best.decode.worker_id, terms)
+        return Decision(self.name, prefill.role, prefill.worker_id, best.decode.worker_id, terms)
+
+    def _options(self, request: RequestShape, prefills: list[WorkerView], d: WorkerView, cap: float):
+        n = request.num_prompt_tokens
+        prefill, per_token = self.costs.prefill, self.costs.prefill.per_token_s
+        decode_s = self._decode_seconds(request, d)
+        d_cached = _cached(d, request)
+        local_new = n - d_cached
+        if local_new <= cap:
+            compute = prefill.seconds(local_new, d_cached)
+            ttft = d.queued_tokens * per_token + compute
+            interference = self.interference_weight * d.running_requests * compute
+            cost = ttft + interference + decode_s
+            yield _Option(cost, None, d, {
+                "cost_s": cost, "ttft_s": ttft, "interference_s": interference, "decode_s": decode_s,
+                "cached_tokens": float(d_cached), "decode_cached_tokens": float(d_cached),
+            })  # fmt: skip
+        moved = self._transfer.seconds(self.costs.kv_bytes(local_new))
+        for p in prefills:
+            cached = _cached(p, request)
+            compute = prefill.seconds(n - cached, cached)
+            ttft = p.queued_tokens * per_token + compute
+            tail = self.transfer_weight * max(self._transfer.latency_s, moved - compute)
+            cost = ttft + tail + decode_s
+            yield _Option(cost, p, d, {
+                "cost_s": cost, "ttft_s": ttft, "transfer_tail_s": tail, "decode_s": decode_s,
+                "cached_tokens": float(cached), "decode_cached_tokens": float(d_cached),
+            })  # fmt: skip
+
+    def _decode_seconds(self, request: RequestShape, d: WorkerView) -> float:
+        """The request's own decode steps on `d`, plus what its sequence adds to the others' steps there,
+        plus the wait for the prefills queued on `d` (they stall its batch)."""
+        step = self.costs.decode
+        num_out = max(1, request.max_tokens)
+        context = request.num_prompt_tokens + num_out / 2
+        own = num_out * step.step_seconds(d.running_requests + 1, _context_tokens(d, request) + context)
+        added = d.running_requests * num_out * (step.per_seq_s + context * step.per_ctx_token_s)
+        return own + added + d.queued_tokens * self.costs.prefill.per_token_s
+
+
+def _cached(w: WorkerView, request: RequestShape) -> int:
+    """Prompt tokens `w` holds, as the engine uses a hit: whole blocks, and the last token computed."""
+    usable = (request.num_prompt_tokens - 1) // request.block_size
+    return min(w.matched_blocks, usable) * request.block_size
+
+
+def _context_tokens(w: WorkerView, request: RequestShape) -> float:
+    """KV tokens `w`'s running sequences hold, from its free blocks and usage (0 when not reported)."""
+    if w.free_blocks is None or w.kv_usage >= 1.0:
+        return 0.0
+    used_blocks = w.free_blocks * w.kv_usage / (1.0 - w.kv_usage)
+    return used_blocks * request.block_size
+
+
+def _with_room(decodes: list[WorkerView], request: RequestShape) -> list[WorkerView]:
+    """Decode workers with room for the request's KV (its prefix match reused); all of them when none has
+    (the chosen one then refuses with a clear error rather than the router guessing)."""
+    total = math.ceil((request.num_prompt_tokens + request.max_tokens) / request.block_size)
+    fits = [d for d in decodes if d.free_blocks is None or d.free_blocks >= total - d.matched_blocks]
+    return fits or decodes

@@ -1,0 +1,83 @@
+"""The policy interface: what a routing policy sees (`WorkerView`, `RequestShape`) and returns (`Decision`).
+
+Shared by the live router, the A/B framework and the simulator; the policies themselves are in
+`policies.py` (simple ones, the registry) and `cpd.py`. Torch-free, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+FRESH, WARM, DECODE = "fresh", "warm", "decode"
+LOCAL = "decode-local"  # the decode worker prefills the request itself
+
+
+class NoWorker(Exception):
+    """No live worker can take the request (no decode worker, or no prefill target at all)."""
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """One live worker as a policy sees it. `matched_blocks`: leading blocks of this request's prompt
+    the worker holds. Load is what the worker reports (queued tokens include its running prefills)."""
+
+    worker_id: str
+    role: str  # FRESH, WARM or DECODE
+    matched_blocks: int = 0
+    queued_tokens: int = 0
+    running_requests: int = 0
+    kv_usage: float = 0.0
+    free_blocks: int | None = None  # None: not reported (no KV room check)
+
+
+@dataclass(frozen=True)
+class RequestShape:
+    num_prompt_tokens: int
+    block_size: int
+    session_id: str | None = None
+    max_tokens: int = 0  # tokens it may generate: with the prompt, the KV room a decode worker needs
+
+    @property
+    def num_full_blocks(self) -> int:
+        return self.num_prompt_tokens // self.block_size
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where the request goes. `prefill` is None when the decode worker prefills it (`pool` LOCAL)."""
+
+    policy: str
+    pool: str  # FRESH, WARM or LOCAL
+    prefill: str | None
+    decode: str
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+class Policy(Protocol):
+    """What the router, the A/B framework and the simulator call. `route` may keep state of its own (a
+    cursor) but reads nothing else: no clock, no I/O. Raises `NoWorker` when no worker can take it."""
+
+    name: str
+
+    def route(self, request: RequestShape, workers: Sequence[WorkerView]) -> Decision: ...
+
+
+def split_roles(workers: Sequence[WorkerView]) -> tuple[list[WorkerView], list[WorkerView]]:
+    prefills = [w for w in workers if w.role in (FRESH, WARM)]
+    decodes = [w for w in workers if w.role == DECODE]
+    if not decodes:
+        raise NoWorker("no live decode worker")
+    return prefills, decodes
+
+
+def load_key(w: WorkerView) -> tuple:
+    """Least loaded first: queued tokens, then running requests, then KV usage, then id (determinism)."""
+    return (w.queued_tokens, w.running_requests, w.kv_usage, w.worker_id)
+
+
+def require(prefills: list[WorkerView]) -> list[WorkerView]:
+    if not prefills:
+        raise NoWorker("no live prefill worker")
+    return prefills
