@@ -89,6 +89,7 @@ class Chunk:
     finish_reason: str | None  # on the last chunk: "stop", "length" or "abort"
     usage: Usage | None = None  # on the last chunk
     ttft_ms: float | None = None  # on the first chunk
+    route: dict | None = None  # on the first chunk: arm, pool, workers, score terms
 
 
 @dataclass
@@ -142,8 +143,9 @@ def _chunk(msg: router_pb2.RouterChunk) -> Chunk:
     if msg.HasField("usage"):
         u = msg.usage
         usage = Usage(u.prompt_tokens, u.cached_tokens, u.completion_tokens)
+    first = msg.HasField("route")
     return Chunk(msg.text, list(msg.token_ids), msg.finish_reason or None, usage,
-                 msg.ttft_ms if msg.HasField("route") else None)  # fmt: skip
+                 msg.ttft_ms if first else None, _route(msg) if first else None)  # fmt: skip
 
 
 def _route(msg: router_pb2.RouterChunk) -> dict:

@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "splitserve.cli.status",
     "splitserve.cli.down",
     "splitserve.cli.generate",
+    "splitserve.cli.bench",
 )
 
 
