@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("engine", "kernels", "router", "prefill_worker", "decode_worker", "kvtransfer", "protos", "index",
-            "cluster")
+            "cluster", "experiments", "simulator")
 
 ALLOWED: dict[str, set[str]] = {
     "kernels": set(),
@@ -26,9 +26,15 @@ ALLOWED: dict[str, set[str]] = {
     # Orchestration: it starts the entry points as processes (never imports the workers) and asks the
     # router through the client SDK whether every worker registered.
     "cluster": {"router", "index", "client"},
+    # Experiments drive a cluster from outside: through the client SDK, with the router's policy and
+    # decision-log records, plain processes started like the supervisor starts them, an embedded Redis.
+    "experiments": {"client", "router", "cluster.supervisor", "index.redis_server"},
+    # The simulator runs the router's policies over the experiments' traces and reports.
+    "simulator": {"router", "experiments.trace", "experiments.results", "experiments.workloads",
+                  "experiments.report", "experiments.metrics"},
 }
-TORCH_FREE = {"router", "protos", "index", "cluster", "splitserve/client.py", "engine/block_hash.py",
-              "engine/block_pool.py", "engine/errors.py", "engine/sampling_params.py",
+TORCH_FREE = {"router", "protos", "index", "cluster", "experiments", "simulator", "splitserve/client.py",
+              "engine/block_hash.py", "engine/block_pool.py", "engine/errors.py", "engine/sampling_params.py",
               "engine/model_config.py"}
 HEAVY = ("torch", "triton", "transformers", "numpy", "safetensors")
 
