@@ -12,6 +12,7 @@ Policies (`make_policy(name, **config)`):
   spots; the decode worker by load.
 - `cpd`: cache-aware prefill/decode split by predicted cost — see `cpd.CPD`.
 - `cpd_threshold`: the earlier, threshold-driven cpd — see `CPDThreshold`.
+- `colocated`: no disaggregation — every request prefilled on a decode worker (the baseline).
 """
 
 from __future__ import annotations
@@ -148,8 +149,24 @@ class CPDThreshold:
         return Decision(self.name, p.role, p.worker_id, d.worker_id, terms)
 
 
+class Colocated:
+    """Every request prefilled on a decode worker (no prefill pools): the one holding most of the prompt,
+    net of its queued tokens and running requests — aggregated serving, the baseline disaggregation must
+    beat."""
+
+    name = "colocated"
+
+    def route(self, request: RequestShape, workers: Sequence[WorkerView]) -> Decision:
+        _, decodes = split_roles(workers)
+        bs = request.block_size
+        d = max(decodes, key=lambda w: (w.matched_blocks * bs - w.queued_tokens, -w.running_requests,
+                                        w.worker_id))  # fmt: skip
+        terms = {"cached_tokens": float(d.matched_blocks * bs), "queued_tokens": float(d.queued_tokens)}
+        return Decision(self.name, LOCAL, None, d.worker_id, terms)
+
+
 POLICIES = {"round_robin": RoundRobin, "least_loaded": LeastLoaded, "prefix_affinity": PrefixAffinity,
-            "cpd": CPD, "cpd_threshold": CPDThreshold}  # fmt: skip
+            "cpd": CPD, "cpd_threshold": CPDThreshold, "colocated": Colocated}  # fmt: skip
 
 
 def make_policy(name: str, costs: CostModel | None = None, **config) -> Policy:

@@ -79,7 +79,7 @@ def test_cpd_threshold_picks_the_decode_worker_by_cached_context_net_of_load():
 
 
 def test_unknown_policies_and_missing_workers_fail_clearly():
-    with pytest.raises(ValueError, match="known: cpd, cpd_threshold, least_loaded"):
+    with pytest.raises(ValueError, match="known: colocated, cpd, cpd_threshold, least_loaded"):
         make_policy("fastest")
     with pytest.raises(NoWorker, match="decode"):
         make_policy("least_loaded").route(REQ, [w for w in cluster() if w.role != DECODE])
@@ -141,3 +141,11 @@ def test_cpd_skips_a_decode_worker_without_room_for_the_kv():
     # No decode worker has room: the best one is still chosen (it refuses with a clear error).
     workers = cluster(d2={"matched_blocks": 60, "free_blocks": 5}, d1={"free_blocks": 6})
     assert cpd().route(request, workers).decode == "d2"
+
+
+def test_colocated_prefills_everything_on_the_decode_worker_holding_most_net_of_load():
+    workers = cluster(d1={"matched_blocks": 10, "queued_tokens": 100}, d2={"matched_blocks": 5})
+    decision = make_policy("colocated").route(REQ, workers)  # 160 - 100 = 60 < 80
+    assert (decision.pool, decision.prefill, decision.decode) == (LOCAL, None, "d2")
+    busy = cluster(d1={"running_requests": 3})  # equal scores: the one running fewer requests
+    assert make_policy("colocated").route(REQ, busy).decode == "d2"

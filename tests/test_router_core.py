@@ -69,7 +69,8 @@ def run(router, rid, prompt, max_tokens, session=None):
     return routed, [t for o in emitted for t in o.token_ids], emitted
 
 
-@pytest.mark.parametrize("policy", ["round_robin", "least_loaded", "prefix_affinity", "cpd"])
+@pytest.mark.parametrize("policy", ["round_robin", "least_loaded", "prefix_affinity", "cpd", "cpd_threshold",
+                                    "colocated"])
 def test_every_policy_gives_the_offline_tokens(model, cluster, policy):
     workers, matches, model_id = cluster
     router = Router(workers, {policy: make_policy(policy)}, model_id, 8, matches)
