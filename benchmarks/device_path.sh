@@ -9,7 +9,7 @@ dest=/tmp/splitserve-path
 rm -rf "$dest"
 mkdir -p "$dest/splitserve"
 cp -r "$root"/splitserve/* "$dest/splitserve/"
-for d in engine kernels router prefill_worker decode_worker kvtransfer protos index cluster; do
+for d in engine kernels router prefill_worker decode_worker kvtransfer protos index cluster experiments simulator; do
     ln -s "$root/$d" "$dest/splitserve/$d"
 done
 echo "$dest"

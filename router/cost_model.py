@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 CALIBRATION_VERSION = 1
@@ -89,6 +89,10 @@ class CostModel:
         if transport not in self.transfers:
             raise KeyError(f"no transfer cost for transport {transport!r}; have {sorted(self.transfers)}")
         return self.transfers[transport]
+
+    def only(self, transport: str) -> CostModel:
+        """This model with one transport (the one a deployment uses), so it is also the default."""
+        return replace(self, transfers={transport: self.transfer(transport)})
 
     def kv_bytes(self, num_tokens: int) -> int:
         return max(0, num_tokens) * self.kv_bytes_per_token

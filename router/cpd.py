@@ -57,14 +57,14 @@ class CPD:
     fresh and stays in the fresh pool; `local_prefill_max_tokens` — the most uncached tokens a decode
     worker may prefill itself; `interference_weight` — how much a second of a decode batch's stall (per
     running sequence) weighs against a second of this request's TTFT; `transfer_weight` — the same for the
-    transfer tail; `transport` — the transfer cost used ("same-host" or "grpc"; "" = the model's default).
+    transfer tail. The transfer cost is the cost model's default transport's (`CostModel.transfer()`): give
+    the policy a model holding only the transport the workers use when it is not the same-host one.
     """
 
     warm_min_hit_ratio: float = 0.5
     local_prefill_max_tokens: int = 4096
     interference_weight: float = 1.0
     transfer_weight: float = 1.0
-    transport: str = ""
     costs: CostModel = field(default=DEFAULT_COST_MODEL, repr=False)
     name: str = "cpd"
 
@@ -73,7 +73,7 @@ class CPD:
             raise ValueError(f"warm_min_hit_ratio must be in [0, 1], got {self.warm_min_hit_ratio}")
         if self.interference_weight < 0 or self.transfer_weight < 0 or self.local_prefill_max_tokens < 0:
             raise ValueError("cpd weights and local_prefill_max_tokens must be non-negative")
-        self._transfer = self.costs.transfer(self.transport or None)
+        self._transfer = self.costs.transfer()
 
     def route(self, request: RequestShape, workers: Sequence[WorkerView]) -> Decision:
         prefills, decodes = split_roles(workers)

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "splitserve.cli.down",
     "splitserve.cli.generate",
     "splitserve.cli.bench",
+    "splitserve.cli.simulate",
 )
 
 
