@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-WORKLOAD_NAMES = ("multi-turn", "tenants", "agentic", "mixed")
+from splitserve.cli.trace_args import add_trace_arguments, load_trace_from_args, parse_rates
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,53 +15,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
     _register_ab(sub)
     _register_trace(sub)
-
-
-def add_trace_arguments(p: argparse.ArgumentParser) -> None:
-    """How a command gets its trace: a generated workload, a trace file, or a Mooncake file."""
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--workload", default="multi-turn", choices=WORKLOAD_NAMES)
-    src.add_argument("--trace", type=Path, default=None, help="a splitserve JSONL trace")
-    src.add_argument("--mooncake", type=Path, default=None, help="a Mooncake-format trace")
-    p.add_argument("--mooncake-block-len", type=int, default=512, help="tokens per Mooncake hash id")
-    p.add_argument("--requests", type=int, default=200, help="requests of a generated workload")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--block-len", type=int, default=16, help="tokens per hash id of a generated workload")
-    p.add_argument("--length-scale", type=float, default=1.0,
-                   help="multiply a generated workload's token lengths (e.g. 0.1 for a CPU run)")
-    p.add_argument("--workload-param", action="append", default=[], metavar="NAME=VALUE",
-                   help="a workload parameter, e.g. system_prompt_len=512 (repeatable)")
-
-
-def load_trace_from_args(args: argparse.Namespace):
-    """The trace the arguments name (validated; TraceError/ValueError name what is wrong)."""
-    from splitserve.experiments.trace import import_mooncake, load_trace
-    from splitserve.experiments.workloads import make_workload
-
-    if args.trace is not None:
-        return load_trace(args.trace)
-    if args.mooncake is not None:
-        return import_mooncake(args.mooncake, args.mooncake_block_len)
-    params = {}
-    for spec in args.workload_param:
-        name, sep, value = spec.partition("=")
-        if not sep:
-            raise ValueError(f"a workload parameter is NAME=VALUE, got {spec!r}")
-        params[name] = json.loads(value)
-    return make_workload(args.workload, args.requests, args.seed, args.block_len, args.length_scale, **params)
-
-
-def parse_rates(spec: str | None) -> tuple[float | None, ...]:
-    """"1,2,4" → (1.0, 2.0, 4.0); None → (None,): the trace's own timestamps."""
-    if not spec:
-        return (None,)
-    try:
-        rates = tuple(float(r) for r in spec.split(","))
-    except ValueError:
-        raise ValueError(f"--rates: comma-separated numbers, got {spec!r}") from None
-    if any(r <= 0 for r in rates):
-        raise ValueError(f"--rates must be positive, got {spec!r}")
-    return rates
 
 
 def _register_ab(sub) -> None:
@@ -73,7 +26,7 @@ def _register_ab(sub) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--address", default=None, help="an existing router (HOST:PORT)")
     target.add_argument("--model", default=None, help="bring up a cluster of this checkpoint")
-    add_trace_arguments(p)
+    add_trace_arguments(p, default_requests=200)
     p.add_argument("--rates", default=None, help="request rates to sweep, e.g. 1,2,4 (default: trace times)")
     p.add_argument("--slo-ttft-p90-ms", type=float, default=None, help="the TTFT p90 SLO of the sweep")
     p.add_argument("--max-concurrency", type=int, default=None)
@@ -145,7 +98,7 @@ def _register_trace(sub) -> None:
     p = sub.add_parser("trace", help="write a workload trace (JSONL) or convert Mooncake traces",
                        description="Generate a seeded workload trace, or convert between the splitserve "
                                    "JSONL trace and the Mooncake format.")  # fmt: skip
-    add_trace_arguments(p)
+    add_trace_arguments(p, default_requests=200)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--format", default="splitserve", choices=["splitserve", "mooncake"])
     p.set_defaults(handler=_run_trace)

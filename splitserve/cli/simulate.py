@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from splitserve.cli.trace_args import add_trace_arguments, load_trace_from_args, parse_rates
+
 if TYPE_CHECKING:  # imported when a command runs, so `splitserve --help` stays light
     from splitserve.experiments.report import ArmRun
     from splitserve.experiments.trace import Trace
@@ -29,18 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("simulate", help="A/B routing policies in a discrete-event simulation",
                               description=__doc__)  # fmt: skip
     p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated arms")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--workload", default="multi-turn", help="generated workload (experiments.workloads)")
-    source.add_argument("--trace", type=Path, default=None, help="a trace file (JSONL) instead")
-    p.add_argument(
-        "--requests",
-        type=int,
-        default=None,
-        help="requests to generate (default 2000); with --trace, its first N (default all)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="the workload's and the arrival schedule's seed")
-    p.add_argument("--block-len", type=int, default=16, help="tokens per block (a trace file has its own)")
-    p.add_argument("--length-scale", type=float, default=1.0, help="scales the workload's token lengths")
+    add_trace_arguments(p, default_requests=2000)
     p.add_argument("--rates", default=None, help="offered rates in requests/s, e.g. 2,4,8")
     p.add_argument("--slo-ttft-p90-ms", type=float, default=None, help="the SLO of the sustainable rate")
     p.add_argument("--fresh-prefill", type=int, default=4, help="fresh-pool prefill workers")
@@ -107,8 +98,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def _inputs(args: argparse.Namespace) -> _Inputs:
     """Load and check every input; raises ValueError (TraceError, CalibrationError) or FileNotFoundError."""
-    from splitserve.experiments.trace import Trace, load_trace
-    from splitserve.experiments.workloads import make_workload
     from splitserve.router.cost_model import DEFAULT_COST_MODEL, load_calibration
     from splitserve.router.policies import make_policy, parse_policy_options, policy_options
     from splitserve.simulator.config import SimConfig
@@ -120,19 +109,9 @@ def _inputs(args: argparse.Namespace) -> _Inputs:
     costs = load_calibration(args.calibration) if args.calibration else DEFAULT_COST_MODEL
     for arm in arms:
         make_policy(arm, costs=costs, **policy_options(arm, options))  # unknown name or bad option: raises
-    rates = _rates(args.rates)
-    if args.requests is not None and args.requests < 1:
-        raise ValueError(f"--requests must be >= 1, got {args.requests}")
-    if args.trace is not None:
-        trace, source = load_trace(args.trace), str(args.trace)
-        if args.requests is not None:
-            trace = Trace(trace.meta, trace.requests[: args.requests])
-    else:
-        num_requests = args.requests or 2000
-        trace = make_workload(args.workload, num_requests, args.seed, args.block_len, args.length_scale)
-        source = args.workload
-    if not trace.requests:
-        raise ValueError(f"{source}: the trace has no requests")
+    rates = list(parse_rates(args.rates))
+    trace = load_trace_from_args(args)
+    source = str(args.trace or args.mooncake or args.workload)
     given = {
         "prefill_kv_blocks": args.prefill_kv_blocks,
         "decode_kv_blocks": args.decode_kv_blocks,
@@ -147,18 +126,6 @@ def _inputs(args: argparse.Namespace) -> _Inputs:
                          f"{', '.join(sorted(costs.transfers))}")  # fmt: skip
     # The cluster moves KV over this one transport: the policies plan with its cost, the workers pay it.
     return _Inputs(trace, source, costs.only(config.transport), config, arms, options, rates)
-
-
-def _rates(text: str | None) -> list[float | None]:
-    if text is None:
-        return [None]
-    try:
-        rates = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--rates expects numbers separated by commas, got {text!r}") from None
-    if any(not rate > 0 or rate == float("inf") for rate in rates) or len(set(rates)) != len(rates):
-        raise ValueError(f"--rates must be distinct positive numbers, got {text!r}")
-    return sorted(rates)
 
 
 def _simulate_arm(inputs: _Inputs, arm: str, rate: float | None, seed: int) -> SimRun:
