@@ -72,6 +72,7 @@ class WorkerInfo:
     model_id: str
     block_size: int
     probe: BlockHash | None = None  # probe_hash(model_id, block_size) as this worker computes it
+    device: str = ""  # the compute device it runs on ("cuda:<GPU UUID>", "cpu:<host>"); "" = not said
 
     def __post_init__(self) -> None:
         if not self.worker_id:
@@ -111,14 +112,18 @@ class Record(NamedTuple):
 def encode_registration(reg: Registration) -> bytes:
     i = reg.info
     return msgpack.packb({"w": i.worker_id, "role": i.role, "addr": i.address, "model": i.model_id,
-                          "bs": i.block_size, "probe": i.probe, "e": reg.epoch}, use_bin_type=True)
+                          "bs": i.block_size, "probe": i.probe, "dev": i.device, "e": reg.epoch},
+                         use_bin_type=True)  # fmt: skip
 
 
 def decode_registration(data: bytes) -> Registration:
     m = _unpack_map(data)
     try:
         info = WorkerInfo(m["w"], m["role"], m["addr"], m["model"], m["bs"],
-                          BlockHash(m["probe"]) if m["probe"] is not None else None)
+                          BlockHash(m["probe"]) if m["probe"] is not None else None,
+                          m.get("dev", ""))  # fmt: skip
+        if not isinstance(info.device, str):
+            raise TypeError("device is not a string")
         epoch = m["e"]
     except (KeyError, TypeError, ValueError) as e:
         raise IndexRecordError(f"bad worker registration: {e}") from e

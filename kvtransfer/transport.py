@@ -197,6 +197,19 @@ def advertised_address(advertise: str | None, host: str, port: int) -> str:
     return advertise if ":" in advertise else f"{advertise}:{port}"
 
 
+def compute_device(engine) -> str:
+    """What the engine computes on, as routers compare it: "cuda:<GPU UUID>" (two processes on one GPU
+    share it) or "cpu:<host id>" (processes on one host share its cores)."""
+    import torch
+
+    from splitserve.kvtransfer.same_host import host_id
+
+    device = engine.runner.device
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_properties(device).uuid}"
+    return f"{device.type}:{host_id()}"
+
+
 def start_publisher(args: argparse.Namespace, loop, role: str, address: str):
     """Publish the worker (`role`, `address`) and its engine's block events to the index at
     `args.redis_url`; a Redis outage never blocks the engine (see `index.publisher`)."""
@@ -207,7 +220,7 @@ def start_publisher(args: argparse.Namespace, loop, role: str, address: str):
     engine = loop.engine
     block_size = engine.config.cache.block_size
     info = WorkerInfo(args.worker_id or address, role, address, engine.model_id, block_size,
-                      probe_hash(engine.model_id, block_size))  # fmt: skip
+                      probe_hash(engine.model_id, block_size), compute_device(engine))  # fmt: skip
     publisher = IndexPublisher(IndexConfig(args.redis_url), info,
                                lambda: loop.call(engine.block_pool.cached_hashes))  # fmt: skip
     loop.call(engine.block_pool.add_listener, publisher.on_block_event)

@@ -52,7 +52,7 @@ def registrar(workers: WorkerSet, model_id: str, block_size: int):
         if worker_id in known and known[worker_id].address == info.address:
             return  # re-registered (a new epoch or a Redis restart): nothing changed for routing
         workers.remove(worker_id)
-        workers.add(worker_id, info.role, info.address)
+        workers.add(worker_id, info.role, info.address, info.device)
 
     return on_change
 

@@ -42,6 +42,7 @@ class WorkerHandle:
     stub: workers_pb2_grpc.PrefillWorkerStub | workers_pb2_grpc.DecodeWorkerStub
     load: common_pb2.WorkerLoad = field(default_factory=common_pb2.WorkerLoad)
     healthy: bool = False  # answered its last Load poll
+    device: str = ""  # the compute device it registered (workers on one device slow each other)
 
 
 class WorkerSet:
@@ -57,13 +58,13 @@ class WorkerSet:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def add(self, worker_id: str, role: str, address: str) -> WorkerHandle:
+    def add(self, worker_id: str, role: str, address: str, device: str = "") -> WorkerHandle:
         if role not in ("fresh", "warm", DECODE):
             raise ValueError(f"worker role must be fresh, warm or decode; got {role!r}")
         ch = grpc.insecure_channel(address)
         stubs = workers_pb2_grpc
         stub = (stubs.DecodeWorkerStub if role == DECODE else stubs.PrefillWorkerStub)(ch)
-        handle = WorkerHandle(worker_id, role, address, ch, stub)
+        handle = WorkerHandle(worker_id, role, address, ch, stub, device=device)
         with self._lock:
             if worker_id in self._workers:
                 ch.close()
@@ -220,7 +221,7 @@ class Router:
             load = h.load if self.ledger is None else self.ledger.adjusted(h.worker_id, h.load)
             views.append(WorkerView(h.worker_id, h.role, matched.get(h.worker_id, 0), load.queued_tokens,
                                     load.running_requests + load.waiting_requests, load.kv_usage,
-                                    load.free_blocks))  # fmt: skip
+                                    load.free_blocks, h.device))  # fmt: skip
         return views
 
     def decide(self, request: RoutedRequest) -> tuple[str, Decision]:
@@ -270,8 +271,8 @@ class Router:
         blocks = math.ceil((n + request.sampling.max_tokens) / bs) - matched.get(decision.decode, 0)
         entries = {decision.decode: (new_tokens if decision.pool == LOCAL else 0, 1, blocks)}
         if decision.pool != LOCAL:
-            entries[target] = (new_tokens, 0, 0)
-        return self.ledger.assign(entries)
+            entries[target] = (new_tokens, 1, 0)
+        return self.ledger.assign(entries, prefill=decision.prefill)
 
     def generate(self, request: RoutedRequest) -> Iterator[Routed | Emitted]:
         with self._deciding:  # the next decision sees this one's assignment

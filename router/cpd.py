@@ -6,9 +6,15 @@ what the placement costs the cluster's users, and takes the cheapest:
 
     cost = queue wait + prefill compute            (this request's time to first token)
          + transfer tail                           (KV the decode worker lacks, not hidden by the prefill)
-         + interference                            (LOCAL only: the decode batch stalls for the prefill)
+         + interference                            (decode batches stalled while the prefill computes)
          + decode time                             (its own steps on that decode worker, and what it adds
                                                     to every other sequence's steps there)
+
+A queue's wait counts its requests' fixed costs as well as their tokens (on a GPU a prefill's fixed cost
+is often larger than its tokens'). Interference is the prefill's compute time times the sequences running
+on decode workers that share the device it computes on: always the chosen decode worker's own batch for
+a LOCAL prefill; for a prefill worker, only the decode workers on its device (workers register their
+device; on one GPU shared by every worker disaggregation isolates nothing, and the policy knows it).
 
 Prefill compute counts only the tokens the target lacks (its prefix match), so a warm turn goes where its
 context is — to the decode worker that holds the whole conversation when the batch there can absorb the
@@ -82,15 +88,20 @@ class CPD:
         fresh = [w for w in prefills if w.role == FRESH]
         admissible = fresh if hit_ratio < self.warm_min_hit_ratio and fresh else prefills
         cap = self.local_prefill_max_tokens if prefills else math.inf  # no prefill worker: local it is
+        stalled: dict[str, int] = {}  # device → sequences decoding on it
+        for w in decodes:
+            stalled[w.device] = stalled.get(w.device, 0) + w.running_requests
         best = min((opt for d in _with_room(decodes, request)
-                    for opt in self._options(request, admissible, d, cap)), key=_Option.key)  # fmt: skip
+                    for opt in self._options(request, admissible, d, cap, stalled)),
+                   key=_Option.key)  # fmt: skip
         terms = {"hit_ratio": hit_ratio, **best.terms}
         prefill = best.prefill
         if prefill is None:
             return Decision(self.name, LOCAL, None, best.decode.worker_id, terms)
         return Decision(self.name, prefill.role, prefill.worker_id, best.decode.worker_id, terms)
 
-    def _options(self, request: RequestShape, prefills: list[WorkerView], d: WorkerView, cap: float):
+    def _options(self, request: RequestShape, prefills: list[WorkerView], d: WorkerView, cap: float,
+                 stalled: dict[str, int]):  # fmt: skip
         n = request.num_prompt_tokens
         prefill, per_token = self.costs.prefill, self.costs.prefill.per_token_s
         decode_s = self._decode_seconds(request, d)
@@ -99,7 +110,8 @@ class CPD:
         if local_new <= cap:
             compute = prefill.seconds(local_new, d_cached)
             ttft = d.queued_tokens * per_token + compute
-            interference = self.interference_weight * d.running_requests * compute
+            interference = self.interference_weight * stalled.get(d.device, 0) * compute if d.device else (
+                self.interference_weight * d.running_requests * compute)
             cost = ttft + interference + decode_s
             yield _Option(cost, None, d, {
                 "cost_s": cost, "ttft_s": ttft, "interference_s": interference, "decode_s": decode_s,
@@ -109,12 +121,13 @@ class CPD:
         for p in prefills:
             cached = _cached(p, request)
             compute = prefill.seconds(n - cached, cached)
-            ttft = p.queued_tokens * per_token + compute
+            ttft = p.queued_tokens * per_token + p.running_requests * prefill.fixed_s + compute
             tail = self.transfer_weight * max(self._transfer.latency_s, moved - compute)
-            cost = ttft + tail + decode_s
+            interference = self.interference_weight * stalled.get(p.device, 0) * compute if p.device else 0.0
+            cost = ttft + tail + interference + decode_s
             yield _Option(cost, p, d, {
-                "cost_s": cost, "ttft_s": ttft, "transfer_tail_s": tail, "decode_s": decode_s,
-                "cached_tokens": float(cached), "decode_cached_tokens": float(d_cached),
+                "cost_s": cost, "ttft_s": ttft, "transfer_tail_s": tail, "interference_s": interference,
+                "decode_s": decode_s, "cached_tokens": float(cached), "decode_cached_tokens": float(d_cached),
             })  # fmt: skip
 
     def _decode_seconds(self, request: RequestShape, d: WorkerView) -> float:

@@ -3,9 +3,10 @@
 Workers report their load when polled (every 0.1 s); between polls a burst of decisions would all see the
 same idle worker. The `Ledger` counts the router's own assignments the moment it makes them: per worker,
 the prompt tokens it must still compute for this router (until their first token), the requests it runs
-and the KV blocks they hold (until they end). A policy then sees, per worker, the larger of the reported
-and the ledger's figure (the smaller for free blocks): the report covers work from other routers, the
-ledger covers what the report has not caught up with, and taking the maximum never counts a request twice.
+and the KV blocks they hold (until they end; a prefill worker's share ends with the first token). A
+policy then sees, per worker, the larger of the reported and the ledger's figure (the smaller for free
+blocks): the report covers work from other routers, the ledger covers what the report has not caught up
+with, and taking the maximum never counts a request twice.
 
 Thread-safe; a `Ticket` is one request's entries and must be ended (`Router.generate` does, in `finally`).
 """
@@ -23,6 +24,7 @@ class _Counts:
     queued_tokens: int = 0
     running_requests: int = 0
     blocks: int = 0
+    until_first_token: bool = False  # all of it ends with the first token (a prefill worker's share)
 
 
 class Ticket:
@@ -42,6 +44,8 @@ class Ticket:
             self._prefilled = True
             for worker_id, c in self._entries.items():
                 self._ledger.counts[worker_id].queued_tokens -= c.queued_tokens
+                if c.until_first_token:
+                    self._release(worker_id, c)
 
     def end(self) -> None:
         self.first_token()
@@ -50,9 +54,13 @@ class Ticket:
                 return
             self._ended = True
             for worker_id, c in self._entries.items():
-                total = self._ledger.counts[worker_id]
-                total.running_requests -= c.running_requests
-                total.blocks -= c.blocks
+                if not c.until_first_token:
+                    self._release(worker_id, c)
+
+    def _release(self, worker_id: str, c: _Counts) -> None:
+        total = self._ledger.counts[worker_id]
+        total.running_requests -= c.running_requests
+        total.blocks -= c.blocks
 
 
 class Ledger:
@@ -60,10 +68,12 @@ class Ledger:
         self.lock = threading.Lock()
         self.counts: dict[str, _Counts] = {}
 
-    def assign(self, entries: dict[str, tuple[int, int, int]]) -> Ticket:
+    def assign(self, entries: dict[str, tuple[int, int, int]], prefill: str | None = None) -> Ticket:
         """Record one request: worker id → (prompt tokens to compute there, requests it runs there, KV
-        blocks it holds there). Returns the request's ticket."""
-        counts = {w: _Counts(*map(max, v, (0, 0, 0))) for w, v in entries.items()}
+        blocks it holds there); `prefill`: the worker among them whose share all ends with the first token.
+        Returns the request's ticket."""
+        counts = {w: _Counts(*map(max, v, (0, 0, 0)), until_first_token=w == prefill)
+                  for w, v in entries.items()}  # fmt: skip
         with self.lock:
             for worker_id, c in counts.items():
                 total = self.counts.setdefault(worker_id, _Counts())

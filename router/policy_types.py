@@ -30,6 +30,7 @@ class WorkerView:
     running_requests: int = 0
     kv_usage: float = 0.0
     free_blocks: int | None = None  # None: not reported (no KV room check)
+    device: str = ""  # its compute device; workers naming the same one share it ("" = its own)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,10 @@ class SimCluster:
         self.prefill: dict[str, PrefillWorker] = {}
         self.decode: dict[str, DecodeWorker] = {}
         self._order: list[tuple[str, str, PrefillWorker | DecodeWorker]] = []
+        # What the policies are told of devices, as live workers register theirs: one name for all when
+        # they share one, else one each.
+        self._device_names = {worker_id: "device-0" if shared else f"device-{worker_id}"
+                              for worker_id, _ in config.worker_ids()}  # fmt: skip
         for worker_id, role in config.worker_ids():
             device = shared or Device()
             worker: PrefillWorker | DecodeWorker
@@ -51,5 +55,6 @@ class SimCluster:
         """Every worker as the policy sees it at `now`; `matched`: worker id → leading blocks it holds."""
         get = matched.get
         return [WorkerView(worker_id, role, get(worker_id, 0), worker.queued_tokens(now),
-                           worker.running_requests, worker.cache.usage, worker.cache.num_free)
+                           worker.running_requests, worker.cache.usage, worker.cache.num_free,
+                           self._device_names[worker_id])
                 for worker_id, role, worker in self._order]  # fmt: skip

@@ -149,7 +149,7 @@ def test_embedded_redis_that_cannot_bind_reports_its_log():
 def test_records_and_registrations_round_trip_and_bad_ones_are_rejected():
     rec = Record("w1", 7, 3, RecordKind.STORED, tuple(chain(2)))
     assert decode_record(encode_record(rec)) == rec
-    info = WorkerInfo("w1", "warm", "h:1", "m", BLOCK_SIZE, probe_hash("m", BLOCK_SIZE))
+    info = WorkerInfo("w1", "warm", "h:1", "m", BLOCK_SIZE, probe_hash("m", BLOCK_SIZE), "cuda:GPU-1")
     assert decode_registration(encode_registration(Registration(info, 9))) == (info, 9)
     assert info.agrees_with("m", BLOCK_SIZE) and not info.agrees_with("other", BLOCK_SIZE)
     for bad in (b"", b"\xc1", encode_record(rec)[:-5], encode_record(rec._replace(seq=0)),

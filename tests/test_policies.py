@@ -149,3 +149,26 @@ def test_colocated_prefills_everything_on_the_decode_worker_holding_most_net_of_
     assert (decision.pool, decision.prefill, decision.decode) == (LOCAL, None, "d2")
     busy = cluster(d1={"running_requests": 3})  # equal scores: the one running fewer requests
     assert make_policy("colocated").route(REQ, busy).decode == "d2"
+
+
+def test_cpd_knows_that_workers_sharing_a_device_are_not_isolated():
+    # The case above, but every worker on one GPU: prefilling on f1 would stall d2's 40 sequences for its
+    # 0.2 s compute just as surely (8 s of stalls), so the 40-token local prefill (1.6 s of stalls) wins.
+    def one_gpu(**overrides):
+        return [WorkerView(**{**w.__dict__, "device": "cuda:gpu-0"}) for w in cluster(**overrides)]
+
+    workers = one_gpu(d2={"matched_blocks": 60, "running_requests": 40}, f1={"matched_blocks": 50})
+    decision = cpd().route(REQ, workers)
+    assert (decision.pool, decision.decode) == (LOCAL, "d2")
+    assert decision.terms["interference_s"] == pytest.approx(1.6)
+
+
+def test_cpd_counts_a_queue_by_its_requests_fixed_costs_too():
+    # 10 ms per prefill request before its tokens (and 10 µs per token): a queue of 3 requests waits 30 ms
+    # even when their tokens are few.
+    costs = CostModel(PrefillCost(0.01, 1e-5, 0.0), DecodeCost(0.01, 1e-3, 0.0),
+                      {"grpc": TransferCost(0.0, 1e9)}, kv_bytes_per_token=100)  # fmt: skip
+    policy = make_policy("cpd", costs=costs, local_prefill_max_tokens=0)
+    # w1 and w2 hold the same 50 blocks; w1 has 3 requests queued (0.03 s of fixed costs): w2.
+    workers = cluster(w1={"matched_blocks": 50, "running_requests": 3}, w2={"matched_blocks": 50})
+    assert policy.route(REQ, workers).prefill == "w2"

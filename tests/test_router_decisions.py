@@ -46,7 +46,10 @@ def test_a_burst_spreads_over_idle_decode_workers_when_the_router_counts_its_own
     targets = [d.prefill or d.decode for d in decisions]
     assert len(set(targets)) > 1
     ledger = router.ledger
-    assert sum(c.running_requests for c in ledger.counts.values()) == 16
+    assert sum(ledger.counts[d].running_requests for d in ("d0", "d1")) == 16
+    # Each also runs on its prefill worker until its first token (none has come: no RPC was made).
+    disaggregated = sum(d.prefill is not None for d in decisions)
+    assert sum(ledger.counts[p].running_requests for p in ("f0", "w0") if p in ledger.counts) == disaggregated
     for gen in running:
         gen.close()  # the requests end: their assignments leave the ledger
     assert all((c.queued_tokens, c.running_requests, c.blocks) == (0, 0, 0) for c in ledger.counts.values())
