@@ -44,7 +44,7 @@ class ABConfig:
     live_split: bool = False
     seed: int = 0
     router_args: tuple[str, ...] = ()  # --policy-option, --calibration, ... for every router started
-    warmup_requests: int = 2
+    warmup_pass: bool = True  # replay the trace once, unmeasured, before the first arm
     meta: dict = field(default_factory=dict)  # what the caller knows of the setup (device, cluster shape)
 
     def __post_init__(self) -> None:
@@ -68,11 +68,12 @@ def run_ab(config: ABConfig, *, cluster: LocalClusterSpec | None = None, address
         runs = _live_split(address, config) if config.live_split else _one_arm(address, config)
         return _report(config, runs, {})
     with LocalCluster(cluster) as local:
+        if config.warmup_pass:
+            _warm_up(local.start_router(["--policy", "round_robin"]), config)
         if config.live_split:
             log = config.out_dir / "decisions.jsonl"
             shares = ",".join(f"{p}:1" for p in config.policies)
             address = local.start_router(["--ab", shares, "--decision-log", str(log), *config.router_args])
-            _warm_up(address, config)
             runs = _live_split(address, config)
             records = read_decision_log(log)
             decisions = {p: [r for r in records if r.arm == p] for p in config.policies}
@@ -89,7 +90,6 @@ def _sequential(local: LocalCluster, config: ABConfig):
         log.unlink(missing_ok=True)
         address = local.start_router(["--policy", policy, "--decision-log", str(log),
                                       "--shadow-policies", ",".join(config.policies), *config.router_args])
-        _warm_up(address, config)
         runs[policy] = [_replay(address, config, rate, policy) for rate in config.rates]
         local.start_router(["--policy", policy])  # the old router writes out its log as it stops
         decisions[policy] = read_decision_log(log)
@@ -123,11 +123,13 @@ def _replay(address: str, config: ABConfig, rate: float | None, arm: str):
 
 
 def _warm_up(address: str, config: ABConfig) -> None:
-    """A few short requests first: the first requests on a fresh process pay one-time costs (allocator,
-    kernels compiled or captured) that belong to no arm."""
-    with Client(address) as client:
-        for i in range(config.warmup_requests):
-            client.generate(list(range(3, 3 + 64 + i)), max_tokens=4, temperature=0.0, ignore_eos=True)
+    """The whole trace once, unmeasured, spread over every worker (round robin) at the sweep's top rate:
+    a fresh worker process pays one-time costs on its first prompts of each size (allocator growth, kernels
+    compiled or tuned for new shapes) that must not land on whichever arm runs first."""
+    top = max((r for r in config.rates if r is not None), default=None)
+    print("== warm-up pass (unmeasured)", flush=True)
+    replay_blocking(address, config.trace, ReplayConfig(config.vocab_size, top, config.max_concurrency,
+                                                        config.seed, progress=False))  # fmt: skip
 
 
 def _report(config: ABConfig, runs: dict[str, list[ArmRun]], decisions: dict) -> dict:
