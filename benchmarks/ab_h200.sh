@@ -31,10 +31,13 @@ multi-turn|agentic)
     # The chat load: sessions of ~4 turns with short think times (many sessions overlap at a rate).
     params=()
     [ "$what" = multi-turn ] && params=(--workload-param turns_mean=4 --workload-param think_s=0.3)
-    $PY -m splitserve bench ab --policies ${POLICIES:-cpd,prefix_affinity,least_loaded,round_robin,colocated} \
+    status=0
+    timeout -s KILL ${BENCH_TIMEOUT_S:-3000} $PY -m splitserve bench ab --policies ${POLICIES:-cpd,prefix_affinity,least_loaded,round_robin,colocated} \
         --model $model --workload "$what" "${params[@]}" --requests ${REQUESTS:-240} --rates ${RATES:-15,30,60} \
         --slo-ttft-p90-ms ${SLO_MS:-200} --calibration "$calib" "${workers[@]}" \
-        --device-note "${gpu:-cpu}" --out /tmp/ab-$what ${EXTRA:-}
-    tar -C /tmp -czf "$out/ab-$what.tar.gz" "ab-$what" ;;
+        --device-note "${gpu:-cpu}" --out /tmp/ab-$what ${EXTRA:-} || status=$?
+    [ $status = 0 ] || echo "bench ab exited with $status: the report holds the arms finished"
+    tar -C /tmp -czf "$out/ab-$what.tar.gz" --exclude logs "ab-$what"
+    tail -n 20 /tmp/ab-$what/logs/*.log > "$out/logs-$what.txt" 2>/dev/null || true ;;
 *) echo "usage: $0 calibrate|multi-turn|agentic OUTDIR" >&2; exit 2 ;;
 esac

@@ -4,7 +4,8 @@ workers that register in its prefix index, and a router that can be restarted wi
 The same entry points `splitserve up` supervises on Ray (`python -m splitserve.{router,prefill_worker,
 decode_worker}`), started directly: the lent GPU machine has no Ray, and an experiment needs nothing Ray
 adds. Each process's output goes to `log_dir/<name>.log`; a process that does not announce its address
-fails `start` with its log's tail. `close()` stops everything it started (SIGTERM, then SIGKILL).
+fails `start` with its log's tail. `close()` stops everything it started (SIGTERM, then SIGKILL); if this
+process is killed first, its children get SIGTERM from the kernel (`cluster.child`).
 Torch-free: the workers import torch in their own processes.
 """
 
@@ -99,7 +100,9 @@ class LocalCluster:
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> _Process:
         log_path = self.spec.log_dir / f"{name}.log"
         log = open(log_path, "a")  # noqa: SIM115 - the child holds it; closed here once the child started
-        proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=log, text=True,
+        # Through cluster.child: the process dies with this one, however this one ends (a kill -9 too).
+        command = [sys.executable, "-m", "splitserve.cluster.child", str(os.getpid()), *args]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
                                 env={**os.environ, **env})  # fmt: skip
         log.close()
         return _Process(name, proc, log_path)

@@ -99,7 +99,8 @@ COSTS = CostModel(prefill=PrefillCost(0.0, 1e-3, 0.0), decode=DecodeCost(0.01, 1
 
 
 def cpd(**options):
-    return make_policy("cpd", costs=COSTS, **options)
+    """cpd on COSTS; without the miss penalty unless asked (the checks below are of the other terms)."""
+    return make_policy("cpd", costs=COSTS, **{"miss_weight": 0.0, **options})
 
 
 def test_cpd_sends_a_warm_turn_to_the_worker_that_holds_its_context():
@@ -172,3 +173,16 @@ def test_cpd_counts_a_queue_by_its_requests_fixed_costs_too():
     # w1 and w2 hold the same 50 blocks; w1 has 3 requests queued (0.03 s of fixed costs): w2.
     workers = cluster(w1={"matched_blocks": 50, "running_requests": 3}, w2={"matched_blocks": 50})
     assert policy.route(REQ, workers).prefill == "w2"
+
+
+def test_cpd_miss_penalty_keeps_a_conversation_on_the_worker_that_holds_it():
+    # 10 ms per request, 10 µs per token. w1 holds 800 of the 1000 tokens but has 2 requests queued (20 ms);
+    # w2 is idle and holds nothing. By TTFT alone w2 is sooner (20 ms against 32 ms) ...
+    costs = CostModel(PrefillCost(0.01, 1e-5, 0.0), DecodeCost(0.01, 1e-3, 0.0),
+                      {"grpc": TransferCost(0.0, 1e9)}, kv_bytes_per_token=100)  # fmt: skip
+    workers = [w for w in cluster(w1={"matched_blocks": 50, "running_requests": 2}) if w.role != FRESH]
+    by_ttft = make_policy("cpd", costs=costs, local_prefill_max_tokens=0, miss_weight=0.0)
+    assert by_ttft.route(REQ, workers).prefill == "w2"
+    # ... but recomputing 1000 tokens (not 200) at 32 × their compute costs 0.32 s against 0.064 s: w1.
+    decision = make_policy("cpd", costs=costs, local_prefill_max_tokens=0).route(REQ, workers)
+    assert decision.prefill == "w1" and decision.terms["cached_tokens"] == 800.0
