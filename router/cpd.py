@@ -17,7 +17,8 @@ the simulator (H200 calibration, 4 fresh + 4 warm + 8 decode, multi-turn, 2026-1
 / 48 / 128 gave hit rates 0.74 / 0.80 / 0.86 / 0.88 / 0.90 and TTFT p90 at 1,000 req/s offered of 237 /
 210 / 182 / 170 / 209 ms: 32 is the default.
 
-A queue's wait counts its requests' fixed costs as well as their tokens (on a GPU a prefill's fixed cost
+A queue's wait counts its requests' fixed costs as well as their tokens — a decode worker's local
+prefills too, each of which waits for a step of its own — (on a GPU a prefill's fixed cost
 is often larger than its tokens'). Interference is the prefill's compute time times the sequences running
 on decode workers that share the device it computes on: always the chosen decode worker's own batch for
 a LOCAL prefill; for a prefill worker, only the decode workers on its device (workers register their
@@ -118,7 +119,8 @@ class CPD:
         local_new = n - d_cached
         if local_new <= cap:
             compute = prefill.seconds(local_new, d_cached)
-            ttft = d.queued_tokens * per_token + compute
+            # Each local prefill waiting there pays its own step's fixed cost first (one per decode step).
+            ttft = d.queued_tokens * per_token + d.waiting_prefills * prefill.fixed_s + compute
             interference = self.interference_weight * stalled.get(d.device, 0) * compute if d.device else (
                 self.interference_weight * d.running_requests * compute)
             miss = self.miss_weight * local_new * per_token

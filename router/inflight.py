@@ -24,6 +24,7 @@ class _Counts:
     queued_tokens: int = 0
     running_requests: int = 0
     blocks: int = 0
+    waiting: int = 0  # of its requests, those whose prefill has not produced a token yet
     until_first_token: bool = False  # all of it ends with the first token (a prefill worker's share)
 
 
@@ -44,6 +45,7 @@ class Ticket:
             self._prefilled = True
             for worker_id, c in self._entries.items():
                 self._ledger.counts[worker_id].queued_tokens -= c.queued_tokens
+                self._ledger.counts[worker_id].waiting -= c.waiting
                 if c.until_first_token:
                     self._release(worker_id, c)
 
@@ -72,11 +74,12 @@ class Ledger:
         """Record one request: worker id → (prompt tokens to compute there, requests it runs there, KV
         blocks it holds there); `prefill`: the worker among them whose share all ends with the first token.
         Returns the request's ticket."""
-        counts = {w: _Counts(*map(max, v, (0, 0, 0)), until_first_token=w == prefill)
+        counts = {w: _Counts(*map(max, v, (0, 0, 0)), waiting=int(v[0] > 0), until_first_token=w == prefill)
                   for w, v in entries.items()}  # fmt: skip
         with self.lock:
             for worker_id, c in counts.items():
                 total = self.counts.setdefault(worker_id, _Counts())
+                total.waiting += c.waiting
                 total.queued_tokens += c.queued_tokens
                 total.running_requests += c.running_requests
                 total.blocks += c.blocks
@@ -88,15 +91,17 @@ class Ledger:
             own = self.counts.get(worker_id)
             if own is None:
                 return load
-            own = _Counts(own.queued_tokens, own.running_requests, own.blocks)
+            own = _Counts(own.queued_tokens, own.running_requests, own.blocks, own.waiting)
         running = load.running_requests + load.waiting_requests
         total = _total_blocks(load)
         free = load.free_blocks if total is None else min(load.free_blocks, max(0, total - own.blocks))
         usage = load.kv_usage if total is None else max(load.kv_usage, own.blocks / total)
+        # waiting_requests: the reported queue, or at least the requests this router sent whose prefill
+        # has not produced a token (the running count already holds both: the two stay comparable).
         return common_pb2.WorkerLoad(
             queued_tokens=max(load.queued_tokens, own.queued_tokens),
-            running_requests=max(running, own.running_requests), waiting_requests=0,
-            kv_usage=usage, free_blocks=free,
+            running_requests=max(running, own.running_requests) - max(load.waiting_requests, own.waiting),
+            waiting_requests=max(load.waiting_requests, own.waiting), kv_usage=usage, free_blocks=free,
         )  # fmt: skip
 
 

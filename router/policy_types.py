@@ -31,6 +31,7 @@ class WorkerView:
     kv_usage: float = 0.0
     free_blocks: int | None = None  # None: not reported (no KV room check)
     device: str = ""  # its compute device; workers naming the same one share it ("" = its own)
+    waiting_prefills: int = 0  # requests waiting for their prefill there (a decode worker's local ones)
 
 
 @dataclass(frozen=True)

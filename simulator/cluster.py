@@ -56,5 +56,5 @@ class SimCluster:
         get = matched.get
         return [WorkerView(worker_id, role, get(worker_id, 0), worker.queued_tokens(now),
                            worker.running_requests, worker.cache.usage, worker.cache.num_free,
-                           self._device_names[worker_id])
+                           self._device_names[worker_id], getattr(worker, "waiting_prefills", 0))
                 for worker_id, role, worker in self._order]  # fmt: skip

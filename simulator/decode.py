@@ -84,6 +84,10 @@ class DecodeWorker:
     def running_requests(self) -> int:
         return self._num_seqs + len(self._joining) + len(self._local)
 
+    @property
+    def waiting_prefills(self) -> int:
+        return len(self._local)
+
     def reserve(self, req: SimRequest, matched: int) -> bool:
         """Pin the `matched` leading prompt blocks held here and reserve the rest of the request's KV.
         False (nothing changed) when it does not fit."""

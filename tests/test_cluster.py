@@ -32,7 +32,10 @@ from splitserve.index.redis_server import EmbeddedRedis
 
 BLOCK = ["--block-size", "8"]
 ENGINE = [*BLOCK, "--num-blocks", "256", "--max-num-seqs", "8"]
-POLICY = ["--policy", "cpd", "--policy-option", "local_prefill_max_tokens=16"]
+# The threshold cpd: it walks a conversation through both prefill pools, which is what these tests check.
+# (The cost-based cpd keeps every prefill on the decode worker here: all workers share this host's CPU,
+# so disaggregating would isolate nothing; tests/test_policies.py and test_router_core.py cover it.)
+POLICY = ["--policy", "cpd_threshold", "--policy-option", "local_prefill_max_tokens=16"]
 
 
 def splitserve(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

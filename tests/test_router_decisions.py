@@ -69,11 +69,14 @@ def test_the_ledger_folds_into_reported_loads_without_counting_twice():
     ticket = ledger.assign({"d0": (100, 1, 30), "f0": (400, 0, 0)})
     reported = common_pb2.WorkerLoad(queued_tokens=50, running_requests=0, free_blocks=90, kv_usage=0.1)
     seen = ledger.adjusted("d0", reported)  # 100 usable blocks: 90 free by report, 70 after our 30
-    assert (seen.queued_tokens, seen.running_requests, seen.free_blocks) == (100, 1, 70)
+    # Its request waits for its prefill there (the local one): counted as waiting, within the running ones.
+    assert (seen.queued_tokens, seen.running_requests + seen.waiting_requests, seen.waiting_requests,
+            seen.free_blocks) == (100, 1, 1, 70)  # fmt: skip
     assert seen.kv_usage == pytest.approx(0.3)
     caught_up = common_pb2.WorkerLoad(queued_tokens=120, running_requests=2, free_blocks=60, kv_usage=0.4)
     seen = ledger.adjusted("d0", caught_up)  # the report shows more than we sent: the report wins
-    assert (seen.queued_tokens, seen.running_requests, seen.free_blocks) == (120, 2, 60)
+    total = seen.running_requests + seen.waiting_requests
+    assert (seen.queued_tokens, total, seen.free_blocks) == (120, 2, 60)
     ticket.first_token()
     assert ledger.adjusted("f0", common_pb2.WorkerLoad()).queued_tokens == 0
     assert ledger.adjusted("d0", reported).running_requests == 1  # still decoding
