@@ -26,7 +26,8 @@ from splitserve.client import Client
 from splitserve.experiments.local_cluster import LocalCluster, LocalClusterSpec
 from splitserve.experiments.replay import ReplayConfig, replay_blocking
 from splitserve.experiments.report import ArmRun, write_report
-from splitserve.experiments.trace import Trace, oracle_hit_rate
+from splitserve.experiments.sessions import oracle_hit_rate
+from splitserve.experiments.trace import Trace
 from splitserve.router.decision_log import DecisionRecord, read_decision_log
 
 SETTLE_S = 1.0  # after a cache reset: time for the workers' evictions to reach the router's index mirror

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from splitserve.client import AsyncClient, SplitserveError
 from splitserve.experiments.prompts import PromptSynth
 from splitserve.experiments.results import RequestResult
-from splitserve.experiments.trace import Trace, TraceRequest, schedule
+from splitserve.experiments.sessions import schedule
+from splitserve.experiments.trace import Trace, TraceRequest
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ tokens, and sessions sharing a system prompt share its leading ids.
 
 Owns the generators and `make_workload`; the records and their files are `trace.py`'s. Times are the trace's
 own nominal arrivals (a session's turns at its start plus cumulative think times); the consumers re-time
-them (`trace.schedule`) and enforce that turn k follows turn k-1. Torch-free, stdlib only.
+them (`sessions.schedule`) and enforce that turn k follows turn k-1. Torch-free, stdlib only.
 """
 
 from __future__ import annotations

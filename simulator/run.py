@@ -2,7 +2,7 @@
 
 The run owns arrivals, the routing decision and the results; the workers (`workers.py`, `decode.py`) own
 what happens after it. Rules, as the live cluster behaves:
-- Arrivals: `trace.schedule(trace, rate, seed)` gives each request's send time. Turn k of a session is sent
+- Arrivals: `sessions.schedule(trace, rate, seed)` gives each request's send time. Turn k of a session is sent
   at max(its scheduled time, the moment turn k-1 ended); a turn whose predecessor failed is sent all the
   same, at its scheduled time (at once, if that has passed).
 - At its send time the router decides at once (no router latency), on a view of every worker: its matched
@@ -27,7 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from splitserve.experiments.results import RequestResult
-from splitserve.experiments.trace import Trace, TraceError, next_turns, schedule
+from splitserve.experiments.sessions import next_turns, schedule
+from splitserve.experiments.trace import Trace, TraceError
 from splitserve.router.cost_model import CostModel
 from splitserve.router.decision_log import Choice, DecisionRecord, predicted_cached_tokens
 from splitserve.router.policies import LOCAL, NoWorker, Policy, RequestShape

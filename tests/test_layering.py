@@ -30,7 +30,8 @@ ALLOWED: dict[str, set[str]] = {
     # decision-log records, plain processes started like the supervisor starts them, an embedded Redis.
     "experiments": {"client", "router", "cluster.supervisor", "index.redis_server"},
     # The simulator runs the router's policies over the experiments' traces and reports.
-    "simulator": {"router", "experiments.trace", "experiments.results", "experiments.workloads",
+    "simulator": {"router", "experiments.trace", "experiments.sessions", "experiments.results",
+                  "experiments.workloads",
                   "experiments.report", "experiments.metrics"},
 }
 TORCH_FREE = {"router", "protos", "index", "cluster", "experiments", "simulator", "splitserve/client.py",

@@ -10,6 +10,7 @@ import statistics
 
 import pytest
 
+from splitserve.experiments.sessions import next_turns, oracle_hit_rate, schedule
 from splitserve.experiments.trace import (
     Trace,
     TraceError,
@@ -18,10 +19,7 @@ from splitserve.experiments.trace import (
     export_mooncake,
     import_mooncake,
     load_trace,
-    next_turns,
-    oracle_hit_rate,
     save_trace,
-    schedule,
 )
 from splitserve.experiments.workloads import make_workload
 

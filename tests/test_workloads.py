@@ -9,7 +9,8 @@ import statistics
 import pytest
 
 from splitserve.experiments.prompts import PromptSynth
-from splitserve.experiments.trace import TraceRequest, load_trace, oracle_hit_rate, save_trace
+from splitserve.experiments.sessions import oracle_hit_rate
+from splitserve.experiments.trace import TraceRequest, load_trace, save_trace
 from splitserve.experiments.workloads import WORKLOADS, make_workload
 
 NAMES = ["multi-turn", "tenants", "agentic", "mixed"]

@@ -105,7 +105,8 @@ def _register_trace(sub) -> None:
 
 
 def _run_trace(args: argparse.Namespace) -> int:
-    from splitserve.experiments.trace import export_mooncake, oracle_hit_rate, save_trace
+    from splitserve.experiments.sessions import oracle_hit_rate
+    from splitserve.experiments.trace import export_mooncake, save_trace
 
     trace = load_trace_from_args(args)
     if args.format == "mooncake":

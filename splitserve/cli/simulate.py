@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     import time
 
     from splitserve.experiments.report import ArmRun, write_report
-    from splitserve.experiments.trace import oracle_hit_rate
+    from splitserve.experiments.sessions import oracle_hit_rate
     from splitserve.router.decision_log import DecisionRecord
 
     inputs = _inputs(args)
