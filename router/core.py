@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +26,7 @@ from splitserve.router.decision_log import Choice, DecisionLog, DecisionRecord, 
 from splitserve.router.dispatch import Emitted, FailurePolicy, PrefillTarget, run_disaggregated
 from splitserve.router.inflight import Ledger, Ticket
 from splitserve.router.policies import DECODE, LOCAL, Decision, NoWorker, Policy, RequestShape, WorkerView
+from splitserve.router.policy_types import blocks_to_reserve
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class Router:
         n, bs = len(request.prompt_token_ids), self.block_size
         target = decision.decode if decision.pool == LOCAL else decision.prefill
         new_tokens = n - int(decision.terms["predicted_cached_tokens"])
-        blocks = math.ceil((n + request.sampling.max_tokens) / bs) - matched.get(decision.decode, 0)
+        blocks = blocks_to_reserve(n, request.sampling.max_tokens, bs, matched.get(decision.decode, 0))
         entries = {decision.decode: (new_tokens if decision.pool == LOCAL else 0, 1, blocks)}
         if decision.pool != LOCAL:
             entries[target] = (new_tokens, 1, 0)

@@ -48,7 +48,9 @@ from splitserve.router.policy_types import (
     Decision,
     RequestShape,
     WorkerView,
+    blocks_to_reserve,
     split_roles,
+    usable_cached_tokens,
 )
 
 
@@ -157,9 +159,7 @@ class CPD:
 
 
 def _cached(w: WorkerView, request: RequestShape) -> int:
-    """Prompt tokens `w` holds, as the engine uses a hit: whole blocks, and the last token computed."""
-    usable = (request.num_prompt_tokens - 1) // request.block_size
-    return min(w.matched_blocks, usable) * request.block_size
+    return usable_cached_tokens(w.matched_blocks, request.num_prompt_tokens, request.block_size)
 
 
 def _context_tokens(w: WorkerView, request: RequestShape) -> float:
@@ -173,6 +173,7 @@ def _context_tokens(w: WorkerView, request: RequestShape) -> float:
 def _with_room(decodes: list[WorkerView], request: RequestShape) -> list[WorkerView]:
     """Decode workers with room for the request's KV (its prefix match reused); all of them when none has
     (the chosen one then refuses with a clear error rather than the router guessing)."""
-    total = math.ceil((request.num_prompt_tokens + request.max_tokens) / request.block_size)
-    fits = [d for d in decodes if d.free_blocks is None or d.free_blocks >= total - d.matched_blocks]
+    n, bs = request.num_prompt_tokens, request.block_size
+    fits = [d for d in decodes if d.free_blocks is None
+            or d.free_blocks >= blocks_to_reserve(n, request.max_tokens, bs, d.matched_blocks)]  # fmt: skip
     return fits or decodes

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from splitserve.router.policies import LOCAL, Decision
+from splitserve.router.policy_types import LOCAL, Decision, usable_cached_tokens
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ def predicted_cached_tokens(decision: Decision, matched_blocks: dict[str, int], 
     """The prompt tokens the decision's prefill target (the decode worker when local) holds per the index,
     capped as the engine caps a hit (at least the last prompt token is computed)."""
     target = decision.decode if decision.pool == LOCAL else decision.prefill
-    cached = matched_blocks.get(target or "", 0) * block_size
-    return max(0, min(cached, num_prompt_tokens - 1))
+    return usable_cached_tokens(matched_blocks.get(target or "", 0), num_prompt_tokens, block_size)
 
 
 def read_decision_log(path: str | Path) -> list[DecisionRecord]:

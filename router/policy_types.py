@@ -57,6 +57,18 @@ class Decision:
     terms: dict[str, float] = field(default_factory=dict)
 
 
+def usable_cached_tokens(matched_blocks: int, num_prompt_tokens: int, block_size: int) -> int:
+    """The prompt tokens a prefix hit of `matched_blocks` saves, as the engine uses a hit: whole blocks,
+    and the last prompt token always computed (it gives the first token)."""
+    return min(matched_blocks, (num_prompt_tokens - 1) // block_size) * block_size
+
+
+def blocks_to_reserve(num_prompt_tokens: int, max_tokens: int, block_size: int, matched_blocks: int) -> int:
+    """New KV blocks a decode worker needs for a request (prompt and output) beyond the `matched_blocks`
+    leading ones it already holds (shared, not copied)."""
+    return -(-(num_prompt_tokens + max_tokens) // block_size) - matched_blocks
+
+
 class Policy(Protocol):
     """What the router, the A/B framework and the simulator call. `route` may keep state of its own (a
     cursor) but reads nothing else: no clock, no I/O. Raises `NoWorker` when no worker can take it."""

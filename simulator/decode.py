@@ -36,10 +36,11 @@ from collections import deque
 from collections.abc import Callable
 
 from splitserve.router.cost_model import CostModel
+from splitserve.router.policy_types import blocks_to_reserve, usable_cached_tokens
 from splitserve.simulator.cache import BlockCache
 from splitserve.simulator.config import SimConfig
 from splitserve.simulator.events import STEP_END, STEP_START, Device, EventQueue
-from splitserve.simulator.workers import SimRequest, cached_tokens
+from splitserve.simulator.workers import SimRequest
 
 OVERLOADED = "OverloadedError: no room for the request's KV"
 
@@ -91,7 +92,7 @@ class DecodeWorker:
     def reserve(self, req: SimRequest, matched: int) -> bool:
         """Pin the `matched` leading prompt blocks held here and reserve the rest of the request's KV.
         False (nothing changed) when it does not fit."""
-        num_new = -(-(req.input_len + req.output_len) // self._block_len) - matched
+        num_new = blocks_to_reserve(req.input_len, req.output_len, self._block_len, matched)
         if not self.cache.acquire(req.full_ids[:matched], num_new):
             return False
         req.decode, req.decode_matched, req.decode_new = self, matched, num_new
@@ -171,7 +172,8 @@ class DecodeWorker:
         if req.num_computed < 0:
             fixed = self._prefill.fixed_s
             matched = self.cache.match(req.full_ids)
-            req.cached_tokens = req.num_computed = cached_tokens(matched, req.input_len, self._block_len)
+            cached = usable_cached_tokens(matched, req.input_len, self._block_len)
+            req.cached_tokens = req.num_computed = cached
             self._local_tokens -= req.num_computed
         size = min(self._chunk_tokens, req.input_len - req.num_computed)
         self._chunk = (req, size)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from splitserve.router.cost_model import CostModel
 from splitserve.router.policies import Decision
+from splitserve.router.policy_types import usable_cached_tokens
 from splitserve.simulator.cache import BlockCache
 from splitserve.simulator.events import KV_ARRIVAL, PREFILL_END, Device, EventQueue
 
@@ -61,11 +62,6 @@ class SimRequest:
         self.join_step = -1  # the first decode step it took part in
         self.num_computed = -1  # local prefill: prompt tokens cached or computed so far (-1: not started)
         self.error: str | None = None
-
-
-def cached_tokens(num_matched_blocks: int, input_len: int, block_len: int) -> int:
-    """Tokens a prefill skips: the matched full blocks, keeping at least the last prompt token computed."""
-    return min(num_matched_blocks, (input_len - 1) // block_len) * block_len
 
 
 class PrefillWorker:
@@ -123,7 +119,7 @@ class PrefillWorker:
         num_new_blocks = -(-req.input_len // bl) - matched
         acquired = self.cache.acquire(req.full_ids[:matched], num_new_blocks)
         assert acquired, "one request at a time, and `fits` was checked at decision time"
-        req.cached_tokens = cached = cached_tokens(matched, req.input_len, bl)
+        req.cached_tokens = cached = usable_cached_tokens(matched, req.input_len, bl)
         num_new = req.input_len - cached
         start, end = self._device.run(now, self._prefill.seconds(num_new, cached))
         self._running = req
