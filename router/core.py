@@ -227,29 +227,41 @@ class Router:
     def decide(self, request: RoutedRequest) -> tuple[str, Decision]:
         """The request's arm and its policy's decision (hashing and an in-memory index lookup only); the
         decision's terms include `predicted_cached_tokens`. Recorded in the decision log, with shadows."""
-        arm, decision, _ = self._decide(request)
+        matched = self._match(request)
+        with self._deciding:
+            arm, decision, shape, views = self._route(request, matched)
+        self._record(request, arm, decision, shape, views)
         return arm, decision
 
-    def _decide(self, request: RoutedRequest) -> tuple[str, Decision, dict[str, int]]:
+    def _match(self, request: RoutedRequest) -> dict[str, int]:
+        """Worker id → leading blocks of the prompt it holds (the prompt's hashes, tenant-salted, against
+        the index mirror). Outside the decision lock: it depends on nothing another decision changes."""
+        ctx = HashContext(self.model_id, request.tenant_salt)
+        return self.matches(hash_blocks(request.prompt_token_ids, self.block_size, ctx))
+
+    def _route(self, request: RoutedRequest, matched: dict[str, int]):
         arm = next(iter(self.policies)) if self.arms is None else self.arms.arm_for(
             request.session_id or request.request_id)
-        ctx = HashContext(self.model_id, request.tenant_salt)
-        hashes = hash_blocks(request.prompt_token_ids, self.block_size, ctx)
-        matched = self.matches(hashes)
         views = self.views(matched)
         shape = RequestShape(len(request.prompt_token_ids), self.block_size, request.session_id,
                              request.sampling.max_tokens)  # fmt: skip
         decision = self.policies[arm].route(shape, views)
         predicted = predicted_cached_tokens(decision, matched, self.block_size, shape.num_prompt_tokens)
         decision.terms["predicted_cached_tokens"] = float(predicted)
+        return arm, decision, shape, views
+
+    def _record(self, request: RoutedRequest, arm: str, decision: Decision, shape: RequestShape,
+                views: list[WorkerView]) -> None:  # fmt: skip
+        """Log the decision (debug) and, with a decision log, record it with the shadows' choices on the
+        same views — after the decision lock, so shadow scoring never delays another decision."""
         log.debug("request %s: arm %s → %s prefill %s decode %s, terms %s", request.request_id, arm,
                   decision.pool, decision.prefill, decision.decode, decision.terms)  # fmt: skip
         if self.decision_log is not None:
+            predicted = int(decision.terms["predicted_cached_tokens"])
             self.decision_log.record(DecisionRecord(
                 time.time(), request.request_id, arm, Choice.of(decision), dict(decision.terms),
                 shape.num_prompt_tokens, predicted, self._shadow(arm, shape, views),
             ))  # fmt: skip
-        return arm, decision, matched
 
     def _shadow(self, arm: str, shape: RequestShape, views: list[WorkerView]) -> dict[str, Choice]:
         choices = {}
@@ -275,10 +287,12 @@ class Router:
         return self.ledger.assign(entries, prefill=decision.prefill)
 
     def generate(self, request: RoutedRequest) -> Iterator[Routed | Emitted]:
+        matched = self._match(request)
         with self._deciding:  # the next decision sees this one's assignment
-            arm, decision, matched = self._decide(request)
+            arm, decision, shape, views = self._route(request, matched)
             ticket = None if self.ledger is None else self._assign(decision, request, matched)
         try:
+            self._record(request, arm, decision, shape, views)
             yield Routed(arm, decision)
             for out in self._run(decision, request):
                 if ticket is not None and out.token_ids:
