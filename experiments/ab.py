@@ -94,7 +94,8 @@ def _sequential(local: LocalCluster, config: ABConfig):
         runs[policy] = [_replay(address, config, rate, policy) for rate in config.rates]
         local.start_router(["--policy", policy])  # the old router writes out its log as it stops
         decisions[policy] = read_decision_log(log)
-        _report(config, runs, decisions)  # the arms so far: a run cut short still leaves a report
+        if policy != config.policies[-1]:  # the arms so far: a run cut short still leaves a report
+            _report(config, runs, decisions)
     return runs, decisions
 
 

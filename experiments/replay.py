@@ -138,14 +138,12 @@ async def _send(client: AsyncClient, index: int, req: TraceRequest, prompt: list
             now = time.monotonic()
             if chunk.route is not None:
                 _take_route(result, chunk.route, config.arm)
-            if chunk.token_ids:
-                if not output:
+            if k := len(chunk.token_ids):
+                if not output:  # the first token; any others in its chunk came with it
                     result.ttft_s = now - sent
+                    result.itl_s.extend([0.0] * (k - 1))
                 else:
-                    gap = (now - last) / len(chunk.token_ids)
-                    result.itl_s.extend([gap] * len(chunk.token_ids))
-                if output == [] and len(chunk.token_ids) > 1:  # the first chunk's extra tokens: no gap seen
-                    result.itl_s.extend([0.0] * (len(chunk.token_ids) - 1))
+                    result.itl_s.extend([(now - last) / k] * k)
                 output.extend(chunk.token_ids)
                 last = now
             if chunk.usage is not None:
