@@ -24,7 +24,7 @@ from pathlib import Path
 
 from splitserve.client import Client
 from splitserve.experiments.local_cluster import LocalCluster, LocalClusterSpec
-from splitserve.experiments.replay import ReplayConfig, replay_blocking
+from splitserve.experiments.replay import ReplayConfig, ReplayRun, replay_blocking
 from splitserve.experiments.report import ArmRun, write_report
 from splitserve.experiments.sessions import oracle_hit_rate
 from splitserve.experiments.trace import Trace
@@ -91,7 +91,7 @@ def _sequential(local: LocalCluster, config: ABConfig):
         log.unlink(missing_ok=True)
         address = local.start_router(["--policy", policy, "--decision-log", str(log),
                                       "--shadow-policies", ",".join(config.policies), *config.router_args])
-        runs[policy] = [_replay(address, config, rate, policy) for rate in config.rates]
+        runs[policy] = [_arm_run(address, config, rate, policy) for rate in config.rates]
         local.start_router(["--policy", policy])  # the old router writes out its log as it stops
         decisions[policy] = read_decision_log(log)
         if policy != config.policies[-1]:  # the arms so far: a run cut short still leaves a report
@@ -101,7 +101,7 @@ def _sequential(local: LocalCluster, config: ABConfig):
 
 def _one_arm(address: str, config: ABConfig) -> dict[str, list[ArmRun]]:
     (policy,) = config.policies
-    return {policy: [_replay(address, config, rate, policy) for rate in config.rates]}
+    return {policy: [_arm_run(address, config, rate, policy) for rate in config.rates]}
 
 
 def _live_split(address: str, config: ABConfig) -> dict[str, list[ArmRun]]:
@@ -114,15 +114,20 @@ def _live_split(address: str, config: ABConfig) -> dict[str, list[ArmRun]]:
     return runs
 
 
-def _replay(address: str, config: ABConfig, rate: float | None, arm: str):
+def _replay(address: str, config: ABConfig, rate: float | None, arm: str) -> ReplayRun:
+    """One cold run: every cache emptied, then the trace replayed (`arm` "" = labelled by the router)."""
     with Client(address) as client:
         client.reset_cache()
     time.sleep(SETTLE_S)
     replay_config = ReplayConfig(config.vocab_size, rate, config.max_concurrency, config.seed, arm=arm)
     label = f"{arm or 'live split'} at {'trace timestamps' if rate is None else f'{rate:g} req/s'}"
     print(f"== {label}", flush=True)
-    run = replay_blocking(address, config.trace, replay_config)
-    return run if not arm else ArmRun(arm, rate, run.results, run.duration_s)
+    return replay_blocking(address, config.trace, replay_config)
+
+
+def _arm_run(address: str, config: ABConfig, rate: float | None, arm: str) -> ArmRun:
+    run = _replay(address, config, rate, arm)
+    return ArmRun(arm, rate, run.results, run.duration_s)
 
 
 def _warm_up(address: str, config: ABConfig) -> None:

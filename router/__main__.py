@@ -28,7 +28,13 @@ from splitserve.router.decision_log import DecisionLog
 from splitserve.router.dispatch import FailurePolicy
 from splitserve.router.http_front import HTTPFront
 from splitserve.router.inflight import Ledger
-from splitserve.router.policies import POLICIES, make_policy, parse_policy_options, policy_options
+from splitserve.router.policies import (
+    POLICIES,
+    check_policy_options,
+    make_policy,
+    parse_policy_options,
+    policy_options,
+)
 from splitserve.router.service import RouterService
 from splitserve.router.tenants import Tenants
 from splitserve.router.text import TextCodec
@@ -106,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     workers.start()
     shares = parse_ab(args.ab) if args.ab else {args.policy: 1.0}
     options = parse_policy_options(args.policy_option)
+    check_policy_options([*shares, *(n for n in args.shadow_policies.split(",") if n)], options)
     costs = load_calibration(args.calibration) if args.calibration else None
 
     def policy(name: str):

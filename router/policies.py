@@ -39,7 +39,8 @@ from splitserve.router.policy_types import (
 )
 
 __all__ = ["DECODE", "FRESH", "LOCAL", "POLICIES", "WARM", "Decision", "NoWorker", "Policy", "RequestShape",
-           "WorkerView", "make_policy", "parse_policy_options", "policy_options"]  # fmt: skip
+           "WorkerView", "check_policy_options", "make_policy", "parse_policy_options",
+           "policy_options"]  # fmt: skip
 
 class RoundRobin:
     name = "round_robin"
@@ -177,10 +178,20 @@ def make_policy(name: str, costs: CostModel | None = None, **config) -> Policy:
     cls = POLICIES[name]
     if costs is not None and "costs" in getattr(cls, "__dataclass_fields__", {}):
         config["costs"] = costs
-    try:
-        return cls(**config)
-    except TypeError as exc:
-        raise ValueError(f"policy {name}: {exc}") from None
+    known = [f for f in getattr(cls, "__dataclass_fields__", {}) if f not in ("name", "costs")]
+    unknown = sorted(set(config) - set(known) - {"costs"})
+    if unknown:
+        raise ValueError(f"policy {name} has no option {', '.join(unknown)}; its options: "
+                         f"{', '.join(known) or 'none'}")  # fmt: skip
+    return cls(**config)
+
+
+def check_policy_options(names: Sequence[str], options: dict[str, float]) -> None:
+    """ValueError for an option none of the policies `names` takes (a typo would be silently ignored)."""
+    taken = {f for n in names if n in POLICIES for f in getattr(POLICIES[n], "__dataclass_fields__", {})}
+    unused = sorted(set(options) - taken)
+    if unused:
+        raise ValueError(f"no policy among {', '.join(names)} takes the option {', '.join(unused)}")
 
 
 def policy_options(name: str, options: dict[str, float]) -> dict[str, float | int]:

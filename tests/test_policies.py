@@ -13,6 +13,7 @@ from splitserve.router.policies import (
     NoWorker,
     RequestShape,
     WorkerView,
+    check_policy_options,
     make_policy,
 )
 
@@ -88,8 +89,14 @@ def test_unknown_policies_and_missing_workers_fail_clearly():
         make_policy("prefix_affinity").route(REQ, only_decode)
     for name in ("cpd", "cpd_threshold"):  # cpd prefills on the decode worker
         assert make_policy(name).route(REQ, only_decode).pool == LOCAL
-    with pytest.raises(ValueError, match=r"policy cpd: .*unexpected keyword"):
+    with pytest.raises(ValueError, match=r"policy cpd has no option no_such_option; its options: "
+                                         r"warm_min_hit_ratio, local_prefill_max_tokens"):
         make_policy("cpd", no_such_option=1.0)
+    with pytest.raises(ValueError, match="its options: none"):
+        make_policy("least_loaded", load_weight=2.0)
+    check_policy_options(["cpd", "least_loaded"], {"miss_weight": 4.0})  # one arm takes it: fine
+    with pytest.raises(ValueError, match="takes the option loca_prefill"):
+        check_policy_options(["cpd", "least_loaded"], {"loca_prefill": 4.0})
 
 
 # Round numbers, so each cost below is checked by hand: prefill 1 ms per new token, a decode step 10 ms

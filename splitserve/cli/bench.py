@@ -50,11 +50,15 @@ def _run_ab(args: argparse.Namespace) -> int:
     from splitserve.experiments.ab import ABConfig, run_ab
     from splitserve.experiments.local_cluster import LocalClusterSpec
     from splitserve.router.cost_model import load_calibration
+    from splitserve.router.policies import check_policy_options, make_policy, parse_policy_options
 
     trace = load_trace_from_args(args)
     if args.calibration is not None:
         load_calibration(args.calibration)  # a bad file fails here, before anything runs
     policies = tuple(p for p in args.policies.split(",") if p)
+    for name in policies:
+        make_policy(name)  # an unknown policy fails here, not in a router started later
+    check_policy_options(policies, parse_policy_options(args.policy_option))
     router_args = [f"--policy-option={o}" for o in args.policy_option]
     if args.calibration is not None:
         router_args += ["--calibration", str(args.calibration.resolve())]

@@ -99,13 +99,19 @@ def _run(args: argparse.Namespace) -> int:
 def _inputs(args: argparse.Namespace) -> _Inputs:
     """Load and check every input; raises ValueError (TraceError, CalibrationError) or FileNotFoundError."""
     from splitserve.router.cost_model import DEFAULT_COST_MODEL, load_calibration
-    from splitserve.router.policies import make_policy, parse_policy_options, policy_options
+    from splitserve.router.policies import (
+        check_policy_options,
+        make_policy,
+        parse_policy_options,
+        policy_options,
+    )
     from splitserve.simulator.config import SimConfig
 
     arms = [name.strip() for name in args.policies.split(",") if name.strip()]
     if not arms or len(set(arms)) != len(arms):
         raise ValueError(f"--policies needs distinct policy names, got {args.policies!r}")
     options = parse_policy_options(args.policy_option)
+    check_policy_options(arms, options)
     costs = load_calibration(args.calibration) if args.calibration else DEFAULT_COST_MODEL
     for arm in arms:
         make_policy(arm, costs=costs, **policy_options(arm, options))  # unknown name or bad option: raises
