@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from splitserve.client import AsyncClient, SplitserveError
@@ -165,12 +164,11 @@ def _take_route(result: RequestResult, route: dict, arm: str) -> None:
     result.predicted_cached_tokens = int(route["terms"].get("predicted_cached_tokens", 0))
 
 
-def replay_blocking(address: str, trace: Trace, config: ReplayConfig,
-                    client_factory: Callable[[str], AsyncClient] = AsyncClient) -> ReplayRun:  # fmt: skip
+def replay_blocking(address: str, trace: Trace, config: ReplayConfig) -> ReplayRun:
     """`replay` from synchronous code: its own event loop and client."""
 
     async def run() -> ReplayRun:
-        async with client_factory(address) as client:
+        async with AsyncClient(address) as client:
             return await replay(client, trace, config)
 
     return asyncio.run(run())
