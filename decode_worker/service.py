@@ -202,7 +202,7 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
         return serve_events(self.events, context)
 
     def Load(self, request, context):
-        return self.loop.call(worker_load, self.loop.engine)
+        return self.loop.call(worker_load, self.loop)
 
     def ResetCache(self, request, context):
         evicted = self.loop.call(self.loop.engine.block_pool.reset_cache)

@@ -38,6 +38,12 @@ class CacheConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1), got {self.gpu_memory_utilization}")
 
 
+def average_step_time(previous_s: float, newest_s: float) -> float:
+    """The step time a worker reports: an exponential moving average weighing the newest step 0.2 (the
+    first step alone when there is no previous one). The engine loop and the simulator both use it."""
+    return newest_s if not previous_s else previous_s + 0.2 * (newest_s - previous_s)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous batching limits. With chunked prefill off, a prompt is prefilled in one step, so

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from splitserve.engine.config import average_step_time
 from splitserve.engine.engine import Engine
 from splitserve.engine.outputs import FinishReason, StepOutput
 
@@ -22,8 +24,12 @@ T = TypeVar("T")
 
 
 class EngineLoop:
+    """`step_s`: the engine's recent step time while busy (`average_step_time` of the wall time of its
+    `step` calls, which are pipelined: one call per step), 0 before the first; a load figure."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.step_s = 0.0
         self._calls: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
         self._listeners: dict[str, queue.Queue[StepOutput]] = {}
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -76,8 +82,10 @@ class EngineLoop:
             except queue.Empty:
                 pass
             if self.engine.has_unfinished_requests():
+                started = time.perf_counter()
                 try:
                     outputs = self.engine.step()
+                    self.step_s = average_step_time(self.step_s, time.perf_counter() - started)
                 except Exception:
                     log.exception("engine step failed: aborting the requests in flight")
                     outputs = self._abort_all()

@@ -36,12 +36,14 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
     )  # fmt: skip
 
 
-def worker_load(engine: Engine) -> common_pb2.WorkerLoad:
-    """An engine's live load. Run it on the engine's loop thread."""
-    sched, pool = engine.scheduler, engine.block_pool
+def worker_load(loop: EngineLoop) -> common_pb2.WorkerLoad:
+    """The live load of a loop's engine. Run it on the loop thread."""
+    sched, pool = loop.engine.scheduler, loop.engine.block_pool
     return common_pb2.WorkerLoad(
         queued_tokens=sched.num_queued_tokens, running_requests=len(sched.running),
         waiting_requests=len(sched.waiting), kv_usage=pool.usage, free_blocks=pool.num_free_blocks,
+        max_running_requests=sched.config.max_num_seqs, step_ms=loop.step_s * 1e3,
+        step_tokens=sched.config.max_num_batched_tokens,
     )  # fmt: skip
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitserve/protos/common.proto\x12\rsplitserve.v1\"\x9f\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"{\n\x08KVLayout\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\"~\n\nWorkerLoad\x12\x15\n\rqueued_tokens\x18\x01 \x01(\x04\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x18\n\x10waiting_requests\x18\x03 \x01(\r\x12\x10\n\x08kv_usage\x18\x04 \x01(\x02\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\r\"\r\n\x0bLoadRequest\"\x13\n\x11ResetCacheRequest\"-\n\x0fResetCacheReply\x12\x1a\n\x12num_evicted_blocks\x18\x01 \x01(\x04\"\x94\x01\n\nBlockEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.splitserve.v1.BlockEvent.Kind\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\"5\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06STORED\x10\x01\x12\x0b\n\x07\x45VICTED\x10\x02\"\x0f\n\rEventsRequest\"8\n\x0b\x42lockEvents\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.splitserve.v1.BlockEventb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitserve/protos/common.proto\x12\rsplitserve.v1\"\x9f\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"{\n\x08KVLayout\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\"\xc2\x01\n\nWorkerLoad\x12\x15\n\rqueued_tokens\x18\x01 \x01(\x04\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x18\n\x10waiting_requests\x18\x03 \x01(\r\x12\x10\n\x08kv_usage\x18\x04 \x01(\x02\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\r\x12\x1c\n\x14max_running_requests\x18\x06 \x01(\r\x12\x0f\n\x07step_ms\x18\x07 \x01(\x02\x12\x13\n\x0bstep_tokens\x18\x08 \x01(\r\"\r\n\x0bLoadRequest\"\x13\n\x11ResetCacheRequest\"-\n\x0fResetCacheReply\x12\x1a\n\x12num_evicted_blocks\x18\x01 \x01(\x04\"\x94\x01\n\nBlockEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.splitserve.v1.BlockEvent.Kind\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\"5\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06STORED\x10\x01\x12\x0b\n\x07\x45VICTED\x10\x02\"\x0f\n\rEventsRequest\"8\n\x0b\x42lockEvents\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.splitserve.v1.BlockEventb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,20 +35,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_end=209
   _globals['_KVLAYOUT']._serialized_start=211
   _globals['_KVLAYOUT']._serialized_end=334
-  _globals['_WORKERLOAD']._serialized_start=336
-  _globals['_WORKERLOAD']._serialized_end=462
-  _globals['_LOADREQUEST']._serialized_start=464
-  _globals['_LOADREQUEST']._serialized_end=477
-  _globals['_RESETCACHEREQUEST']._serialized_start=479
-  _globals['_RESETCACHEREQUEST']._serialized_end=498
-  _globals['_RESETCACHEREPLY']._serialized_start=500
-  _globals['_RESETCACHEREPLY']._serialized_end=545
-  _globals['_BLOCKEVENT']._serialized_start=548
-  _globals['_BLOCKEVENT']._serialized_end=696
-  _globals['_BLOCKEVENT_KIND']._serialized_start=643
-  _globals['_BLOCKEVENT_KIND']._serialized_end=696
-  _globals['_EVENTSREQUEST']._serialized_start=698
-  _globals['_EVENTSREQUEST']._serialized_end=713
-  _globals['_BLOCKEVENTS']._serialized_start=715
-  _globals['_BLOCKEVENTS']._serialized_end=771
+  _globals['_WORKERLOAD']._serialized_start=337
+  _globals['_WORKERLOAD']._serialized_end=531
+  _globals['_LOADREQUEST']._serialized_start=533
+  _globals['_LOADREQUEST']._serialized_end=546
+  _globals['_RESETCACHEREQUEST']._serialized_start=548
+  _globals['_RESETCACHEREQUEST']._serialized_end=567
+  _globals['_RESETCACHEREPLY']._serialized_start=569
+  _globals['_RESETCACHEREPLY']._serialized_end=614
+  _globals['_BLOCKEVENT']._serialized_start=617
+  _globals['_BLOCKEVENT']._serialized_end=765
+  _globals['_BLOCKEVENT_KIND']._serialized_start=712
+  _globals['_BLOCKEVENT_KIND']._serialized_end=765
+  _globals['_EVENTSREQUEST']._serialized_start=767
+  _globals['_EVENTSREQUEST']._serialized_end=782
+  _globals['_BLOCKEVENTS']._serialized_start=784
+  _globals['_BLOCKEVENTS']._serialized_end=840
 # @@protoc_insertion_point(module_scope)

@@ -221,7 +221,9 @@ class Router:
             load = h.load if self.ledger is None else self.ledger.adjusted(h.worker_id, h.load)
             views.append(WorkerView(h.worker_id, h.role, matched.get(h.worker_id, 0), load.queued_tokens,
                                     load.running_requests + load.waiting_requests, load.kv_usage,
-                                    load.free_blocks, h.device, load.waiting_requests))  # fmt: skip
+                                    load.free_blocks, h.device, load.waiting_requests,
+                                    load.max_running_requests or None, load.step_ms / 1e3,
+                                    load.step_tokens or None))  # fmt: skip
         return views
 
     def decide(self, request: RoutedRequest) -> tuple[str, Decision]:

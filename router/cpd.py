@@ -4,8 +4,11 @@ For every decode worker with room for the request's KV and every place its promp
 each admissible prefill worker, or that decode worker itself (LOCAL) — the policy predicts, in seconds,
 what the placement costs the cluster's users, and takes the cheapest:
 
-    cost = queue wait + prefill compute            (this request's time to first token)
+    cost = queue wait + prefill compute            (this request's time to first token; a LOCAL prefill
+                                                    also waits for a free slot in the decode batch)
          + transfer tail                           (KV the decode worker lacks, not hidden by the prefill)
+         + stall                                   (`stall_weight` × the wait for a decode slot left after
+                                                    the first token, when prefilled elsewhere)
          + interference                            (decode batches stalled while the prefill computes)
          + decode time                             (its own steps on that decode worker, and what it adds
                                                     to every other sequence's steps there)
@@ -17,7 +20,14 @@ the simulator (H200 calibration, 4 fresh + 4 warm + 8 decode, multi-turn, 2026-1
 / 48 / 128 gave hit rates 0.74 / 0.80 / 0.86 / 0.88 / 0.90 and TTFT p90 at 1,000 req/s offered of 237 /
 210 / 182 / 170 / 209 ms: 32 is the default.
 
-A queue's wait counts its requests' fixed costs as well as their tokens — a decode worker's local
+A decode worker runs at most `max_running` sequences (it reports its cap); past it, requests wait for
+one to finish, about one per (output length × step time / cap). A LOCAL prefill waits before it starts, so
+the wait is in its time to first token; a prefill elsewhere overlaps it and the user waits only for what is
+left, after the first token, a stall between tokens that weighs `stall_weight` of a second of TTFT.
+
+A queue's wait is predicted from the cost model, or from what the worker measures when that is longer (on
+a shared device it often is): the steps the queue and this prompt take (at most `step_tokens` a step, else
+one request a step) at its measured step time. The model's wait counts its requests' fixed costs as well as their tokens — a decode worker's local
 prefills too, each of which waits for a step of its own — (on a GPU a prefill's fixed cost
 is often larger than its tokens'). Interference is the prefill's compute time times the sequences running
 on decode workers that share the device it computes on: always the chosen decode worker's own batch for
@@ -73,7 +83,8 @@ class CPD:
     fresh and stays in the fresh pool; `local_prefill_max_tokens` — the most uncached tokens a decode
     worker may prefill itself; `interference_weight` — how much a second of a decode batch's stall (per
     running sequence) weighs against a second of this request's TTFT; `transfer_weight` — the same for the
-    transfer tail; `miss_weight` — see above. The transfer cost is the cost model's default transport's
+    transfer tail; `stall_weight` — the same for a wait for a decode slot after the first token;
+    `miss_weight` — see above. The transfer cost is the cost model's default transport's
     (`CostModel.transfer()`): give the policy a model holding only the transport the workers use when it
     is not the same-host one.
     """
@@ -82,6 +93,7 @@ class CPD:
     local_prefill_max_tokens: int = 4096
     interference_weight: float = 1.0
     transfer_weight: float = 1.0
+    stall_weight: float = 0.5
     miss_weight: float = 32.0
     costs: CostModel = field(default=DEFAULT_COST_MODEL, repr=False)
     name: str = "cpd"
@@ -89,7 +101,7 @@ class CPD:
     def __post_init__(self) -> None:
         if not 0.0 <= self.warm_min_hit_ratio <= 1.0:
             raise ValueError(f"warm_min_hit_ratio must be in [0, 1], got {self.warm_min_hit_ratio}")
-        if self.interference_weight < 0 or self.transfer_weight < 0 or self.local_prefill_max_tokens < 0:
+        if min(self.interference_weight, self.transfer_weight, self.stall_weight, self.local_prefill_max_tokens) < 0:
             raise ValueError("cpd weights and local_prefill_max_tokens must be non-negative")
         self._transfer = self.costs.transfer()
 
@@ -117,33 +129,38 @@ class CPD:
         n = request.num_prompt_tokens
         prefill, per_token = self.costs.prefill, self.costs.prefill.per_token_s
         decode_s = self._decode_seconds(request, d)
+        slot_s = self._slot_wait(request, d)
         d_cached = _cached(d, request)
         local_new = n - d_cached
         if local_new <= cap:
             compute = prefill.seconds(local_new, d_cached)
             # Each local prefill waiting there pays its own step's fixed cost first (one per decode step).
-            ttft = d.queued_tokens * per_token + d.waiting_prefills * prefill.fixed_s + compute
+            queued = d.queued_tokens * per_token + d.waiting_prefills * prefill.fixed_s + compute
+            ttft = slot_s + _measured(d, local_new, queued)
             interference = self.interference_weight * stalled.get(d.device, 0) * compute if d.device else (
                 self.interference_weight * d.running_requests * compute)
             miss = self.miss_weight * local_new * per_token
             cost = ttft + interference + decode_s + miss
             yield _Option(cost, None, d, {
                 "cost_s": cost, "ttft_s": ttft, "interference_s": interference, "decode_s": decode_s,
-                "miss_s": miss,
+                "miss_s": miss, "slot_wait_s": slot_s,
                 "cached_tokens": float(d_cached), "decode_cached_tokens": float(d_cached),
             })  # fmt: skip
         moved = self._transfer.seconds(self.costs.kv_bytes(local_new))
         for p in prefills:
             cached = _cached(p, request)
             compute = prefill.seconds(n - cached, cached)
-            ttft = p.queued_tokens * per_token + p.running_requests * prefill.fixed_s + compute
+            ttft = _measured(p, n - cached, p.queued_tokens * per_token + p.running_requests * prefill.fixed_s
+                             + compute)
             miss = self.miss_weight * (n - cached) * per_token
             tail = self.transfer_weight * max(self._transfer.latency_s, moved - compute)
             interference = self.interference_weight * stalled.get(p.device, 0) * compute if p.device else 0.0
-            cost = ttft + tail + interference + decode_s + miss
+            stall = self.stall_weight * max(0.0, slot_s - ttft - tail)
+            cost = ttft + tail + stall + interference + decode_s + miss
             yield _Option(cost, p, d, {
-                "cost_s": cost, "ttft_s": ttft, "transfer_tail_s": tail, "interference_s": interference,
-                "decode_s": decode_s, "miss_s": miss, "cached_tokens": float(cached),
+                "cost_s": cost, "ttft_s": ttft, "transfer_tail_s": tail, "stall_s": stall,
+                "interference_s": interference, "decode_s": decode_s, "miss_s": miss, "slot_wait_s": slot_s,
+                "cached_tokens": float(cached),
                 "decode_cached_tokens": float(d_cached),
             })  # fmt: skip
 
@@ -156,6 +173,29 @@ class CPD:
         own = num_out * step.step_seconds(d.running_requests + 1, _context_tokens(d, request) + context)
         added = d.running_requests * num_out * (step.per_seq_s + context * step.per_ctx_token_s)
         return own + added + d.queued_tokens * self.costs.prefill.per_token_s
+
+
+    def _slot_wait(self, request: RequestShape, d: WorkerView) -> float:
+        """Predicted wait for a free slot in `d`'s batch: the requests past its cap (this one included)
+        each wait for a finisher, and with `cap` sequences a `max_tokens` long one finishes about every
+        max_tokens / cap steps (this request's length stands in for the others'); a step takes what `d`
+        measures (on a shared device, often well above the cost model's step), at least the model's."""
+        cap = d.max_running
+        excess = 0 if cap is None else d.running_requests + 1 - cap
+        if excess <= 0:
+            return 0.0
+        step = max(d.step_s, self.costs.decode.step_seconds(cap, _context_tokens(d, request)))
+        return excess * max(1, request.max_tokens) * step / cap
+
+
+def _measured(w: WorkerView, num_new_tokens: int, predicted_s: float) -> float:
+    """A worker's time to compute its queue and `num_new_tokens` more: the cost model's `predicted_s`, or
+    the steps that takes at the step time the worker measures, if longer."""
+    if w.step_tokens:
+        steps = math.ceil((w.queued_tokens + num_new_tokens) / w.step_tokens)
+    else:
+        steps = w.running_requests + 1
+    return max(predicted_s, steps * w.step_s)
 
 
 def _cached(w: WorkerView, request: RequestShape) -> int:

@@ -32,6 +32,10 @@ class WorkerView:
     free_blocks: int | None = None  # None: not reported (no KV room check)
     device: str = ""  # its compute device; workers naming the same one share it ("" = its own)
     waiting_prefills: int = 0  # requests waiting for their prefill there (a decode worker's local ones)
+    max_running: int | None = None  # the most sequences it runs at once (None: not reported); past it,
+    # requests wait for a slot (`running_requests` counts them too)
+    step_s: float = 0.0  # its recent step time as measured (0: not reported)
+    step_tokens: int | None = None  # the most prompt tokens one of its steps computes (None: not reported)
 
 
 @dataclass(frozen=True)

@@ -56,5 +56,7 @@ class SimCluster:
         get = matched.get
         return [WorkerView(worker_id, role, get(worker_id, 0), worker.queued_tokens(now),
                            worker.running_requests, worker.cache.usage, worker.cache.num_free,
-                           self._device_names[worker_id], getattr(worker, "waiting_prefills", 0))
+                           self._device_names[worker_id], getattr(worker, "waiting_prefills", 0),
+                           getattr(worker, "max_running", None), getattr(worker, "step_s", 0.0),
+                           getattr(worker, "step_tokens", None))
                 for worker_id, role, worker in self._order]  # fmt: skip

@@ -10,7 +10,8 @@ As the live decode worker behaves:
   also computes one chunk of up to `local_chunk_tokens` of the oldest one, costing
   `costs.prefill.seconds(chunk, tokens already cached or computed)` less `prefill.fixed_s` except on the
   request's first chunk. Sequences arriving (a transfer landing, a local prefill finishing) join at the
-  next step start, at most `decode_max_seqs` decoding at once (the rest wait, FIFO).
+  next step start, at most `decode_max_seqs` running at once (the rest wait, FIFO). A local prefill holds
+  one of those slots from its first chunk on: as in the live engine, it waits for a free slot to start.
 - A local request's cached tokens are its leading full blocks held here at its first chunk, capped so the
   last prompt token is computed. Its first token comes at the end of the step that finishes its prefill.
 - Each step's end gives every decoding sequence one token; a sequence's context counts its prompt and the
@@ -18,7 +19,9 @@ As the live decode worker behaves:
   blocks are released, then its prompt's full blocks and its session's next prompt's blocks filled by the
   prompt and output are cached (LRU touch; the output is the next turn's prefix).
 - Load it reports: queued tokens = uncomputed local-prefill tokens (a request not yet started counts its
-  whole prompt); running requests = decoding, waiting to join, and prefilling locally.
+  whole prompt); running requests = decoding, waiting to join, and prefilling locally; its batch cap; its
+  step time, a moving average (as the live engine loop's, `average_step_time`) of the time from issuing a
+  run of steps to its end over its steps (a shared device's other work included).
 
 Cost per step is O(1) amortized: the batch is a count and a context sum (each sequence's context grows by
 one per step, so the sum is `ctx_base + n × step index`); sequences wait in a heap keyed by the step index
@@ -35,6 +38,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 
+from splitserve.engine.config import average_step_time
 from splitserve.router.cost_model import CostModel
 from splitserve.router.policy_types import blocks_to_reserve, usable_cached_tokens
 from splitserve.simulator.cache import BlockCache
@@ -76,6 +80,8 @@ class DecodeWorker:
         self._chunk: tuple[SimRequest, int] | None = None  # the local chunk in the current step
         self._active = False  # a step is running or about to start
         self._run_start = 0  # the first step of the steps issued together
+        self._issued_s = 0.0  # when they were issued
+        self.step_s = 0.0  # recent step time (see the module docstring)
         self._epoch = 0  # the live STEP_END event's; revoking steps makes the pending one stale
 
     def queued_tokens(self, now: float) -> int:
@@ -88,6 +94,18 @@ class DecodeWorker:
     @property
     def waiting_prefills(self) -> int:
         return len(self._local)
+
+    @property
+    def max_running(self) -> int:
+        return self._max_seqs
+
+    @property
+    def step_tokens(self) -> int:
+        return self._chunk_tokens
+
+    def _prefilling(self) -> int:
+        """1 while the oldest local prefill has started (it holds a slot), else 0."""
+        return int(bool(self._local) and self._local[0].num_computed >= 0)
 
     def reserve(self, req: SimRequest, matched: int) -> bool:
         """Pin the `matched` leading prompt blocks held here and reserve the rest of the request's KV.
@@ -140,7 +158,7 @@ class DecodeWorker:
 
     def _start_step(self, now: float, _: object = None) -> None:
         step = len(self.step_ends)
-        while self._joining and self._num_seqs < self._max_seqs:
+        while self._joining and self._num_seqs + self._prefilling() < self._max_seqs:
             req = self._joining.popleft()
             req.join_step = step
             self._num_seqs += 1
@@ -148,7 +166,7 @@ class DecodeWorker:
             heapq.heappush(self._finishers, (step + req.output_len - 2, req.index, req))
         n, ctx_base, ends = self._num_seqs, self._ctx_base, self.step_ends
         self._chunk = None
-        if self._local:
+        if self._local and (self._prefilling() or n < self._max_seqs):
             seconds = self._decode.step_seconds(n, ctx_base + n * step) + self._local_chunk()
             last = step
             ends.append(self._device.run(now, seconds)[1])
@@ -161,7 +179,7 @@ class DecodeWorker:
             for s in range(step, last + 1):
                 t = device.run(t, cost(n, ctx_base + n * s))[1]
                 ends.append(t)
-        self._run_start = step
+        self._run_start, self._issued_s = step, now
         self._epoch += 1
         self._events.at(ends[-1], STEP_END, self._end_step, (self._epoch, last))
 
@@ -185,6 +203,8 @@ class DecodeWorker:
             return  # its steps were revoked
         assert step == len(self.step_ends) - 1
         self._active = False
+        elapsed = (now - self._issued_s) / (step - self._run_start + 1)
+        self.step_s = average_step_time(self.step_s, elapsed)
         finishers = self._finishers
         while finishers and finishers[0][0] == step:
             _, _, req = heapq.heappop(finishers)
@@ -201,7 +221,7 @@ class DecodeWorker:
                 if req.output_len <= 1:
                     self._finish(now, req, [])
                 else:
-                    self._joining.append(req)
+                    self._joining.appendleft(req)  # it keeps the slot it prefilled in
         if self._num_seqs or self._joining or self._local:
             self._wake(now)
 

@@ -12,7 +12,8 @@ Prefill worker (fresh or warm pool), as the live one behaves:
   arrives at the end. Then the decode worker admits the sequence at its next step boundary.
 - Load it reports: queued tokens = the whole prompts of the waiting requests (a cache hit is applied when
   a request starts, as in the engine's scheduler) plus the running one's uncomputed remainder (linear in
-  its service time); running requests = waiting + running; KV usage and free blocks from its cache.
+  its service time); running requests = waiting + running; KV usage and free blocks from its cache; its
+  step time, `average_step_time` of the time from a request's start (its device may be busy) to its end.
 The router's decision, the decode side and the results are not here (`run.py`, `decode.py`).
 """
 
@@ -23,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from splitserve.engine.config import average_step_time
 from splitserve.router.cost_model import CostModel
 from splitserve.router.policies import Decision
 from splitserve.router.policy_types import usable_cached_tokens
@@ -86,6 +88,8 @@ class PrefillWorker:
         self._queued_prompt_tokens = 0
         self._running: SimRequest | None = None
         self._run = (0.0, 0.0, 0, 0, 0)  # start, end, new tokens, pinned blocks, reserved blocks
+        self._started_s = 0.0  # when the running request was started (its device may start it later)
+        self.step_s = 0.0  # see the module docstring
 
     def fits(self, input_len: int) -> bool:
         """Whether a prompt's KV fits this worker at all (the live worker refuses one that does not)."""
@@ -122,7 +126,7 @@ class PrefillWorker:
         req.cached_tokens = cached = usable_cached_tokens(matched, req.input_len, bl)
         num_new = req.input_len - cached
         start, end = self._device.run(now, self._prefill.seconds(num_new, cached))
-        self._running = req
+        self._running, self._started_s = req, now
         self._run = (start, end, num_new, matched, num_new_blocks)
         self._events.at(end, PREFILL_END, self._end, req)
 
@@ -130,6 +134,7 @@ class PrefillWorker:
         start, _, _, matched, num_new_blocks = self._run
         self.cache.release(req.full_ids[:matched], num_new_blocks)
         self.cache.insert(req.full_ids)
+        self.step_s = average_step_time(self.step_s, now - self._started_s)
         req.first_token_s = now
         num_bytes = self._costs.kv_bytes(req.input_len - req.decode_matched * self._block_len)
         arrival = now

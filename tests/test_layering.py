@@ -29,12 +29,13 @@ ALLOWED: dict[str, set[str]] = {
     # Experiments drive a cluster from outside: through the client SDK, with the router's policy and
     # decision-log records, plain processes started like the supervisor starts them, an embedded Redis.
     "experiments": {"client", "router", "cluster.supervisor", "index.redis_server"},
-    # The simulator runs the router's policies over the experiments' traces and reports.
+    # The simulator runs the router's policies over the experiments' traces and reports; its workers
+    # report their step time as the engine loop does (engine.config's torch-free average).
     "simulator": {"router", "experiments.trace", "experiments.sessions", "experiments.results",
-                  "experiments.workloads",
-                  "experiments.report", "experiments.metrics"},
+                  "experiments.workloads", "experiments.report", "experiments.metrics", "engine.config"},
 }
 TORCH_FREE = {"router", "protos", "index", "cluster", "experiments", "simulator", "splitserve/client.py",
+              "engine/config.py",
               "engine/block_hash.py", "engine/block_pool.py", "engine/errors.py", "engine/sampling_params.py",
               "engine/model_config.py"}
 HEAVY = ("torch", "triton", "transformers", "numpy", "safetensors")
