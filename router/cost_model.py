@@ -4,7 +4,11 @@ One model, three parts, each a small formula fitted to measurements of this proj
 - `PrefillCost`: a prefill of `num_new` tokens after `num_cached` cached ones (linear layers per new token,
   attention per new token per context token, a fixed cost per request);
 - `DecodeCost`: one decode step of a batch (a fixed cost, per sequence, per context token read);
-- `TransferCost`: moving KV bytes between workers, per transport (a latency plus bytes / bandwidth).
+- `TransferCost`: moving KV bytes between workers, per transport (a latency plus bytes / bandwidth);
+- `RequestPath`: what a request's path adds to its time to first token beyond the worker's prefill
+  (client → router → worker and the first token back: RPCs, routing, tokens relayed), by route (through a
+  prefill pool, or prefilled on the decode worker), measured end to end by `benchmarks/calibrate_path.py`
+  (optional in a file: 0 when absent).
 
 A calibration file (JSON, written by `benchmarks/calibrate.py` on the machine it measures, or by hand from
 the figures in docs/benchmarks.md) holds the fitted numbers and where they came from. `load_calibration`
@@ -63,6 +67,15 @@ class TransferCost:
 
 
 @dataclass(frozen=True)
+class RequestPath:
+    pool_s: float = 0.0  # prefilled by a prefill worker, decoded by a decode worker
+    local_s: float = 0.0  # prefilled and decoded by the decode worker
+
+    def seconds(self, local: bool) -> float:
+        return self.local_s if local else self.pool_s
+
+
+@dataclass(frozen=True)
 class CostModel:
     """The fitted model and its provenance. `kv_bytes_per_token`: KV bytes one token occupies in every
     layer (2 × layers × kv heads × head dim × dtype size). `transfers`: by transport ("grpc", "same-host")."""
@@ -71,6 +84,7 @@ class CostModel:
     decode: DecodeCost
     transfers: dict[str, TransferCost]
     kv_bytes_per_token: int
+    path: RequestPath = RequestPath()
     device: str = "unknown"
     source: str = "defaults"  # how the numbers were obtained (a benchmark run, a docs table)
     measured: str = ""  # date of the measurement
@@ -79,6 +93,8 @@ class CostModel:
     def __post_init__(self) -> None:
         if self.kv_bytes_per_token <= 0:
             raise ValueError(f"kv_bytes_per_token must be positive, got {self.kv_bytes_per_token}")
+        if not min(self.path.pool_s, self.path.local_s) >= 0:
+            raise ValueError(f"request path costs must be non-negative, got {self.path}")
         if not self.transfers:
             raise ValueError("a cost model needs at least one transfer transport")
 
@@ -173,7 +189,11 @@ def cost_model_from_json(data: object, where: str = "calibration") -> CostModel:
     extra = data.get("extra", {})
     if not isinstance(extra, dict):
         raise CalibrationError(f"{where}.extra: must be an object")
-    return CostModel(prefill, decode, transfers, int(kv), extra=extra, **text)
+    path = RequestPath()
+    if "path" in data:
+        at = _section(data, "path", where)
+        path = RequestPath(*(_number(at, k, f"{where}.path") for k in ("pool_s", "local_s")))
+    return CostModel(prefill, decode, transfers, int(kv), path, extra=extra, **text)
 
 
 def load_calibration(path: str | Path) -> CostModel:

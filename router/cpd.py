@@ -27,9 +27,9 @@ left, after the first token, a stall between tokens that weighs `stall_weight` o
 
 A queue's wait is predicted from the cost model, or from what the worker measures when that is longer (on
 a shared device it often is): the steps the queue and this prompt take (at most `step_tokens` a step, else
-one request a step) at its measured step time. The model's wait counts its requests' fixed costs as well as their tokens — a decode worker's local
-prefills too, each of which waits for a step of its own — (on a GPU a prefill's fixed cost
-is often larger than its tokens'). Interference is the prefill's compute time times the sequences running
+one prefill a step) at its measured step time. The model's wait counts its requests' fixed costs as well
+as their tokens (on a GPU a prefill's fixed cost is often larger than its tokens'), a decode worker's
+local prefills too, each of which waits for a step of its own. Interference is the prefill's compute time times the sequences running
 on decode workers that share the device it computes on: always the chosen decode worker's own batch for
 a LOCAL prefill; for a prefill worker, only the decode workers on its device (workers register their
 device; on one GPU shared by every worker disaggregation isolates nothing, and the policy knows it).
@@ -136,7 +136,7 @@ class CPD:
             compute = prefill.seconds(local_new, d_cached)
             # Each local prefill waiting there pays its own step's fixed cost first (one per decode step).
             queued = d.queued_tokens * per_token + d.waiting_prefills * prefill.fixed_s + compute
-            ttft = slot_s + _measured(d, local_new, queued)
+            ttft = slot_s + _measured(d, local_new, d.waiting_prefills, queued)
             interference = self.interference_weight * stalled.get(d.device, 0) * compute if d.device else (
                 self.interference_weight * d.running_requests * compute)
             miss = self.miss_weight * local_new * per_token
@@ -150,8 +150,8 @@ class CPD:
         for p in prefills:
             cached = _cached(p, request)
             compute = prefill.seconds(n - cached, cached)
-            ttft = _measured(p, n - cached, p.queued_tokens * per_token + p.running_requests * prefill.fixed_s
-                             + compute)
+            queued = p.queued_tokens * per_token + p.running_requests * prefill.fixed_s + compute
+            ttft = _measured(p, n - cached, p.running_requests, queued)
             miss = self.miss_weight * (n - cached) * per_token
             tail = self.transfer_weight * max(self._transfer.latency_s, moved - compute)
             interference = self.interference_weight * stalled.get(p.device, 0) * compute if p.device else 0.0
@@ -188,13 +188,14 @@ class CPD:
         return excess * max(1, request.max_tokens) * step / cap
 
 
-def _measured(w: WorkerView, num_new_tokens: int, predicted_s: float) -> float:
-    """A worker's time to compute its queue and `num_new_tokens` more: the cost model's `predicted_s`, or
-    the steps that takes at the step time the worker measures, if longer."""
+def _measured(w: WorkerView, num_new_tokens: int, num_queued: int, predicted_s: float) -> float:
+    """A worker's time to compute its queue (`num_queued` prefills) and `num_new_tokens` more: the cost
+    model's `predicted_s`, or the steps that takes at the step time the worker measures, if longer (at
+    most `step_tokens` a step, else a prefill a step)."""
     if w.step_tokens:
         steps = math.ceil((w.queued_tokens + num_new_tokens) / w.step_tokens)
     else:
-        steps = w.running_requests + 1
+        steps = num_queued + 1
     return max(predicted_s, steps * w.step_s)
 
 

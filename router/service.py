@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -60,6 +61,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.codec = codec
         self.index_stale = index_stale
         self.tenants = tenants
+        # Ids this router makes are unique across routers and restarts (workers key requests by id).
+        self._id_prefix = f"req-{secrets.token_hex(4)}-"
         self._ids = itertools.count()
         self._arms: dict[str, _ArmCounters] = {}
         # request id → (its tenant, aborted, its decode worker)
@@ -92,7 +95,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             context.abort(exc.code, exc.detail)
 
     def new_request_id(self) -> str:
-        return f"req-{next(self._ids)}"
+        return f"{self._id_prefix}{next(self._ids)}"
 
     def run(self, request: router_pb2.RouterRequest, rid: str, authorization: str | None = None):
         """The request's chunks (the first with its route and TTFT, the last with its finish reason and

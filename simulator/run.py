@@ -98,6 +98,7 @@ class _Run:
         self.arm = arm
         self.block_len = trace.meta.block_len
         self.send_times = send_times
+        self.path = costs.path
         self.events = EventQueue()
         self.cluster = SimCluster(config, costs, self.block_len, self.events, self._finished)
         self.decisions: list[DecisionRecord] = []
@@ -145,9 +146,16 @@ class _Run:
         record = DecisionRecord(now, str(index), self.arm, Choice.of(decision), dict(decision.terms),
                                 r.input_len, predicted, shadow)  # fmt: skip
         self.decisions.append(record)
-        self._dispatch(now, req, matched.get(decision.decode, 0))
+        path_s = self.path.seconds(decision.pool == LOCAL)
+        if path_s:
+            self.events.at(now + path_s, SEND, self._dispatch, req)
+        else:
+            self._dispatch(now, req)
 
-    def _dispatch(self, now: float, req: SimRequest, decode_matched: int) -> None:
+    def _dispatch(self, now: float, req: SimRequest) -> None:
+        """The request reaches its workers: after the decision, its route's path cost later (`costs.path`,
+        standing for the whole trip, the first token's way back too). Its decode worker pins what it holds
+        of the prompt then."""
         decision = req.decision
         assert decision is not None
         decode = self.cluster.decode.get(decision.decode)
@@ -159,7 +167,7 @@ class _Run:
             blocks = -(-req.input_len // self.block_len)
             self._fail(now, req, f"OverloadedError: the prompt needs {blocks} KV blocks, prefill worker "
                                  f"{prefill.worker_id} has {prefill.cache.capacity}")  # fmt: skip
-        elif not decode.reserve(req, decode_matched):
+        elif not decode.reserve(req, decode.cache.match(req.full_ids)):
             self._fail(now, req, OVERLOADED)
         elif prefill is None:
             decode.add_local(now, req)

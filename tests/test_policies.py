@@ -193,3 +193,39 @@ def test_cpd_miss_penalty_keeps_a_conversation_on_the_worker_that_holds_it():
     # ... but recomputing 1000 tokens (not 200) at 32 × their compute costs 0.32 s against 0.064 s: w1.
     decision = make_policy("cpd", costs=costs, local_prefill_max_tokens=0).route(REQ, workers)
     assert decision.prefill == "w1" and decision.terms["cached_tokens"] == 800.0
+
+
+def test_cpd_prices_the_wait_for_a_slot_in_a_full_decode_batch():
+    # d1 holds the conversation but runs 10 sequences (2 waiting) at a cap of 8, a step measured at 50 ms;
+    # with 20 tokens each, one finishes every 20 × 0.05 / 8 s: this request, third past the cap, waits
+    # 0.375 s. Prefilled locally it waits before it starts (TTFT 0.375 + one 50 ms step for its 40
+    # tokens); on f1 (200 tokens to compute, 0.2 s) the first token comes first and the rest waits
+    # 0.175 s, weighed at half: f1. Interference is left out here (weight 0), the test is of the wait.
+    request = RequestShape(1000, 16, max_tokens=20)
+    full = {"matched_blocks": 60, "running_requests": 10, "max_running": 8, "step_s": 0.05}
+    workers = [w for w in cluster(d1=full, f1={"matched_blocks": 50}) if w.worker_id != "d2"]
+    decision = cpd(interference_weight=0.0).route(request, workers)
+    assert (decision.pool, decision.prefill, decision.decode) == (FRESH, "f1", "d1")
+    assert decision.terms["slot_wait_s"] == pytest.approx(0.375)
+    assert decision.terms["stall_s"] == pytest.approx(0.5 * 0.175)
+    local = cpd(interference_weight=0.0)
+    only_local = [w for w in workers if w.role == DECODE]
+    assert local.route(request, only_local).terms["ttft_s"] == pytest.approx(0.425)
+    # Below its cap there is no wait: the local prefill (one measured step, 0.05 s) wins.
+    roomy = {**full, "max_running": 16}
+    workers = [w for w in cluster(d1=roomy, f1={"matched_blocks": 50}) if w.worker_id != "d2"]
+    decision = cpd(interference_weight=0.0).route(request, workers)
+    assert (decision.pool, decision.terms["slot_wait_s"]) == (LOCAL, 0.0)
+
+
+def test_cpd_prices_a_queue_by_the_step_time_the_worker_measures_when_longer():
+    # w1 and w2 hold the same 50 blocks (200 tokens to compute, 0.2 s by the model). w1 has 2 prefills
+    # queued and measures 0.1 s steps: 3 steps, 0.3 s; w2 is idle: w2.
+    workers = cluster(w1={"matched_blocks": 50, "running_requests": 2, "step_s": 0.1}, w2={"matched_blocks": 50})
+    policy = cpd(local_prefill_max_tokens=0)
+    assert policy.route(REQ, workers).prefill == "w2"
+    # A worker that reports its token budget is counted in steps of it: 150 queued + 200 tokens at 100 a
+    # step is 4 steps, 0.4 s (more than the model's 0.35 s).
+    w1 = {"matched_blocks": 50, "queued_tokens": 150, "step_s": 0.1, "step_tokens": 100}
+    workers = [w for w in cluster(w1=w1) if w.worker_id != "w2" and w.role != FRESH]
+    assert policy.route(REQ, workers).terms["ttft_s"] == pytest.approx(0.4)

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 
 from splitserve import cli
 from splitserve.experiments.trace import Trace, TraceError, TraceMeta, TraceRequest, save_trace
 from splitserve.experiments.workloads import WORKLOADS, make_workload
-from splitserve.router.cost_model import CostModel, DecodeCost, PrefillCost, TransferCost
+from splitserve.router.cost_model import (
+    CalibrationError,
+    CostModel,
+    DecodeCost,
+    PrefillCost,
+    RequestPath,
+    TransferCost,
+    cost_model_from_json,
+)
 from splitserve.router.policies import FRESH, LOCAL, WARM, Decision, make_policy
 from splitserve.simulator.cache import BlockCache, HolderIndex
 from splitserve.simulator.config import SimConfig
@@ -85,6 +94,22 @@ def test_one_request_through_a_prefill_worker_and_a_decode_worker():
     assert (r.cached_tokens, r.predicted_cached_tokens, ms(run.duration_s)) == (0, 0, 50.0)
 
 
+def test_a_request_reaches_its_workers_after_its_routes_path_cost():
+    costs = replace(COSTS, path=RequestPath(pool_s=2 * MS, local_s=1 * MS))
+    run = simulate(trace(request(0, 10, 4, 1)), make_policy("least_loaded"), config(), costs)
+    # The first test's timeline 2 ms later: prefill [2, 13], KV at 22, steps end at 32, 42, 52.
+    assert (ms(run.results[0].ttft_s), ms(run.results[0].e2e_s)) == (13.0, 52.0)
+    run = simulate(trace(request(0, 10, 2, 1)), make_policy("colocated"), config(), costs)
+    # Local: from 1 ms, one step of the decode worker with its 10-token chunk (1 + 10 ms), then one step.
+    assert (ms(run.results[0].ttft_s), ms(run.results[0].e2e_s)) == (12.0, 22.0)
+    # A calibration file gives it as `path` (optional: zero without it), each field checked.
+    assert cost_model_from_json(costs.to_json()).path == costs.path
+    older = {k: v for k, v in costs.to_json().items() if k != "path"}
+    assert cost_model_from_json(older).path == RequestPath()
+    with pytest.raises(CalibrationError, match=r"calibration\.path: missing field 'local_s'"):
+        cost_model_from_json(costs.to_json() | {"path": {"pool_s": 0.001}})
+
+
 def test_two_requests_queue_fifo_on_one_prefill_worker_and_join_the_batch_at_a_step_boundary():
     t = trace(request(0, 10, 2, 1), request(5, 6, 2, 100))
     run = simulate(t, make_policy("least_loaded"), config(), COSTS)
@@ -132,6 +157,21 @@ def test_decode_max_seqs_makes_extra_sequences_wait_fifo():
     a, b = run.results
     # Both KVs land at 8 ms; A decodes [8, 18], [18, 28]; B only then: [28, 38], [38, 48].
     assert (ms(a.e2e_s), ms(b.itl_s), ms(b.e2e_s)) == (28.0, [33.0, 10.0], 48.0)
+
+
+def test_a_local_prefill_waits_for_a_free_slot_as_the_engine_does():
+    t = trace(request(0, 4, 3, 1), request(10, 4, 2, 100), request(50, 4, 2, 200))
+    policy = Scripted((FRESH, "fresh-0", "decode-0"), (LOCAL, None, "decode-0"), (FRESH, "fresh-0", "decode-0"))
+    run = simulate(t, policy, config(decode_max_seqs=1, local_chunk_tokens=4), COSTS)
+    a, local, _ = run.results
+    # A holds the only slot from 8 ms ([8, 18], [18, 28]). The local request, sent at 10, starts at 28
+    # (not at 18, beside A): its one chunk with the fixed cost, 5 ms, is a step of its own [28, 33]; it
+    # keeps the slot it prefilled in and decodes [33, 43].
+    assert (ms(a.e2e_s), ms(local.ttft_s), ms(local.itl_s), ms(local.e2e_s)) == (28.0, 23.0, [10.0], 33.0)
+    # The decode worker reports its cap, its token budget and its measured step time: steps of 10, 10, 5
+    # and 10 ms averaged at 0.2 for the newest: 10, 10, 9, 9.2.
+    seen = policy.seen[2][1]["decode-0"]
+    assert (seen.max_running, seen.step_tokens, ms(seen.step_s)) == (1, 4, 9.2)
 
 
 def test_a_shared_device_serializes_the_workers_compute():
