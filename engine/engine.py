@@ -21,7 +21,7 @@ from splitserve.engine.kv_watch import KVReady, KVWatch
 from splitserve.engine.model_config import ModelConfig, checkpoint_identity
 from splitserve.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from splitserve.engine.ops import select_ops
-from splitserve.engine.outputs import StepOutput
+from splitserve.engine.outputs import FinishReason, StepOutput
 from splitserve.engine.sampler import Sampler
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledBatch, Scheduler
@@ -127,8 +127,11 @@ class Engine:
     def admit_kv(self, request_id: str, first_token_id: int) -> StepOutput | None:
         """The reserved request's prompt KV is in its blocks and `first_token_id` was sampled from it:
         it joins continuous batching from its second token on. Returns the finishing output when the
-        first token already ends it (its blocks are then freed), else None."""
-        seq = self._reserved.pop(request_id)
+        first token already ends it (its blocks are then freed), else None; an ABORT output when the
+        reservation is gone (the request was aborted while its KV was landing)."""
+        seq = self._reserved.pop(request_id, None)
+        if seq is None:
+            return StepOutput(request_id, (), FinishReason.ABORT, 0)
         seq.num_computed_tokens = seq.num_prompt_tokens  # the prompt's KV is in place: never recomputed
         seq.token_ids.append(first_token_id)
         self.sampler.skip_draw(seq.params, seq.generator, self.model_config.vocab_size)

@@ -19,8 +19,9 @@ class SimConfig:
     Defaults: 4 fresh + 4 warm prefill workers and 8 decode workers (the 16-worker cluster of the
     benchmarks); 8,192 KV blocks per prefill worker and 16,384 per decode worker (at 16 tokens a block,
     128k and 256k tokens: 4 and 8 GiB of Llama-3.2-1B KV in bf16); a decode batch of at most 256
-    sequences; local prefills sliced into 512-token chunks, one per decode step; KV moved over the
-    same-host transport; every worker on its own device (`shared_device=True`: all on one).
+    sequences; local prefills sliced into chunks of up to 2,048 tokens (the engine's default step
+    budget), one per decode step; KV moved over the same-host transport; every worker on its own device
+    (`shared_device=True`: all on one).
     """
 
     num_fresh: int = 4
@@ -29,7 +30,7 @@ class SimConfig:
     prefill_kv_blocks: int = 8192
     decode_kv_blocks: int = 16384
     decode_max_seqs: int = 256
-    local_chunk_tokens: int = 512
+    local_chunk_tokens: int = 2048
     transport: str = "same-host"
     shared_device: bool = False
 

@@ -127,6 +127,10 @@ def test_first_token_that_ends_the_request_and_abort_of_a_reservation(model):
     decode.reserve_kv("gone", [5, 6, 7, 8, 9], SamplingParams(max_tokens=4, **GREEDY))
     assert decode.abort_request("gone")
     assert decode.block_pool.num_free_blocks == free and not decode.has_unfinished_requests()
+    # Aborted while its KV was landing (the client went away after the first token): admitting it then
+    # ends it as aborted, with nothing left behind.
+    assert decode.admit_kv("gone", 42).finish_reason is FinishReason.ABORT
+    assert decode.block_pool.num_free_blocks == free and not decode.has_unfinished_requests()
 
 
 def test_seeded_sampling_across_the_split_equals_a_single_engine(model):

@@ -135,6 +135,8 @@ def test_the_router_front_door_over_grpc(model, cluster):
         assert list(reply.token_ids) == offline(model, [prompt], 8)[0] and reply.finish_reason == "length"
         assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt), 8)
         assert reply.route.pool == FRESH and reply.ttft_ms > 0 and reply.request_id
+        # A second router in front of the same workers (or this one restarted) never reuses an id.
+        assert reply.request_id not in {RouterService(router).new_request_id() for _ in range(3)}
         chunks = list(stub.GenerateStream(router_pb2.RouterRequest(
             prompt_token_ids=[*prompt, 5], sampling=sampling, session_id="s")))
         assert chunks[0].route.decode_worker == "d1" and chunks[-1].usage.cached_tokens >= 80

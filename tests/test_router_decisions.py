@@ -67,8 +67,10 @@ def test_without_the_ledger_a_burst_piles_onto_one_worker():
 def test_the_ledger_folds_into_reported_loads_without_counting_twice():
     ledger = Ledger()
     ticket = ledger.assign({"d0": (100, 1, 30), "f0": (400, 0, 0)})
-    reported = common_pb2.WorkerLoad(queued_tokens=50, running_requests=0, free_blocks=90, kv_usage=0.1)
+    reported = common_pb2.WorkerLoad(queued_tokens=50, running_requests=0, free_blocks=90, kv_usage=0.1,
+                                     max_running_requests=64, step_ms=3.5, step_tokens=2048)
     seen = ledger.adjusted("d0", reported)  # 100 usable blocks: 90 free by report, 70 after our 30
+    assert (seen.max_running_requests, seen.step_ms, seen.step_tokens) == (64, 3.5, 2048)  # as reported
     # Its request waits for its prefill there (the local one): counted as waiting, within the running ones.
     assert (seen.queued_tokens, seen.running_requests + seen.waiting_requests, seen.waiting_requests,
             seen.free_blocks) == (100, 1, 1, 70)  # fmt: skip

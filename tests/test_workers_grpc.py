@@ -125,6 +125,8 @@ def test_abort_ends_the_stream_and_load_reports(cluster):
     first = next(stream)
     load = cluster.decoder.Load(common_pb2.LoadRequest())
     assert load.running_requests + load.waiting_requests == 1
+    # Its batch cap and step budget (as the test cluster sets them), and the step time it measured.
+    assert (load.max_running_requests, load.step_tokens) == (16, 2048) and load.step_ms > 0
     assert cluster.decoder.Abort(workers_pb2.AbortRequest(request_id="long")).found
     reasons = [first.finish_reason] + [c.finish_reason for c in stream]
     assert reasons[-1] == "abort"
