@@ -76,12 +76,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 paths[route] = max(0.0, medians[route] - prefill_s)
                 print(f"{route:5s} ({policy}): TTFT median {medians[route] * 1e3:.2f} ms over {len(ttfts)}, "
                       f"p90 {sorted(ttfts)[int(0.9 * len(ttfts))] * 1e3:.2f} ms; less the model's prefill "
-                      f"of {PROMPT_TOKENS} tokens ({prefill_s * 1e3:.2f} ms): path {paths[route] * 1e3:.2f} ms")
+                      f"of {PROMPT_TOKENS} tokens ({prefill_s * 1e3:.2f} ms): "
+                      f"path {paths[route] * 1e3:.2f} ms")
     extra = {**costs.extra, "request_path": {"ttft_median_s": medians, "prompt_tokens": PROMPT_TOKENS,
                                              "requests": args.requests, "device": args.device}}  # fmt: skip
     path = RequestPath(pool_s=paths["pool"], local_s=paths["local"])
     replace(costs, path=path, extra=extra).save(args.calibration)
-    print(f"path: pool {path.pool_s * 1e3:.2f} ms, local {path.local_s * 1e3:.2f} ms; wrote {args.calibration}")
+    print(f"path: pool {path.pool_s * 1e3:.2f} ms, local {path.local_s * 1e3:.2f} ms; "
+          f"wrote {args.calibration}")
     return paths
 
 

@@ -29,10 +29,11 @@ A queue's wait is predicted from the cost model, or from what the worker measure
 a shared device it often is): the steps the queue and this prompt take (at most `step_tokens` a step, else
 one prefill a step) at its measured step time. The model's wait counts its requests' fixed costs as well
 as their tokens (on a GPU a prefill's fixed cost is often larger than its tokens'), a decode worker's
-local prefills too, each of which waits for a step of its own. Interference is the prefill's compute time times the sequences running
-on decode workers that share the device it computes on: always the chosen decode worker's own batch for
-a LOCAL prefill; for a prefill worker, only the decode workers on its device (workers register their
-device; on one GPU shared by every worker disaggregation isolates nothing, and the policy knows it).
+local prefills too, each of which waits for a step of its own. Interference is the prefill's compute time
+times the sequences running on decode workers that share the device it computes on: always the chosen
+decode worker's own batch for a LOCAL prefill; for a prefill worker, only the decode workers on its device
+(workers register their device; on one GPU shared by every worker disaggregation isolates nothing, and
+the policy knows it).
 
 Prefill compute counts only the tokens the target lacks (its prefix match), so a warm turn goes where its
 context is — to the decode worker that holds the whole conversation when the batch there can absorb the
@@ -101,7 +102,8 @@ class CPD:
     def __post_init__(self) -> None:
         if not 0.0 <= self.warm_min_hit_ratio <= 1.0:
             raise ValueError(f"warm_min_hit_ratio must be in [0, 1], got {self.warm_min_hit_ratio}")
-        if min(self.interference_weight, self.transfer_weight, self.stall_weight, self.local_prefill_max_tokens) < 0:
+        weights = (self.interference_weight, self.transfer_weight, self.stall_weight)
+        if min(*weights, self.local_prefill_max_tokens) < 0:
             raise ValueError("cpd weights and local_prefill_max_tokens must be non-negative")
         self._transfer = self.costs.transfer()
 
@@ -192,10 +194,7 @@ def _measured(w: WorkerView, num_new_tokens: int, num_queued: int, predicted_s: 
     """A worker's time to compute its queue (`num_queued` prefills) and `num_new_tokens` more: the cost
     model's `predicted_s`, or the steps that takes at the step time the worker measures, if longer (at
     most `step_tokens` a step, else a prefill a step)."""
-    if w.step_tokens:
-        steps = math.ceil((w.queued_tokens + num_new_tokens) / w.step_tokens)
-    else:
-        steps = num_queued + 1
+    steps = math.ceil((w.queued_tokens + num_new_tokens) / w.step_tokens) if w.step_tokens else num_queued + 1
     return max(predicted_s, steps * w.step_s)
 
 

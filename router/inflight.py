@@ -102,7 +102,8 @@ class Ledger:
             queued_tokens=max(load.queued_tokens, own.queued_tokens),
             running_requests=max(running, own.running_requests) - max(load.waiting_requests, own.waiting),
             waiting_requests=max(load.waiting_requests, own.waiting), kv_usage=usage, free_blocks=free,
-            max_running_requests=load.max_running_requests, step_ms=load.step_ms, step_tokens=load.step_tokens,
+            max_running_requests=load.max_running_requests, step_ms=load.step_ms,
+            step_tokens=load.step_tokens,
         )  # fmt: skip
 
 

@@ -35,9 +35,8 @@ ALLOWED: dict[str, set[str]] = {
                   "experiments.workloads", "experiments.report", "experiments.metrics", "engine.config"},
 }
 TORCH_FREE = {"router", "protos", "index", "cluster", "experiments", "simulator", "splitserve/client.py",
-              "engine/config.py",
-              "engine/block_hash.py", "engine/block_pool.py", "engine/errors.py", "engine/sampling_params.py",
-              "engine/model_config.py"}
+              "engine/block_hash.py", "engine/block_pool.py", "engine/config.py", "engine/errors.py",
+              "engine/sampling_params.py", "engine/model_config.py"}
 HEAVY = ("torch", "triton", "transformers", "numpy", "safetensors")
 
 

@@ -221,7 +221,8 @@ def test_cpd_prices_the_wait_for_a_slot_in_a_full_decode_batch():
 def test_cpd_prices_a_queue_by_the_step_time_the_worker_measures_when_longer():
     # w1 and w2 hold the same 50 blocks (200 tokens to compute, 0.2 s by the model). w1 has 2 prefills
     # queued and measures 0.1 s steps: 3 steps, 0.3 s; w2 is idle: w2.
-    workers = cluster(w1={"matched_blocks": 50, "running_requests": 2, "step_s": 0.1}, w2={"matched_blocks": 50})
+    busy = {"matched_blocks": 50, "running_requests": 2, "step_s": 0.1}
+    workers = cluster(w1=busy, w2={"matched_blocks": 50})
     policy = cpd(local_prefill_max_tokens=0)
     assert policy.route(REQ, workers).prefill == "w2"
     # A worker that reports its token budget is counted in steps of it: 150 queued + 200 tokens at 100 a

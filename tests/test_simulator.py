@@ -161,7 +161,8 @@ def test_decode_max_seqs_makes_extra_sequences_wait_fifo():
 
 def test_a_local_prefill_waits_for_a_free_slot_as_the_engine_does():
     t = trace(request(0, 4, 3, 1), request(10, 4, 2, 100), request(50, 4, 2, 200))
-    policy = Scripted((FRESH, "fresh-0", "decode-0"), (LOCAL, None, "decode-0"), (FRESH, "fresh-0", "decode-0"))
+    policy = Scripted((FRESH, "fresh-0", "decode-0"), (LOCAL, None, "decode-0"),
+                      (FRESH, "fresh-0", "decode-0"))  # fmt: skip
     run = simulate(t, policy, config(decode_max_seqs=1, local_chunk_tokens=4), COSTS)
     a, local, _ = run.results
     # A holds the only slot from 8 ms ([8, 18], [18, 28]). The local request, sent at 10, starts at 28
