@@ -70,7 +70,7 @@ def tune_malloc_for_transfers() -> bool:
     return mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and mmap_set
 
 
-def make_server(address: str, max_workers: int = 256) -> tuple[grpc.Server, int]:
+def make_server(address: str, max_workers: int = 1024) -> tuple[grpc.Server, int]:
     """An unstarted server bound to `address` (host:port; port 0 picks a free one). Returns it and the
     bound port. Raises RuntimeError when the address cannot be bound. The synchronous server holds one
     thread per running RPC (a Generate stream holds its thread until the request ends), so

@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shadow-policies", default="", metavar="NAME,...",
                         help="policies asked what they would have chosen, for the decision log "
                              "(default: the other A/B arms)")
+    parser.add_argument("--max-streams", type=int, default=1024,
+                        help="requests served at once over gRPC, one thread each (more wait for a thread)")
     parser.add_argument("--failure-policy", default="recompute", choices=[p.value for p in FailurePolicy])
     parser.add_argument("--tenants", default=None, metavar="FILE",
                         help="API keys: JSON of tenant name → SHA-256 hex of its key; the tenant salts the "
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = lambda: mirror is not None and mirror.stale  # noqa: E731
     service = RouterService(router, TextCodec(args.model), stale, tenants)
     # No SO_REUSEPORT: a second router on a taken port must fail (RuntimeError), not share its clients.
-    server = grpc.server(ThreadPoolExecutor(max_workers=128), options=[("grpc.so_reuseport", 0)])
+    server = grpc.server(ThreadPoolExecutor(max_workers=args.max_streams), options=[("grpc.so_reuseport", 0)])
     router_pb2_grpc.add_RouterServicer_to_server(service, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     server.start()

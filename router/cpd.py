@@ -116,7 +116,7 @@ class CPD:
         cap = self.local_prefill_max_tokens if prefills else math.inf  # no prefill worker: local it is
         stalled: dict[str, int] = {}  # device → sequences decoding on it
         for w in decodes:
-            stalled[w.device] = stalled.get(w.device, 0) + w.running_requests
+            stalled[w.device] = stalled.get(w.device, 0) + _decoding(w)
         best = min((opt for d in _with_room(decodes, request)
                     for opt in self._options(request, admissible, d, cap, stalled)),
                    key=_Option.key)  # fmt: skip
@@ -140,7 +140,7 @@ class CPD:
             queued = d.queued_tokens * per_token + d.waiting_prefills * prefill.fixed_s + compute
             ttft = slot_s + _measured(d, local_new, d.waiting_prefills, queued)
             interference = self.interference_weight * stalled.get(d.device, 0) * compute if d.device else (
-                self.interference_weight * d.running_requests * compute)
+                self.interference_weight * _decoding(d) * compute)
             miss = self.miss_weight * local_new * per_token
             cost = ttft + interference + decode_s + miss
             yield _Option(cost, None, d, {
@@ -188,6 +188,13 @@ class CPD:
             return 0.0
         step = max(d.step_s, self.costs.decode.step_seconds(cap, _context_tokens(d, request)))
         return excess * max(1, request.max_tokens) * step / cap
+
+
+def _decoding(d: WorkerView) -> int:
+    """The sequences a decode worker's steps compute: its running ones less those waiting (for their
+    prefill or a slot), at most its cap; a prefill stalls these, not the waiting."""
+    decoding = d.running_requests - d.waiting_prefills
+    return decoding if d.max_running is None else min(decoding, d.max_running)
 
 
 def _measured(w: WorkerView, num_new_tokens: int, num_queued: int, predicted_s: float) -> float:

@@ -31,7 +31,7 @@ class WorkerView:
     kv_usage: float = 0.0
     free_blocks: int | None = None  # None: not reported (no KV room check)
     device: str = ""  # its compute device; workers naming the same one share it ("" = its own)
-    waiting_prefills: int = 0  # requests waiting for their prefill there (a decode worker's local ones)
+    waiting_prefills: int = 0  # requests waiting there: for their prefill (a decode worker: or a slot)
     max_running: int | None = None  # the most sequences it runs at once (None: not reported); past it,
     # requests wait for a slot (`running_requests` counts them too)
     step_s: float = 0.0  # its recent step time as measured (0: not reported)
