@@ -1,7 +1,7 @@
 """benchmarks/calibrate.py: its non-negative least-squares fit on synthetic points from known coefficients,
 and a `--quick` run on the tiny model end to end (real engine, in-process prefill workers, a decode worker
 process), whose calibration file must load, hold finite non-negative numbers that predict its own points
-and say where they came from."""
+and say where they came from; and benchmarks/calibrate_path.py over a cluster of processes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitserve.router.cost_model import DecodeCost, PrefillCost, TransferCost, load_calibration
+from splitserve.router.cost_model import CostModel, DecodeCost, PrefillCost, TransferCost, load_calibration
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 # The written model's predictions: every point within this factor of its measurement, and the median
@@ -24,16 +24,16 @@ FIT_FACTOR = 5.0
 MEDIAN_ERROR = 0.5
 
 
-def load_calibrate():
-    """benchmarks/ is no package: load the script by its path (registered first, as an import would)."""
-    spec = importlib.util.spec_from_file_location("calibrate", BENCHMARKS / "calibrate.py")
+def load_script(name):
+    """benchmarks/ is no package: load a script by its path (registered first, as an import would)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-calibrate = load_calibrate()
+calibrate = load_script("calibrate")
 Point = calibrate.Point
 
 
@@ -157,3 +157,21 @@ def test_quick_run_writes_a_calibration_that_loads_and_predicts_its_points(tiny_
         measured = max(p["measured_s"], 1e-6)
         assert 1 / FIT_FACTOR <= predicted / measured <= FIT_FACTOR, p
     assert all(e["median"] <= MEDIAN_ERROR for e in extra["fit_errors"].values()), extra["fit_errors"]
+
+
+@pytest.mark.slow
+def test_the_request_path_is_measured_end_to_end_and_written_into_the_file(tiny_model, tmp_path):
+    # benchmarks/calibrate_path.py over a cluster of processes: the path of each route is what its TTFT
+    # (SDK → router → workers → first token back) takes beyond the file's prefill of 16 tokens.
+    path_script = load_script("calibrate_path")
+    out = tmp_path / "calibration.json"
+    costs = CostModel(PrefillCost(1e-4, 0.0, 0.0), DecodeCost(1e-3, 0.0, 0.0),
+                      {"grpc": TransferCost(0.0, 1e9)}, kv_bytes_per_token=16, device="test")  # fmt: skip
+    costs.save(out)
+    paths = path_script.main(["--model", str(tiny_model()), "--calibration", str(out), "--requests", "5"])
+    written = load_calibration(out)
+    assert (written.path.pool_s, written.path.local_s) == (paths["pool"], paths["local"])
+    assert all(0.0 < p < 1.0 for p in paths.values())  # an RPC hop costs something, far below a second
+    assert written.prefill == costs.prefill and written.device == "test"  # the rest kept
+    medians = written.extra["request_path"]["ttft_median_s"]
+    assert medians["pool"] == pytest.approx(paths["pool"] + costs.prefill.seconds(16))
