@@ -25,7 +25,6 @@ from splitserve.kvtransfer.errors import (
     LeaseNotFound,
     MalformedChunk,
 )
-from splitserve.kvtransfer.events import EventHub, serve_events
 from splitserve.kvtransfer.frames import decode_frame
 from splitserve.kvtransfer.leases import Lease, LeaseTable, TransferState
 from splitserve.kvtransfer.requests import queue_request, sampling_from_proto, worker_load
@@ -45,8 +44,6 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
         self.max_queued_tokens = max_queued_tokens
         engine = loop.engine
         self.layout = kv_layout(engine.runner.kv_caches, engine.model_id)
-        self.events = EventHub()
-        loop.call(engine.block_pool.add_listener, self.events.publish)
         self.lease_ttl_s = lease_ttl_s
         self._lock = threading.Lock()  # leases and sinks; never held while waiting on the network
         self._lease_changed = threading.Condition(self._lock)  # a lease completed or ended
@@ -197,9 +194,6 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
 
     def Abort(self, request: workers_pb2.AbortRequest, context: grpc.ServicerContext):
         return workers_pb2.AbortReply(found=self.loop.abort(request.request_id))
-
-    def Events(self, request, context):
-        return serve_events(self.events, context)
 
     def Load(self, request, context):
         return self.loop.call(worker_load, self.loop)

@@ -10,16 +10,14 @@ services move the chunks; both ends are engines' `runner.kv_caches` and block id
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from splitserve.kvtransfer.chunks import (
-    DEFAULT_CHUNK_BYTES,
     ChunkSpan,
     ChunkValidator,
     chunk_header,
-    plan_chunks,
 )
 from splitserve.kvtransfer.errors import MalformedChunk
 from splitserve.kvtransfer.frames import encode_frame
@@ -37,22 +35,6 @@ def kv_layout(kv_caches: list[torch.Tensor], model_id: str) -> common_pb2.KVLayo
         model_id=model_id, num_layers=len(kv_caches), num_kv_heads=num_kv_heads, head_dim=head_dim,
         block_size=block_size, dtype=_DTYPE_NAMES[kv_caches[0].dtype],
     )  # fmt: skip
-
-
-def send_frames(
-    kv_caches: list[torch.Tensor],
-    layout: common_pb2.KVLayout,
-    block_ids: Sequence[int],
-    first_block: int,
-    lease_id: str,
-    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> Iterator[bytes]:
-    """Frames (see `frames`) of blocks [first_block, len(block_ids)) of a request whose blocks are
-    `block_ids`: each chunk's blocks gathered straight into a buffer, checksummed, framed."""
-    spans = plan_chunks(layout, first_block, len(block_ids) - first_block, max_chunk_bytes)
-    for seq, span in enumerate(spans):
-        ids = block_ids[span.first_block : span.first_block + span.num_blocks]
-        yield wire_frame(kv_caches[span.layer], ids, lease_id, seq, span, last=seq == len(spans) - 1)
 
 
 def wire_frame(

@@ -21,7 +21,6 @@ import grpc
 from splitserve.engine.kv_watch import KVWatch
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES
-from splitserve.kvtransfer.events import EventHub, serve_events
 from splitserve.kvtransfer.push import KVPush
 from splitserve.kvtransfer.requests import queue_request, worker_load
 from splitserve.kvtransfer.same_host import export_source, host_id
@@ -56,8 +55,6 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         self.layout = kv_layout(runner.kv_caches, loop.engine.model_id)
         self.source = export_source(runner.kv_caches, runner.kv_memfd) if kv_transport == "auto" else None
         self.host_id = host_id()
-        self.events = EventHub()
-        loop.call(loop.engine.block_pool.add_listener, self.events.publish)
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
         self._pushes = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kv-push")
@@ -167,9 +164,6 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         stub = kvtransfer_pb2_grpc.KVTransferStub(self._channel(address))
         with contextlib.suppress(grpc.RpcError):
             stub.Release(kvtransfer_pb2.ReleaseRequest(lease_id=lease_id, reason=reason), timeout=5.0)
-
-    def Events(self, request, context):
-        return serve_events(self.events, context)
 
     def Load(self, request, context):
         return self.loop.call(worker_load, self.loop)

@@ -1,9 +1,8 @@
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from collections.abc import Iterable as _Iterable
+from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -74,31 +73,3 @@ class ResetCacheReply(_message.Message):
     NUM_EVICTED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     num_evicted_blocks: int
     def __init__(self, num_evicted_blocks: _Optional[int] = ...) -> None: ...
-
-class BlockEvent(_message.Message):
-    __slots__ = ("seq", "kind", "block_hashes")
-    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-        __slots__ = ()
-        KIND_UNSPECIFIED: _ClassVar[BlockEvent.Kind]
-        STORED: _ClassVar[BlockEvent.Kind]
-        EVICTED: _ClassVar[BlockEvent.Kind]
-    KIND_UNSPECIFIED: BlockEvent.Kind
-    STORED: BlockEvent.Kind
-    EVICTED: BlockEvent.Kind
-    SEQ_FIELD_NUMBER: _ClassVar[int]
-    KIND_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
-    seq: int
-    kind: BlockEvent.Kind
-    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[BlockEvent.Kind, str]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
-
-class EventsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class BlockEvents(_message.Message):
-    __slots__ = ("events",)
-    EVENTS_FIELD_NUMBER: _ClassVar[int]
-    events: _containers.RepeatedCompositeFieldContainer[BlockEvent]
-    def __init__(self, events: _Optional[_Iterable[_Union[BlockEvent, _Mapping]]] = ...) -> None: ...

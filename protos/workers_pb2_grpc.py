@@ -50,11 +50,6 @@ class PrefillWorkerStub:
                 request_serializer=splitserve_dot_protos_dot_common__pb2.ResetCacheRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_common__pb2.ResetCacheReply.FromString,
                 _registered_method=True)
-        self.Events = channel.unary_stream(
-                '/splitserve.v1.PrefillWorker/Events',
-                request_serializer=splitserve_dot_protos_dot_common__pb2.EventsRequest.SerializeToString,
-                response_deserializer=splitserve_dot_protos_dot_common__pb2.BlockEvents.FromString,
-                _registered_method=True)
 
 
 class PrefillWorkerServicer:
@@ -83,14 +78,6 @@ class PrefillWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Events(self, request, context):
-        """The worker's block stored / evicted events, batched, until the caller hangs up. A subscriber that
-        falls too far behind is cut off with RESOURCE_EXHAUSTED (it must resubscribe and resync).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,11 +95,6 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
                     servicer.ResetCache,
                     request_deserializer=splitserve_dot_protos_dot_common__pb2.ResetCacheRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_common__pb2.ResetCacheReply.SerializeToString,
-            ),
-            'Events': grpc.unary_stream_rpc_method_handler(
-                    servicer.Events,
-                    request_deserializer=splitserve_dot_protos_dot_common__pb2.EventsRequest.FromString,
-                    response_serializer=splitserve_dot_protos_dot_common__pb2.BlockEvents.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -206,33 +188,6 @@ class PrefillWorker:
             metadata,
             _registered_method=True)
 
-    @staticmethod
-    def Events(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/splitserve.v1.PrefillWorker/Events',
-            splitserve_dot_protos_dot_common__pb2.EventsRequest.SerializeToString,
-            splitserve_dot_protos_dot_common__pb2.BlockEvents.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
 
 class DecodeWorkerStub:
     """Missing associated documentation comment in .proto file."""
@@ -262,11 +217,6 @@ class DecodeWorkerStub:
                 '/splitserve.v1.DecodeWorker/ResetCache',
                 request_serializer=splitserve_dot_protos_dot_common__pb2.ResetCacheRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_common__pb2.ResetCacheReply.FromString,
-                _registered_method=True)
-        self.Events = channel.unary_stream(
-                '/splitserve.v1.DecodeWorker/Events',
-                request_serializer=splitserve_dot_protos_dot_common__pb2.EventsRequest.SerializeToString,
-                response_deserializer=splitserve_dot_protos_dot_common__pb2.BlockEvents.FromString,
                 _registered_method=True)
 
 
@@ -299,12 +249,6 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Events(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -327,11 +271,6 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.ResetCache,
                     request_deserializer=splitserve_dot_protos_dot_common__pb2.ResetCacheRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_common__pb2.ResetCacheReply.SerializeToString,
-            ),
-            'Events': grpc.unary_stream_rpc_method_handler(
-                    servicer.Events,
-                    request_deserializer=splitserve_dot_protos_dot_common__pb2.EventsRequest.FromString,
-                    response_serializer=splitserve_dot_protos_dot_common__pb2.BlockEvents.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,33 +381,6 @@ class DecodeWorker:
             '/splitserve.v1.DecodeWorker/ResetCache',
             splitserve_dot_protos_dot_common__pb2.ResetCacheRequest.SerializeToString,
             splitserve_dot_protos_dot_common__pb2.ResetCacheReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Events(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/splitserve.v1.DecodeWorker/Events',
-            splitserve_dot_protos_dot_common__pb2.EventsRequest.SerializeToString,
-            splitserve_dot_protos_dot_common__pb2.BlockEvents.FromString,
             options,
             channel_credentials,
             insecure,

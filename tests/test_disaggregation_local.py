@@ -13,8 +13,9 @@ from splitserve.engine.block_pool import OutOfKVBlocks
 from splitserve.engine.kv_cache_manager import cdiv
 from splitserve.engine.kv_watch import KVWatch
 from splitserve.engine.outputs import FinishReason
+from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES, plan_chunks
 from splitserve.kvtransfer.frames import decode_frame
-from splitserve.kvtransfer.stream import ChunkSink, kv_layout, send_frames
+from splitserve.kvtransfer.stream import ChunkSink, kv_layout, wire_frame
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
@@ -26,6 +27,15 @@ def model(tiny_model):
 
 def make(model, num_blocks=200):
     return LLM(str(model), num_blocks=num_blocks, block_size=8).engine
+
+
+def send_frames(kv_caches, layout, block_ids, first_block, lease_id, max_chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """The wire frames of blocks [first_block, len(block_ids)) of a request, all layers at once (what a
+    prefill worker's push sends layer by layer as the prefill computes)."""
+    spans = plan_chunks(layout, first_block, len(block_ids) - first_block, max_chunk_bytes)
+    for seq, span in enumerate(spans):
+        ids = block_ids[span.first_block : span.first_block + span.num_blocks]
+        yield wire_frame(kv_caches[span.layer], ids, lease_id, seq, span, last=seq == len(spans) - 1)
 
 
 def run(engine):

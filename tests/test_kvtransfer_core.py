@@ -215,23 +215,3 @@ def test_malformed_frames_are_rejected(frame, message):
 
     with pytest.raises(MalformedChunk, match=message):
         decode_frame(frame)
-
-
-def test_event_hub_numbers_events_and_cuts_off_a_slow_subscriber():
-    from splitserve.engine.block_pool import BlockEvent, BlockEventKind
-    from splitserve.kvtransfer.events import EventHub
-    from splitserve.protos import common_pb2
-
-    hub = EventHub(max_queued=2)
-    fast, slow = hub.subscribe(), hub.subscribe()
-    hub.publish(BlockEvent(BlockEventKind.STORED, (b"a" * 32, b"b" * 32)))
-    hub.publish(BlockEvent(BlockEventKind.EVICTED, (b"a" * 32,)))
-    (batch,) = list(fast.batches(iter([True, False]).__next__))
-    assert [(e.seq, e.kind, len(e.block_hashes)) for e in batch.events] == [
-        (1, common_pb2.BlockEvent.STORED, 2), (2, common_pb2.BlockEvent.EVICTED, 1),
-    ]
-    hub.publish(BlockEvent(BlockEventKind.STORED, (b"c" * 32,)))  # slow still holds 2: it overflows
-    assert slow.overflowed and not fast.overflowed
-    assert list(slow.batches(lambda: True)) == []
-    hub.unsubscribe(slow)
-    assert hub.num_subscribers == 1

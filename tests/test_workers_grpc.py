@@ -18,7 +18,7 @@ from workers_cluster import GREEDY, Cluster, offline
 from splitserve import SamplingParams
 from splitserve.kvtransfer.chunks import encode_chunk, plan_chunks
 from splitserve.kvtransfer.requests import sampling_to_proto
-from splitserve.protos import common_pb2, kvtransfer_pb2, workers_pb2, workers_pb2_grpc
+from splitserve.protos import common_pb2, kvtransfer_pb2, workers_pb2
 
 
 @pytest.fixture(scope="module")
@@ -131,33 +131,6 @@ def test_abort_ends_the_stream_and_load_reports(cluster):
     reasons = [first.finish_reason] + [c.finish_reason for c in stream]
     assert reasons[-1] == "abort"
     assert cluster.free_blocks() == cluster.free_at_start
-
-
-def test_workers_publish_block_events_with_the_router_s_hashes(model, cluster):
-    from splitserve.engine.block_hash import HashContext, hash_blocks
-
-    prompt = list(range(10, 43))  # 4 full blocks of 8, then one token
-    prefiller_stub = workers_pb2_grpc.PrefillWorkerStub(cluster.channels[1])
-    prefill_events = prefiller_stub.Events(common_pb2.EventsRequest())
-    decode_events = cluster.decoder.Events(common_pb2.EventsRequest())
-    deadline = time.monotonic() + 10  # wait until both subscriptions are registered
-    while (cluster.prefill.events.num_subscribers, cluster.decode.events.num_subscribers) != (1, 1):
-        assert time.monotonic() < deadline, "Events subscriptions never registered"
-        time.sleep(0.01)
-    cluster.generate("ev", prompt, 3)
-    expected = hash_blocks(prompt, 8, HashContext(cluster.prefill_loop.engine.model_id))
-    for stream in (prefill_events, decode_events):
-        stored, seqs = [], []
-        for batch in stream:
-            for event in batch.events:
-                seqs.append(event.seq)
-                if event.kind == common_pb2.BlockEvent.STORED:
-                    stored.extend(event.block_hashes)
-            if len(stored) >= 4:
-                break
-        stream.cancel()
-        assert stored[:4] == list(expected), "STORED events carry the prompt's chained block hashes"
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "no gaps"
 
 
 def test_overloaded_workers_refuse_at_once(model):
