@@ -183,8 +183,7 @@ def transfer_tail(path: str, dtype: str, transport: str) -> tuple[float, float, 
             first = next(replies)
             first_at = time.perf_counter()
             stream = workers_pb2_grpc.DecodeWorkerStub(ch).Generate(workers_pb2.GenerateRequest(
-                request_id=f"t{i}", prompt_token_ids=prompt, sampling=sampling, lease_id=first.lease_id,
-                first_token_id=first.first_token_id,
+                request_id=f"t{i}", lease_id=first.lease_id, first_token_id=first.first_token_id,
             ))  # fmt: skip (started at once, as a router does: the decode worker waits for the KV)
             done = next(replies)
             arrivals = [time.perf_counter() for chunk in stream if chunk.token_ids]

@@ -172,6 +172,9 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
         leaving a matching lease as it was."""
         if not request.HasField("first_token_id"):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a request with pushed KV needs first_token_id")
+        if request.prompt_token_ids or request.HasField("sampling") or request.HasField("cache_salt"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a request with pushed KV takes its prompt, "
+                          "sampling and cache salt from its lease: send none")  # fmt: skip
         with self._lease_changed:
             while True:
                 try:

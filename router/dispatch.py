@@ -114,8 +114,7 @@ def run_disaggregated(
 
 
 def _generate_request(request: workers_pb2.PrefillRequest, lease_id: str, first_token: int):
-    salt = request.cache_salt if request.HasField("cache_salt") else None
-    return workers_pb2.GenerateRequest(
-        request_id=request.request_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
-        cache_salt=salt, lease_id=lease_id, first_token_id=first_token,
-    )  # fmt: skip
+    """The decode side of a disaggregated request: the lease identifies it (prompt, sampling and salt
+    reached the decode worker with the reservation), so they are not sent again."""
+    return workers_pb2.GenerateRequest(request_id=request.request_id, lease_id=lease_id,
+                                       first_token_id=first_token)

@@ -159,8 +159,10 @@ def test_a_bad_generate_leaves_the_lease_for_a_correct_one(model, cluster):
     sampling = sampling_to_proto(SamplingParams(max_tokens=4, **GREEDY))
     *_, reply = cluster.prefiller.Prefill(workers_pb2.PrefillRequest(
         request_id="g", prompt_token_ids=prompt, sampling=sampling, decode_address=cluster.decode_address))
-    base = {"prompt_token_ids": prompt, "sampling": sampling, "lease_id": reply.lease_id}
+    base = {"lease_id": reply.lease_id}
     for bad, code in (({"request_id": "g"}, grpc.StatusCode.INVALID_ARGUMENT),  # no first token
+                      ({"request_id": "g", "first_token_id": 1, "prompt_token_ids": prompt},  # the lease's
+                       grpc.StatusCode.INVALID_ARGUMENT),
                       ({"request_id": "other", "first_token_id": 1}, grpc.StatusCode.FAILED_PRECONDITION)):
         with pytest.raises(grpc.RpcError) as info:
             list(cluster.decoder.Generate(workers_pb2.GenerateRequest(**base, **bad)))

@@ -69,8 +69,7 @@ def test_disaggregated_request_across_processes(model, workers):
         request_id="p1", prompt_token_ids=prompt, sampling=sampling, decode_address=address))
     tokens = [first.first_token_id]
     for chunk in workers["decoder"].Generate(workers_pb2.GenerateRequest(
-            request_id="p1", prompt_token_ids=prompt, sampling=sampling, lease_id=reply.lease_id,
-            first_token_id=reply.first_token_id)):
+            request_id="p1", lease_id=reply.lease_id, first_token_id=reply.first_token_id)):
         tokens.extend(chunk.token_ids)
     assert tokens == expected and reply.num_blocks_sent == 8
     assert reply.transport == {"grpc": "grpc", "auto": "same-host"}[workers["mode"]]
@@ -120,11 +119,9 @@ def test_sender_killed_mid_transfer_frees_blocks_when_the_lease_expires(model, w
     while free_blocks(workers) != free and time.monotonic() < deadline:
         time.sleep(0.1)
     assert free_blocks(workers) == free  # the 1 s lease expired and gave the 5 reserved blocks back
-    sampling = sampling_to_proto(SamplingParams(max_tokens=4, **GREEDY))
     with pytest.raises(grpc.RpcError) as info:
         list(workers["decoder"].Generate(workers_pb2.GenerateRequest(
-            request_id="dies", prompt_token_ids=list(range(100, 140)), sampling=sampling, lease_id=lease_id,
-            first_token_id=5)))
+            request_id="dies", lease_id=lease_id, first_token_id=5)))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     # The decode worker notices the broken stream (FAILED) or, at the latest, the lease expires (EXPIRED).
     details = info.value.details()

@@ -57,8 +57,7 @@ class Cluster:
             request_id=rid, prompt_token_ids=prompt, sampling=sampling, decode_address=self.decode_address))
         first = next(replies)
         stream = self.decoder.Generate(workers_pb2.GenerateRequest(
-            request_id=rid, prompt_token_ids=prompt, sampling=sampling, lease_id=first.lease_id,
-            first_token_id=first.first_token_id))
+            request_id=rid, lease_id=first.lease_id, first_token_id=first.first_token_id))
         done = next(replies)
         assert done.transfer_done and done.lease_id == first.lease_id
         tokens = [first.first_token_id] + [t for chunk in stream for t in chunk.token_ids]
