@@ -165,9 +165,9 @@ def _start_member(member: MemberSpec, num_gpus: int, log_dir: str, bind_host: st
 def _gpus_per_worker(spec: ClusterSpec) -> int:
     ray = ray_module()
     num_gpus = int(ray.cluster_resources().get("GPU", 0))
-    if spec.device == "cuda" and num_gpus == 0:
+    if spec.engine.device == "cuda" and num_gpus == 0:
         raise ValueError("--device cuda, but the Ray cluster has no GPUs")
-    if spec.device == "cpu" or num_gpus == 0:
+    if spec.engine.device == "cpu" or num_gpus == 0:
         return 0
     if num_gpus < spec.num_workers:
         raise ValueError(f"{spec.num_workers} workers need one GPU each; the Ray cluster has {num_gpus}")

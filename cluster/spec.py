@@ -7,17 +7,16 @@ It knows nothing about Ray or processes: `launcher.py` places the members, `supe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from splitserve.index.config import REDIS_URL_ENV
 from splitserve.router.core import parse_ab
 from splitserve.router.dispatch import FailurePolicy
 from splitserve.router.policies import POLICIES
+from splitserve.worker.options import EngineOptions
 
 MemberKind = Literal["router", "prefill", "decode"]
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda")
 KV_TRANSPORTS = ("auto", "grpc")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")  # bind hosts meaning "every interface": not an address to reach
 
@@ -46,8 +45,9 @@ class MemberSpec:
 class ClusterSpec:
     """A cluster: pool sizes, routing, ports, where Redis and Ray are (None: start them), and the
     workers' engine settings. `host` is the interface every member binds; with a wildcard (0.0.0.0)
-    members advertise their node's address. `tenants`: a JSON file of tenant name → SHA-256 of its API key
-    (see router/tenants.py)."""
+    members advertise their node's address. `engine`: every worker's engine options (the workers' own
+    definition, passed on as their command line). `tenants`: a JSON file of tenant name → SHA-256 of its
+    API key (see router/tenants.py)."""
 
     model: str
     num_fresh: int = 1
@@ -64,11 +64,7 @@ class ClusterSpec:
     router_redis_url: str | None = None  # the router's own (read-only) Redis user; default: redis_url
     ray_address: str | None = None
     tenants: str | None = None
-    block_size: int = 16
-    num_blocks: int | None = None
-    max_num_seqs: int = 64
-    dtype: str = "auto"
-    device: str = "auto"
+    engine: EngineOptions = field(default_factory=EngineOptions)
     kv_transport: str = "auto"
 
     def __post_init__(self) -> None:
@@ -86,16 +82,9 @@ class ClusterSpec:
         for port in (self.grpc_port, self.http_port):
             if port is not None and not 0 <= port < 65536:
                 raise ValueError(f"a port is in [0, 65535], got {port}")
-        if (
-            self.block_size < 1
-            or self.max_num_seqs < 1
-            or (self.num_blocks is not None and self.num_blocks < 1)
-        ):
-            raise ValueError("block_size, max_num_seqs and num_blocks must be positive")
-        for name, value, allowed in (("dtype", self.dtype, DTYPES), ("device", self.device, DEVICES),
-                                     ("kv_transport", self.kv_transport, KV_TRANSPORTS)):  # fmt: skip
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            choices = ", ".join(KV_TRANSPORTS)
+            raise ValueError(f"kv_transport must be one of {choices}, got {self.kv_transport!r}")
 
     @property
     def num_workers(self) -> int:
@@ -104,11 +93,7 @@ class ClusterSpec:
     def workers(self, redis_url: str) -> list[MemberSpec]:
         """The prefill and decode workers, registering in the index at `redis_url` under their names."""
         env = ((REDIS_URL_ENV, redis_url),)
-        engine = ["--model", self.model, "--host", self.host, "--port", "0", "--block-size",
-                  str(self.block_size), "--max-num-seqs", str(self.max_num_seqs), "--dtype", self.dtype,
-                  "--device", self.device]  # fmt: skip
-        if self.num_blocks is not None:
-            engine += ["--num-blocks", str(self.num_blocks)]
+        engine = ["--model", self.model, "--host", self.host, "--port", "0", *self.engine.to_args()]
         members = []
         for pool, count in (("fresh", self.num_fresh), ("warm", self.num_warm)):
             for i in range(count):
@@ -131,7 +116,8 @@ class ClusterSpec:
         """The router: it finds the workers through the index at `redis_url` (they register there), as
         `router_redis_url`'s user when one is given."""
         args = ["--model", self.model, "--host", self.host, "--port", str(self.grpc_port),
-                "--block-size", str(self.block_size), "--failure-policy", self.failure_policy]  # fmt: skip
+                "--block-size", str(self.engine.block_size),
+                "--failure-policy", self.failure_policy]  # fmt: skip
         args += ["--ab", self.ab] if self.ab else ["--policy", self.policy]
         for option in self.policy_options:
             args += ["--policy-option", option]

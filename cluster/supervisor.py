@@ -53,7 +53,7 @@ class MemberStatus:
 
 def parse_announcement(line: str) -> tuple[str, str | None] | None:
     """(gRPC address, HTTP address or None) from a member's "<name> listening on HOST:PORT [http
-    HOST:PORT]" line (see `kvtransfer.transport.run_worker` and the router's main); None for other lines."""
+    HOST:PORT]" line (see `worker.process.run_worker` and the router's main); None for other lines."""
     match = _ANNOUNCE.search(line)
     return (match.group(1), match.group(2)) if match else None
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splitserve.kvtransfer.transport import add_worker_arguments, build_engine, run_worker
+from splitserve.worker.process import add_worker_arguments, build_engine, run_worker
 
 
 def main(argv: list[str] | None = None) -> int:

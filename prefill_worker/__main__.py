@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES
-from splitserve.kvtransfer.transport import add_worker_arguments, build_engine, run_worker
+from splitserve.worker.process import add_worker_arguments, build_engine, run_worker
 
 
 def main(argv: list[str] | None = None) -> int:

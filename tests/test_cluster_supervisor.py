@@ -16,14 +16,19 @@ from waiting import process_gone, wait_until
 
 from splitserve.cluster.spec import ClusterSpec, MemberSpec
 from splitserve.cluster.supervisor import MemberFailed, MemberState, ProcessSupervisor
+from splitserve.worker.options import EngineOptions
 
 
 def test_cluster_spec_validates():
     for bad in ({"num_decode": 0}, {"num_fresh": 0, "num_warm": 0}, {"num_fresh": -1}, {"policy": "nope"},
-                {"ab": "cpd:0.5,nope:0.5"}, {"grpc_port": 70000}, {"dtype": "int8"}, {"block_size": 0},
+                {"ab": "cpd:0.5,nope:0.5"}, {"grpc_port": 70000}, {"kv_transport": "ipc"},
                 {"failure_policy": "retry"}):  # fmt: skip
         with pytest.raises(ValueError):
             ClusterSpec(model="m", **bad)
+    for bad in ({"dtype": "int8"}, {"device": "tpu"}, {"block_size": 0}, {"num_blocks": 0},
+                {"max_num_seqs": 0}):  # fmt: skip
+        with pytest.raises(ValueError):
+            EngineOptions(**bad)
 
 
 def test_cluster_spec_members_are_the_entry_points_with_their_flags():
@@ -34,7 +39,7 @@ def test_cluster_spec_members_are_the_entry_points_with_their_flags():
         num_decode=1,
         ab="cpd:0.5,least_loaded:0.5",
         http_port=None,
-        num_blocks=64,
+        engine=EngineOptions(num_blocks=64, max_num_seqs=32),
         policy_options=("local_prefill_max_tokens=8",),
     )
     workers = spec.workers("redis://r:1/0")
@@ -47,6 +52,7 @@ def test_cluster_spec_members_are_the_entry_points_with_their_flags():
     warm = workers[2].args
     assert warm[warm.index("--pool") + 1] == "warm" and warm[warm.index("--worker-id") + 1] == "warm-0"
     assert warm[warm.index("--num-blocks") + 1] == "64" and warm[warm.index("--port") + 1] == "0"
+    assert warm[warm.index("--max-num-seqs") + 1] == "32" and "--max-model-len" not in warm
     assert all(
         w.env == (("SPLITSERVE_REDIS_URL", "redis://r:1/0"),) and "redis://r:1/0" not in w.args
         for w in workers

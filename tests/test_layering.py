@@ -10,14 +10,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("engine", "kernels", "router", "prefill_worker", "decode_worker", "kvtransfer", "protos", "index",
-            "cluster", "experiments", "simulator")
+            "cluster", "experiments", "simulator", "worker")
 
 ALLOWED: dict[str, set[str]] = {
     "kernels": set(),
     "engine": {"kernels"},
     "kvtransfer": {"engine", "kernels", "protos", "index"},  # its transport module is the workers' toolkit
-    "prefill_worker": {"engine", "kernels", "kvtransfer", "protos", "index"},
-    "decode_worker": {"engine", "kernels", "kvtransfer", "protos", "index"},
+    "prefill_worker": {"engine", "kernels", "kvtransfer", "protos", "index", "worker"},
+    "decode_worker": {"engine", "kernels", "kvtransfer", "protos", "index", "worker"},
+    # A worker process's setup (engine options, server, publisher), shared by both kinds.
+    "worker": {"engine", "kernels", "kvtransfer", "protos", "index"},
     "router": {"protos", "index", "engine.block_hash", "engine.errors", "engine.sampling_params",
                "engine.model_config"},
     "protos": set(),
@@ -25,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "index": {"engine.block_hash", "engine.block_pool"},
     # Orchestration: it starts the entry points as processes (never imports the workers) and asks the
     # router through the client SDK whether every worker registered.
-    "cluster": {"router", "index", "client"},
+    "cluster": {"router", "index", "client", "worker.options"},
     # Experiments drive a cluster from outside: through the client SDK, with the router's policy and
     # decision-log records, plain processes started like the supervisor starts them, an embedded Redis.
     "experiments": {"client", "router", "cluster.supervisor", "index.redis_server"},
@@ -36,7 +38,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 TORCH_FREE = {"router", "protos", "index", "cluster", "experiments", "simulator", "splitserve/client.py",
               "engine/block_hash.py", "engine/block_pool.py", "engine/config.py", "engine/errors.py",
-              "engine/sampling_params.py", "engine/model_config.py"}
+              "engine/sampling_params.py", "engine/model_config.py", "worker/options.py"}
 HEAVY = ("torch", "triton", "transformers", "numpy", "safetensors")
 
 

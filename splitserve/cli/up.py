@@ -15,6 +15,7 @@ from pathlib import Path
 
 from splitserve.cluster.state import default_state_file
 from splitserve.index.config import REDIS_URL_ENV, ROUTER_REDIS_URL_ENV
+from splitserve.worker.options import EngineOptions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,11 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"${ROUTER_REDIS_URL_ENV}, else --redis-url)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a Ray head)")
     p.add_argument("--tenants", default=None, help="JSON file: tenant name → SHA-256 hex of its API key")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: from memory)")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    EngineOptions.add_arguments(p)  # every worker's engine, as the workers define it
     p.add_argument("--kv-transport", default="auto", choices=["auto", "grpc"])
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the cluster to serve")
     p.add_argument("--state-file", type=Path, default=default_state_file())
@@ -64,8 +61,7 @@ def _run(args: argparse.Namespace) -> int:
         http_port=None if args.http_port < 0 else args.http_port, host=args.host, redis_url=args.redis_url,
         router_redis_url=args.router_redis_url,
         ray_address=args.ray_address, tenants=str(Path(args.tenants).resolve()) if args.tenants else None,
-        block_size=args.block_size, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
-        dtype=args.dtype, device=args.device, kv_transport=args.kv_transport,
+        engine=EngineOptions.from_args(args), kv_transport=args.kv_transport,
     )  # fmt: skip
     if not (Path(spec.model) / "config.json").exists():
         raise FileNotFoundError(f"{args.model} is not a Hugging Face checkpoint directory (no config.json)")
