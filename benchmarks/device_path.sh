@@ -9,7 +9,8 @@ dest=/tmp/splitserve-path
 rm -rf "$dest"
 mkdir -p "$dest/splitserve"
 cp -r "$root"/splitserve/* "$dest/splitserve/"
-for d in engine kernels router prefill_worker decode_worker kvtransfer protos index cluster experiments simulator; do
+# The folders pyproject maps to splitserve.<name> (read from it, so a new package cannot be missed here).
+for d in $(sed -n 's/^"splitserve\.[a-z_]*" = "\([a-z_]*\)"$/\1/p' "$root/pyproject.toml"); do
     ln -s "$root/$d" "$dest/splitserve/$d"
 done
 echo "$dest"
