@@ -176,7 +176,6 @@ class CPD:
         added = d.running_requests * num_out * (step.per_seq_s + context * step.per_ctx_token_s)
         return own + added + d.queued_tokens * self.costs.prefill.per_token_s
 
-
     def _slot_wait(self, request: RequestShape, d: WorkerView) -> float:
         """Predicted wait for a free slot in `d`'s batch: the requests past its cap (this one included)
         each wait for a finisher, and with `cap` sequences a `max_tokens` long one finishes about every
