@@ -18,6 +18,7 @@ import grpc
 from splitserve.engine.block_pool import OutOfKVBlocks
 from splitserve.engine.errors import InvalidRequest
 from splitserve.engine.loop import EngineLoop
+from splitserve.kvtransfer.ahead import read_ahead
 from splitserve.kvtransfer.chunks import check_layout
 from splitserve.kvtransfer.errors import (
     CorruptChunk,
@@ -99,7 +100,8 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
     def Push(self, request_iterator, context: grpc.ServicerContext):
         lease_id, sink = "", None
         try:
-            for frame in request_iterator:  # raw frames: see kvtransfer.frames
+            # Raw frames (see kvtransfer.frames), the next one read off the stream while this one is stored.
+            for frame in read_ahead(request_iterator, name="kv-receive", wait=False):
                 header, payload = decode_frame(frame)
                 with self._lock:
                     lease = self.leases.get(header.lease_id)

@@ -10,7 +10,6 @@ ids and the receiver copies them from the exported `KVSource`).
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import grpc
 import torch
 
 from splitserve.engine.kv_watch import KVReady
+from splitserve.kvtransfer.ahead import read_ahead
 from splitserve.kvtransfer.chunks import ChunkSpan, block_bytes, plan_chunks
 from splitserve.kvtransfer.stream import wire_frame
 from splitserve.protos import common_pb2, kvtransfer_pb2
@@ -76,35 +76,7 @@ class KVPush:
         if self.source is not None:
             yield from (self._same_host_chunk(*piece) for piece in self._pieces())
             return
-        frames: queue.Queue = queue.Queue(maxsize=2)
-        stop = threading.Event()  # the stream ended early: the producer drops what it has
-
-        def offer(item) -> bool:  # False once the stream has ended
-            while not stop.is_set():
-                with contextlib.suppress(queue.Full):
-                    frames.put(item, timeout=0.1)
-                    return True
-            return False
-
-        def produce() -> None:
-            try:
-                for piece in self._pieces():
-                    if not offer(self._wire_frame(*piece)):
-                        return
-                offer(_END)
-            except BaseException as exc:  # handed to the stream, which fails with it
-                offer(exc)
-
-        producer = threading.Thread(target=produce, name="kv-frames", daemon=True)
-        producer.start()
-        try:
-            while (item := frames.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            producer.join()
+        yield from read_ahead((self._wire_frame(*piece) for piece in self._pieces()), name="kv-frames")
 
     def _pieces(self) -> Iterator[tuple[int, ChunkSpan, tuple[int, ...], KVReady, bool]]:
         """(seq, span, block ids, report, last) of each chunk, in sending order, as the engine reports

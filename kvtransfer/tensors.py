@@ -54,5 +54,9 @@ def write_blocks(kv_cache: torch.Tensor, block_ids: Sequence[int], data: bytes |
         warnings.simplefilter("ignore", UserWarning)
         raw = torch.frombuffer(data, dtype=torch.uint8)
     blocks = raw.view(kv_cache.dtype).view(shape)
+    first = block_ids[0] if block_ids else 0
+    if list(block_ids) == list(range(first, first + len(block_ids))):  # consecutive (a fresh pool's usual
+        kv_cache[:, first : first + len(block_ids)].copy_(blocks)  # case): one strided copy, no index
+        return
     index = torch.tensor(block_ids, dtype=torch.int64, device=kv_cache.device)
     kv_cache.index_copy_(1, index, blocks.to(kv_cache.device))

@@ -38,13 +38,14 @@ def transfer_chunks(layout, src, src_blocks, first_block, max_bytes):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("max_blocks_per_chunk", [1, 3, 100])
-def test_round_trip_moves_exactly_the_missing_blocks(dtype, max_blocks_per_chunk):
+@pytest.mark.parametrize("dst_blocks", [[11, 2, 14, 5, 8], [3, 4, 10, 11, 12]])  # scattered; runs
+def test_round_trip_moves_exactly_the_missing_blocks(dtype, max_blocks_per_chunk, dst_blocks):
     layout = KVLayout()
     layout.CopyFrom(LAYOUT)
     layout.dtype = dtype
     src, dst = caches(layout, 12, seed=1), caches(layout, 16, seed=2)
     before = [c.clone() for c in dst]
-    src_blocks, dst_blocks = [3, 7, 1, 9, 4], [11, 2, 14, 5, 8]  # the request's blocks on each side
+    src_blocks = [3, 7, 1, 9, 4]  # the request's blocks on each side: these and `dst_blocks`
     first = 2  # the receiver already holds the first two blocks
     chunks = transfer_chunks(layout, src, src_blocks, first, max_blocks_per_chunk * block_bytes(layout))
     assert all(len(c.data) <= max_blocks_per_chunk * block_bytes(layout) for c in chunks)
@@ -215,3 +216,35 @@ def test_malformed_frames_are_rejected(frame, message):
 
     with pytest.raises(MalformedChunk, match=message):
         decode_frame(frame)
+
+
+def test_read_ahead_yields_everything_in_order_raises_where_the_source_failed_and_stops_early():
+    import threading
+
+    from splitserve.kvtransfer.ahead import read_ahead
+
+    assert list(read_ahead(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("the source broke")
+
+    got = []
+    with pytest.raises(ValueError, match="the source broke"):
+        for item in read_ahead(failing()):
+            got.append(item)
+    assert got == [1]
+    produced, released = [], threading.Event()
+
+    def endless():
+        try:
+            for i in range(10**9):
+                produced.append(i)
+                yield i
+        finally:
+            released.set()
+
+    for item in read_ahead(endless(), depth=2):
+        if item == 3:
+            break  # the consumer stops: the helper ends (waited for) having run at most depth + 2 ahead
+    assert released.wait(5) and len(produced) <= 3 + 1 + 2 + 1
