@@ -98,7 +98,9 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
         )  # fmt: skip
 
     def Push(self, request_iterator, context: grpc.ServicerContext):
-        lease_id, sink = "", None
+        """One lane of a transfer (all of it, unstriped): its chunks stored as they come; the reply once
+        its last chunk is in, COMPLETE when every lane's is (the lease then waits for Generate)."""
+        lease_id, sink, lane = "", None, None
         try:
             # Raw frames (see kvtransfer.frames), the next one read off the stream while this one is stored.
             for frame in read_ahead(request_iterator, name="kv-receive", wait=False):
@@ -106,12 +108,13 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
                 with self._lock:
                     lease = self.leases.get(header.lease_id)
                     lease_id, sink = lease.lease_id, self._sinks[lease.lease_id]
-                # Outside the service lock, so transfers to this worker run side by side; the sink's own
-                # lock keeps the lease's blocks from being freed while a chunk is written into them.
-                with sink.lock:
-                    if sink.closed:
-                        raise LeaseNotFound(f"lease {lease_id!r} ended during the transfer")
-                    sink.accept(header, payload)
+                if lane is None:
+                    lane = header.lane
+                elif header.lane != lane:
+                    raise MalformedChunk(f"a Push stream of lane {lane} carries one of lane {header.lane}")
+                # Outside the service lock, so transfers (and a transfer's lanes) are stored side by side;
+                # the sink keeps the lease's blocks from being freed while a chunk is written into them.
+                sink.accept(header, payload)
                 with self._lock:
                     self.leases.renew(self.leases.get(lease_id))
         except LeaseNotFound as exc:
@@ -120,17 +123,22 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
             self._fail(lease_id, str(exc))
             code = grpc.StatusCode.INVALID_ARGUMENT
             context.abort(grpc.StatusCode.DATA_LOSS if isinstance(exc, CorruptChunk) else code, str(exc))
-        if sink is None or not sink.complete:
+        if sink is None or not sink.validator.lane_done(lane):
             self._fail(lease_id, "the push ended before every block arrived")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the push ended before every block arrived")
         with self._lock:
-            lease = self.leases.get(lease_id)
-            lease.kv_complete = True  # waits for Generate, under the same time-to-live
+            try:
+                lease = self.leases.get(lease_id)
+            except LeaseNotFound as exc:  # ended meanwhile (another lane failed, or it expired)
+                context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            complete = sink.complete and not lease.kv_complete  # the last lane in completes the lease
+            if complete:
+                lease.kv_complete = True  # waits for Generate, under the same time-to-live
+                self._lease_changed.notify_all()
             self.leases.renew(lease)
-            self._lease_changed.notify_all()
         return kvtransfer_pb2.PushReply(
-            state=kvtransfer_pb2.COMPLETE, chunks_received=sink.validator.next_seq,
-            bytes_received=sink.validator.bytes_received,
+            state=kvtransfer_pb2.COMPLETE if complete else kvtransfer_pb2.RECEIVING,
+            chunks_received=sink.validator.next_seq, bytes_received=sink.validator.bytes_received,
         )  # fmt: skip
 
     def Release(self, request: kvtransfer_pb2.ReleaseRequest, context: grpc.ServicerContext):
@@ -218,8 +226,7 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
         log.info("lease %s ended: %s (%s)", lease.lease_id, lease.state.name, lease.reason)
         sink = self._sinks.pop(lease.lease_id, None)
         if sink is not None:
-            with sink.lock:  # waits for a chunk being written into these blocks
-                sink.closed = True
+            sink.close()  # waits for a chunk being written into these blocks
         self._lease_changed.notify_all()
         self.loop.call(self.loop.engine.cancel_kv, lease.request_id)
 

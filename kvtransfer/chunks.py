@@ -18,6 +18,7 @@ from splitserve.kvtransfer.errors import CorruptChunk, LayoutMismatch, Malformed
 from splitserve.protos import common_pb2, kvtransfer_pb2
 
 DEFAULT_CHUNK_BYTES = 4 * 2**20
+DEFAULT_KV_LANES = 4  # Push streams a gRPC transfer is striped over (docs/benchmarks.md)
 MAX_CHUNK_BYTES = 64 * 2**20  # the receiver's hard limit, whatever the sender was configured with
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _LAYOUT_FIELDS = ("model_id", "num_layers", "num_kv_heads", "head_dim", "block_size", "dtype")
@@ -71,13 +72,21 @@ def plan_chunks(
 
 
 def chunk_header(
-    lease_id: str, seq: int, span: ChunkSpan, payload: bytes | bytearray | memoryview, last: bool
+    lease_id: str, seq: int, span: ChunkSpan, payload: bytes | bytearray | memoryview, last: bool,
+    num_lanes: int = 1,
 ) -> kvtransfer_pb2.KVChunk:
-    """A chunk's fields without its data (as `frames` sends it), with the payload's CRC-32."""
+    """A chunk's fields without its data (as `frames` sends it), with the payload's CRC-32; its lane is
+    its layer's (`lane_of`)."""
     return kvtransfer_pb2.KVChunk(
         lease_id=lease_id, seq=seq, layer=span.layer, first_block=span.first_block,
         num_blocks=span.num_blocks, crc32=zlib.crc32(payload), last=last,
+        lane=lane_of(span.layer, num_lanes), num_lanes=num_lanes,
     )  # fmt: skip
+
+
+def lane_of(layer: int, num_lanes: int) -> int:
+    """The lane (Push stream) a layer's chunks travel on when a transfer is striped over `num_lanes`."""
+    return layer % max(1, num_lanes)
 
 
 def encode_chunk(lease_id: str, seq: int, span: ChunkSpan, data: bytes, last: bool) -> kvtransfer_pb2.KVChunk:
@@ -88,32 +97,60 @@ def encode_chunk(lease_id: str, seq: int, span: ChunkSpan, data: bytes, last: bo
 
 
 class ChunkValidator:
-    """The receiver's checks, chunk by chunk, for one lease: sequence numbers without gaps, spans inside
-    the reserved range, each (layer, block) sent once, one kind of chunk throughout (bytes over the
-    wire, or block ids of a same-host source named on chunk 0), sizes exact, checksums right, and a
-    `last` chunk that completes the coverage. Raises `MalformedChunk` or `CorruptChunk`; changes
-    nothing on error."""
+    """The receiver's checks, chunk by chunk, for one lease: sequence numbers without gaps (per lane),
+    spans inside the reserved range, each (layer, block) sent once, each layer on its lane, one number of
+    lanes and one kind of chunk throughout (bytes over the wire, or block ids of a same-host source named
+    on chunk 0), sizes exact, checksums right, and a lane's `last` chunk completing that lane's layers.
+    Raises `MalformedChunk` or `CorruptChunk`; changes nothing on error. `accept` checks a chunk whole;
+    `admit` then `verify` split it for receivers that store lanes side by side: the bookkeeping (under
+    the receiver's lock) apart from the checksum (outside it)."""
 
     def __init__(self, layout: common_pb2.KVLayout, first_block: int, num_blocks: int) -> None:
         self.layout = layout
         self.first_block = first_block
         self.num_blocks = num_blocks
         self.block_bytes = block_bytes(layout)
-        self.next_seq = 0
+        self.next_seq = 0  # chunks accepted, over every lane
         self.bytes_received = 0
         self.same_host: bool | None = None  # fixed by chunk 0
+        self.num_lanes: int | None = None  # fixed by the first chunk
+        self._lane_seq: dict[int, int] = {}  # lane → its next sequence number
+        self._lane_done: set[int] = set()  # lanes whose last chunk arrived
         self._next_block = [first_block] * layout.num_layers  # per layer: chunks arrive in block order
 
     @property
     def complete(self) -> bool:
         return all(b == self.first_block + self.num_blocks for b in self._next_block)
 
+    def lane_done(self, lane: int) -> bool:
+        return lane in self._lane_done
+
     def accept(self, chunk: kvtransfer_pb2.KVChunk, payload: bytes | memoryview | None = None) -> ChunkSpan:
         """Check one chunk; `payload` is its KV bytes when they travel outside the message (a frame),
         else `chunk.data`."""
         data = chunk.data if payload is None else payload
-        if chunk.seq != self.next_seq:
-            raise MalformedChunk(f"chunk {chunk.seq} arrived where {self.next_seq} was due")
+        self._check(chunk, data)
+        self.verify(chunk, data)
+        return self._advance(chunk)
+
+    def admit(self, chunk: kvtransfer_pb2.KVChunk, payload: bytes | memoryview) -> ChunkSpan:
+        """`accept` without the checksum: call `verify` before the bytes are used."""
+        self._check(chunk, payload)
+        return self._advance(chunk)
+
+    def verify(self, chunk: kvtransfer_pb2.KVChunk, data: bytes | memoryview) -> None:
+        """The checksum of a wire chunk's bytes (a same-host chunk carries none)."""
+        if not chunk.src_block_ids and zlib.crc32(data) != chunk.crc32:
+            raise CorruptChunk(f"chunk {chunk.seq} (layer {chunk.layer}) fails its checksum")
+
+    def _check(self, chunk: kvtransfer_pb2.KVChunk, data: bytes | memoryview) -> None:
+        lanes, lane = max(1, chunk.num_lanes), chunk.lane
+        if self.num_lanes is not None and lanes != self.num_lanes:
+            raise MalformedChunk(f"a chunk of {lanes} lanes in a transfer of {self.num_lanes}")
+        due = self._lane_seq.get(lane, 0)
+        if chunk.seq != due:
+            where = f" of lane {lane}" if lanes > 1 else ""
+            raise MalformedChunk(f"chunk {chunk.seq}{where} arrived where {due} was due")
         if len(data) > MAX_CHUNK_BYTES:
             raise MalformedChunk(f"chunk of {len(data)} bytes exceeds the {MAX_CHUNK_BYTES}-byte limit")
         if chunk.layer >= self.layout.num_layers:
@@ -125,21 +162,31 @@ class ChunkValidator:
                 f"layer {chunk.layer}: blocks [{chunk.first_block}, {end}) "
                 f"where [{expected_start}, {done}) remain"
             )
+        if lane != lane_of(chunk.layer, lanes) or lane in self._lane_done:
+            raise MalformedChunk(f"layer {chunk.layer} on lane {lane} of {lanes}")
         self._check_kind(chunk, data)
-        others_done = all(b == done for i, b in enumerate(self._next_block) if i != chunk.layer)
+        lane_layers = range(lane, self.layout.num_layers, lanes)
+        others_done = all(self._next_block[i] == done for i in lane_layers if i != chunk.layer)
         if chunk.last and not (others_done and end == done):
-            raise MalformedChunk("the last chunk arrived before every block of every layer")
+            raise MalformedChunk("the last chunk arrived before every block of every layer of its lane")
+
+    def _advance(self, chunk: kvtransfer_pb2.KVChunk) -> ChunkSpan:
         self.same_host = bool(chunk.src_block_ids)
-        self._next_block[chunk.layer] = end
+        self.num_lanes = max(1, chunk.num_lanes)
+        self._next_block[chunk.layer] = chunk.first_block + chunk.num_blocks
+        self._lane_seq[chunk.lane] = chunk.seq + 1
+        if chunk.last:
+            self._lane_done.add(chunk.lane)
         self.next_seq += 1
         self.bytes_received += chunk.num_blocks * self.block_bytes
         return ChunkSpan(chunk.layer, chunk.first_block, chunk.num_blocks)
 
     def _check_kind(self, chunk: kvtransfer_pb2.KVChunk, data: bytes | memoryview) -> None:
         same_host = bool(chunk.src_block_ids)
-        if chunk.seq == 0 and same_host != chunk.HasField("source"):
+        first = self.same_host is None  # the transfer's first chunk, on whichever lane
+        if first and (same_host != chunk.HasField("source") or chunk.seq != 0):
             raise MalformedChunk("a same-host transfer names its source on chunk 0, and only then")
-        if chunk.seq > 0 and (same_host != self.same_host or chunk.HasField("source")):
+        if not first and (same_host != self.same_host or chunk.HasField("source")):
             raise MalformedChunk("a transfer mixes same-host and wire chunks")
         if same_host:
             if len(data) or len(chunk.src_block_ids) != chunk.num_blocks:
@@ -152,5 +199,3 @@ class ChunkValidator:
             raise MalformedChunk(
                 f"{len(data)} bytes for {chunk.num_blocks} blocks of {self.block_bytes} bytes"
             )
-        if zlib.crc32(data) != chunk.crc32:
-            raise CorruptChunk(f"chunk {chunk.seq} (layer {chunk.layer}) fails its checksum")

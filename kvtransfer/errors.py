@@ -27,5 +27,9 @@ class LeaseNotFound(TransferError):
     """Unknown lease id, or one already released, completed or expired."""
 
 
+class SinkClosed(LeaseNotFound):
+    """The lease ended while its transfer was arriving: its blocks may belong to another request now."""
+
+
 class Overloaded(Exception):
     """A worker's queue is full: the request is refused at once (RESOURCE_EXHAUSTED) rather than queued."""

@@ -19,7 +19,7 @@ from splitserve.kvtransfer.chunks import (
     ChunkValidator,
     chunk_header,
 )
-from splitserve.kvtransfer.errors import MalformedChunk
+from splitserve.kvtransfer.errors import MalformedChunk, SinkClosed
 from splitserve.kvtransfer.frames import encode_frame
 from splitserve.kvtransfer.same_host import SourceMaps, copy_blocks
 from splitserve.kvtransfer.tensors import read_blocks, write_blocks
@@ -45,17 +45,20 @@ def wire_frame(
     span: ChunkSpan,
     last: bool,
     after: torch.cuda.Event | None = None,
+    num_lanes: int = 1,
 ) -> bytes:
     """The frame of one chunk: blocks `ids` of one layer's cache (once `after` has fired) on the host,
-    checksummed."""
+    checksummed, on its layer's lane of `num_lanes`."""
     payload = read_blocks(cache, ids, after)
-    return encode_frame(chunk_header(lease_id, seq, span, payload, last), payload)
+    return encode_frame(chunk_header(lease_id, seq, span, payload, last, num_lanes), payload)
 
 
 class ChunkSink:
     """Writes a request's validated chunks into its reserved blocks: a wire chunk's bytes, or a
     same-host chunk's blocks copied from the sender's cache (mapped through `sources`). `accept` raises
-    `MalformedChunk` or `CorruptChunk` before writing anything of a bad chunk."""
+    `MalformedChunk` or `CorruptChunk` before writing anything of a bad chunk, and `SinkClosed` once
+    `close` was called. Thread-safe: the lanes of a striped transfer are stored side by side (checksum
+    and copy outside the lock); `close` waits for the chunks being written, after which none is."""
 
     def __init__(
         self,
@@ -70,27 +73,46 @@ class ChunkSink:
         self.validator = ChunkValidator(layout, first_block, len(block_ids) - first_block)
         self.sources = sources
         self._source_caches: list[torch.Tensor] | None = None
-        self.lock = threading.Lock()  # held by the owner around `accept` and when closing
+        self._lock = threading.Condition()
+        self._writing = 0  # chunks being stored now
         self.closed = False  # the lease ended: its blocks may belong to another request now
 
     @property
     def complete(self) -> bool:
-        return self.validator.complete
+        """Every block of every layer stored (admitted, and none still being written)."""
+        with self._lock:
+            return self.validator.complete and self._writing == 0
 
     def accept(self, header: kvtransfer_pb2.KVChunk, payload: bytes | memoryview) -> None:
         """Validate and store one chunk (a frame decoded by `frames.decode_frame`)."""
-        if header.HasField("source") and header.seq == 0:
-            if self.sources is None:
-                raise MalformedChunk("this receiver takes no same-host transfers")
-            self._source_caches = self.sources.caches(header.source)
-        if header.src_block_ids and self._source_caches is not None:
-            limit = self._source_caches[0].shape[1]
-            if max(header.src_block_ids) >= limit:
-                raise MalformedChunk(f"source block {max(header.src_block_ids)} of a {limit}-block cache")
-        span = self.validator.accept(header, payload)
-        ids = self.block_ids[span.first_block : span.first_block + span.num_blocks]
-        if self.validator.same_host:
-            src = self._source_caches[span.layer]
-            copy_blocks(self.kv_caches[span.layer], ids, src, list(header.src_block_ids))
-        else:
-            write_blocks(self.kv_caches[span.layer], ids, payload)
+        with self._lock:
+            if self.closed:
+                raise SinkClosed("the transfer's lease ended")
+            if header.HasField("source") and header.seq == 0:
+                if self.sources is None:
+                    raise MalformedChunk("this receiver takes no same-host transfers")
+                self._source_caches = self.sources.caches(header.source)
+            if header.src_block_ids and self._source_caches is not None:
+                limit = self._source_caches[0].shape[1]
+                if max(header.src_block_ids) >= limit:
+                    raise MalformedChunk(f"source block {max(header.src_block_ids)} of a {limit}-block cache")
+            span = self.validator.admit(header, payload)
+            self._writing += 1
+        try:
+            self.validator.verify(header, payload)  # a bad checksum fails the whole transfer
+            ids = self.block_ids[span.first_block : span.first_block + span.num_blocks]
+            if header.src_block_ids:
+                src = self._source_caches[span.layer]
+                copy_blocks(self.kv_caches[span.layer], ids, src, list(header.src_block_ids))
+            else:
+                write_blocks(self.kv_caches[span.layer], ids, payload)
+        finally:
+            with self._lock:
+                self._writing -= 1
+                self._lock.notify_all()
+
+    def close(self) -> None:
+        """No chunk is stored from now on: waits for those being stored."""
+        with self._lock:
+            self.closed = True
+            self._lock.wait_for(lambda: self._writing == 0)

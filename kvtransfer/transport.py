@@ -78,8 +78,10 @@ def make_server(address: str, max_workers: int = 1024) -> tuple[grpc.Server, int
     return server, port
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+def channel(address: str, lane: int = 0) -> grpc.Channel:
+    """A channel to `address`; channels of different `lane`s never share a connection (grpcio shares
+    one between channels of equal options), so a striped transfer's lanes travel side by side."""
+    return grpc.insecure_channel(address, options=[*GRPC_OPTIONS, ("splitserve.kv_lane", lane)])
 
 
 _PUSH = "/splitserve.v1.KVTransfer/Push"

@@ -20,7 +20,7 @@ import grpc
 
 from splitserve.engine.kv_watch import KVWatch
 from splitserve.engine.loop import EngineLoop
-from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES
+from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES, DEFAULT_KV_LANES
 from splitserve.kvtransfer.push import KVPush
 from splitserve.kvtransfer.requests import queue_request, worker_load
 from splitserve.kvtransfer.same_host import export_source, host_id
@@ -39,14 +39,19 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_queued_tokens: int | None = None,
         kv_transport: str = "auto",
+        kv_lanes: int = DEFAULT_KV_LANES,
     ) -> None:
         """`max_queued_tokens`: the bound on prompt tokens waiting to be computed; a request past it is
         refused with RESOURCE_EXHAUSTED. None: unbounded. `kv_transport`: see KV_TRANSPORTS (on CPU the
-        same-host path needs the engine's caches in shared memory, `CacheConfig.shared_memory`)."""
+        same-host path needs the engine's caches in shared memory, `CacheConfig.shared_memory`).
+        `kv_lanes`: the Push streams (each on its own connection) a transfer over gRPC is striped over."""
         if pool not in ("fresh", "warm"):
             raise ValueError(f"pool must be 'fresh' or 'warm', got {pool!r}")
         if kv_transport not in KV_TRANSPORTS:
             raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {kv_transport!r}")
+        if kv_lanes < 1:
+            raise ValueError(f"kv_lanes must be >= 1, got {kv_lanes}")
+        self.kv_lanes = kv_lanes
         self.max_queued_tokens = max_queued_tokens
         self.loop = loop
         self.pool = pool
@@ -55,7 +60,7 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         self.layout = kv_layout(runner.kv_caches, loop.engine.model_id)
         self.source = export_source(runner.kv_caches, runner.kv_memfd) if kv_transport == "auto" else None
         self.host_id = host_id()
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[tuple[str, int], grpc.Channel] = {}  # (address, lane) → channel
         self._lock = threading.Lock()
         self._pushes = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kv-push")
 
@@ -78,17 +83,21 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
             lease = stub.Reserve(self._reserve_request(request))
         except grpc.RpcError as exc:
             context.abort(exc.code(), f"decode worker {request.decode_address}: {exc.details()}")
-        push = self._new_push(target, lease) if lease.num_cached_blocks < lease.num_blocks else None
+        push = None
+        if lease.num_cached_blocks < lease.num_blocks:
+            push = self._new_push(request.decode_address, lease)
         try:
             yield from self._prefill_and_push(request, context, lease, push, start)
         finally:
             if push is not None and push.pinned:
                 self.loop.call(self.loop.engine.unpin_kv, push.pinned)
 
-    def _new_push(self, target: grpc.Channel, lease: kvtransfer_pb2.ReserveReply) -> KVPush:
+    def _new_push(self, address: str, lease: kvtransfer_pb2.ReserveReply) -> KVPush:
         source = self.source if self._same_host(lease) else None
         kv_caches = self.loop.engine.runner.kv_caches
-        return KVPush(push_stub(target), kv_caches, self.layout, lease.lease_id, self.max_chunk_bytes, source)
+        lanes = 1 if source is not None else self.kv_lanes
+        pushes = [push_stub(self._channel(address, lane)) for lane in range(lanes)]
+        return KVPush(pushes, kv_caches, self.layout, lease.lease_id, self.max_chunk_bytes, source)
 
     def _prefill_and_push(self, request, context, lease, push: KVPush | None, start: float):
         """Run the prefill with its transfer; reply with the first token, then with the transfer's end.
@@ -172,8 +181,8 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         evicted = self.loop.call(self.loop.engine.block_pool.reset_cache)
         return common_pb2.ResetCacheReply(num_evicted_blocks=evicted)
 
-    def _channel(self, address: str) -> grpc.Channel:
+    def _channel(self, address: str, lane: int = 0) -> grpc.Channel:
         with self._lock:
-            if address not in self._channels:
-                self._channels[address] = channel(address)
-            return self._channels[address]
+            if (address, lane) not in self._channels:
+                self._channels[address, lane] = channel(address, lane)
+            return self._channels[address, lane]
