@@ -40,7 +40,6 @@ from splitserve import LLM, SamplingParams
 from splitserve.cluster.supervisor import parse_announcement
 from splitserve.engine.kv_watch import KVReady, KVWatch
 from splitserve.engine.loop import EngineLoop
-from splitserve.kvtransfer.chunks import DEFAULT_KV_LANES
 from splitserve.kvtransfer.push import KVPush
 from splitserve.kvtransfer.requests import sampling_to_proto
 from splitserve.kvtransfer.same_host import export_source
@@ -227,7 +226,7 @@ def main() -> None:
             vocab_size=1024, max_position_embeddings=8192)), "bfloat16"),
     }  # fmt: skip
     chunk_sizes = [4 * 2**20] if args.quick else [2**20, 4 * 2**20, 16 * 2**20]
-    lane_counts = [1, DEFAULT_KV_LANES] if args.quick else [1, 2, 4, 8]
+    lane_counts = [1, 2] if args.quick else [1, 2, 4, 8]
     paths = [("grpc", c, n) for c in chunk_sizes for n in lane_counts] + [("same-host", 4 * 2**20, 1)]
     rows = []
     for name, (path, dtype) in models.items():

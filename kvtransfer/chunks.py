@@ -18,7 +18,6 @@ from splitserve.kvtransfer.errors import CorruptChunk, LayoutMismatch, Malformed
 from splitserve.protos import common_pb2, kvtransfer_pb2
 
 DEFAULT_CHUNK_BYTES = 4 * 2**20
-DEFAULT_KV_LANES = 4  # Push streams a gRPC transfer is striped over (docs/benchmarks.md)
 MAX_CHUNK_BYTES = 64 * 2**20  # the receiver's hard limit, whatever the sender was configured with
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _LAYOUT_FIELDS = ("model_id", "num_layers", "num_kv_heads", "head_dim", "block_size", "dtype")

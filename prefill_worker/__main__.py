@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES, DEFAULT_KV_LANES
+from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES
+from splitserve.kvtransfer.transport import default_kv_lanes
 from splitserve.worker.process import add_worker_arguments, build_engine, run_worker
 
 
@@ -14,8 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     add_worker_arguments(parser)
     parser.add_argument("--pool", default="fresh", choices=["fresh", "warm"])
     parser.add_argument("--max-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
-    parser.add_argument("--kv-lanes", type=int, default=DEFAULT_KV_LANES,
-                        help="Push streams (each on its own connection) a gRPC transfer is striped over")
+    parser.add_argument("--kv-lanes", type=int, default=default_kv_lanes(),
+                        help="Push streams (each on its own connection) a gRPC transfer is striped over "
+                             "(default: one per 4 cores, 1 to 4)")
     parser.add_argument("--kv-transport", default="auto", choices=["auto", "grpc"],
                         help="auto: a decode worker on this host copies the KV from this worker's "
                              "memory (CPU: shared memory; CUDA: IPC); others, or all with grpc: over gRPC")

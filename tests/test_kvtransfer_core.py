@@ -248,3 +248,46 @@ def test_read_ahead_yields_everything_in_order_raises_where_the_source_failed_an
         if item == 3:
             break  # the consumer stops: the helper ends (waited for) having run at most depth + 2 ahead
     assert released.wait(5) and len(produced) <= 3 + 1 + 2 + 1
+
+
+def striped_chunks(num_lanes):
+    """Per lane, the chunks of a 4-block transfer of LAYOUT (3 layers, 2 chunks each): lane i carries the
+    layers l with l % num_lanes == i, with its own sequence numbers and its own last chunk."""
+    src = caches(LAYOUT, 8, seed=4)
+    lanes = {}
+    for span in plan_chunks(LAYOUT, 0, 4, 2 * block_bytes(LAYOUT)):
+        lane = span.layer % num_lanes
+        ids = [1 + b for b in range(span.first_block, span.first_block + span.num_blocks)]
+        data = bytes(read_blocks(src[span.layer], ids))
+        chunk = encode_chunk("lease", len(lanes.setdefault(lane, [])), span, data, last=False)
+        chunk.lane, chunk.num_lanes = lane, num_lanes
+        lanes[lane].append(chunk)
+    for chunks in lanes.values():
+        chunks[-1].last = True
+    return lanes
+
+
+def test_striped_lanes_are_accepted_interleaved_and_checked_per_lane():
+    lanes = striped_chunks(2)  # lane 0: layers 0 and 2 (4 chunks); lane 1: layer 1 (2 chunks)
+    validator = ChunkValidator(LAYOUT, 0, 4)
+    order = [lanes[1][0], lanes[0][0], lanes[1][1], lanes[0][1], lanes[0][2], lanes[0][3]]
+    for chunk in order:
+        validator.accept(chunk)
+        if chunk is lanes[1][1]:
+            assert validator.lane_done(1) and not validator.lane_done(0) and not validator.complete
+    assert validator.complete and validator.next_seq == 6
+    rejections = [
+        (lambda c: (setattr(c, "lane", 1), setattr(c, "seq", 1)), "on lane 1"),  # layer 0 is lane 0's
+        (lambda c: setattr(c, "num_lanes", 3), "of 3 lanes in a transfer of 2"),
+        (lambda c: setattr(c, "seq", 1), "of lane 0 arrived where 0 was due"),
+        (lambda c: setattr(c, "last", True), "before every block of every layer of its lane"),
+    ]
+    for spoil, message in rejections:
+        validator = ChunkValidator(LAYOUT, 0, 4)
+        validator.accept(lanes[1][0])  # fixes the number of lanes at 2
+        bad = type(lanes[0][0])()
+        bad.CopyFrom(lanes[0][0])
+        spoil(bad)
+        with pytest.raises(MalformedChunk, match=re.escape(message)):
+            validator.accept(bad)
+        assert validator.next_seq == 1  # nothing changed

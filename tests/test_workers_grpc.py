@@ -26,7 +26,7 @@ def model(tiny_model):
     return tiny_model("llama", max_position_embeddings=512)
 
 
-@pytest.fixture(params=["grpc", "same-host"])
+@pytest.fixture(params=["grpc", "grpc-striped", "same-host"])
 def transport(request):
     return request.param
 
@@ -44,7 +44,7 @@ def test_disaggregated_requests_match_the_offline_api_also_concurrently(model, c
     expected = offline(model, prompts, 10)
     tokens, reply = cluster.generate("solo", prompts[0], 10)
     assert tokens == expected[0] and reply.num_blocks_sent == -(-len(prompts[0]) // 8)
-    assert reply.transport == transport
+    assert reply.transport == transport.removesuffix("-striped")
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda i: cluster.generate(f"c{i}", prompts[i], 10)[0], range(16)))
     assert results == expected

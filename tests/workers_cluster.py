@@ -19,7 +19,8 @@ GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 
 class Cluster:
-    """One prefill and one decode worker, each with its own engine, serving on localhost."""
+    """One prefill and one decode worker, each with its own engine, serving on localhost. `transport`:
+    "grpc", "grpc-striped" (each transfer's layers over 2 lanes) or "same-host"."""
 
     def __init__(self, model, transport="grpc", num_blocks=256, lease_ttl_s=10.0, max_chunk_bytes=4096):
         def engine(n, **kw):
@@ -30,7 +31,8 @@ class Cluster:
         self.decode_loop = EngineLoop(engine(num_blocks))
         self.decode = DecodeService(self.decode_loop, lease_ttl_s=lease_ttl_s)
         self.prefill = PrefillService(self.prefill_loop, max_chunk_bytes=max_chunk_bytes,
-                                      kv_transport="auto" if same_host else "grpc")
+                                      kv_transport="auto" if same_host else "grpc",
+                                      kv_lanes=2 if transport == "grpc-striped" else 1)  # fmt: skip
         self.decode_server, port = make_server("127.0.0.1:0")
         add_kvtransfer_servicer(self.decode, self.decode_server)
         workers_pb2_grpc.add_DecodeWorkerServicer_to_server(self.decode, self.decode_server)
