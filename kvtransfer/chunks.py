@@ -23,9 +23,15 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _LAYOUT_FIELDS = ("model_id", "num_layers", "num_kv_heads", "head_dim", "block_size", "dtype")
 
 
-def block_bytes(layout: common_pb2.KVLayout) -> int:
-    """Bytes of one block of one layer, K and V."""
-    return 2 * layout.block_size * layout.num_kv_heads * layout.head_dim * DTYPE_BYTES[layout.dtype]
+WIRE_ENCODINGS = ("", "fp8_e4m3")  # see KVChunk.encoding
+
+
+def block_bytes(layout: common_pb2.KVLayout, encoding: str = "") -> int:
+    """Bytes of one block of one layer, K and V, as the cache holds them (or on the wire in `encoding`)."""
+    values = 2 * layout.block_size * layout.num_kv_heads * layout.head_dim
+    if encoding == "fp8_e4m3":
+        return values + 2 * 4  # a byte per value, a float32 scale for each of K and V
+    return values * DTYPE_BYTES[layout.dtype]
 
 
 def check_layout(ours: common_pb2.KVLayout, theirs: common_pb2.KVLayout) -> None:
@@ -72,14 +78,14 @@ def plan_chunks(
 
 def chunk_header(
     lease_id: str, seq: int, span: ChunkSpan, payload: bytes | bytearray | memoryview, last: bool,
-    num_lanes: int = 1,
+    num_lanes: int = 1, encoding: str = "",
 ) -> kvtransfer_pb2.KVChunk:
     """A chunk's fields without its data (as `frames` sends it), with the payload's CRC-32; its lane is
     its layer's (`lane_of`)."""
     return kvtransfer_pb2.KVChunk(
         lease_id=lease_id, seq=seq, layer=span.layer, first_block=span.first_block,
         num_blocks=span.num_blocks, crc32=zlib.crc32(payload), last=last,
-        lane=lane_of(span.layer, num_lanes), num_lanes=num_lanes,
+        lane=lane_of(span.layer, num_lanes), num_lanes=num_lanes, encoding=encoding,
     )  # fmt: skip
 
 
@@ -194,7 +200,8 @@ class ChunkValidator:
                     f"source blocks and carries {len(data)} bytes"
                 )
             return
-        if len(data) != chunk.num_blocks * self.block_bytes:
-            raise MalformedChunk(
-                f"{len(data)} bytes for {chunk.num_blocks} blocks of {self.block_bytes} bytes"
-            )
+        if chunk.encoding not in WIRE_ENCODINGS:
+            raise MalformedChunk(f"unknown KV encoding {chunk.encoding!r}")
+        per_block = block_bytes(self.layout, chunk.encoding)
+        if len(data) != chunk.num_blocks * per_block:
+            raise MalformedChunk(f"{len(data)} bytes for {chunk.num_blocks} blocks of {per_block} bytes")

@@ -48,18 +48,20 @@ class KVPush:
         lease_id: str,
         max_chunk_bytes: int,
         source: kvtransfer_pb2.KVSource | None = None,
+        encoding: str = "",
     ) -> None:
         self.kv_caches = kv_caches
         self.layout = layout
         self.lease_id = lease_id
         self.max_chunk_bytes = max_chunk_bytes
         self.source = source  # None: over the wire
+        self.encoding = encoding if source is None else ""  # the wire's (see KVChunk.encoding)
         self.transport = "grpc" if source is None else "same-host"
         lanes = 1 if source is not None else max(1, min(len(pushes), layout.num_layers))
         self._pushes = list(pushes[:lanes])
         self.num_lanes = lanes
         self.pinned: list[int] = []
-        self._block_bytes = block_bytes(layout)
+        self._block_bytes = block_bytes(layout, self.encoding)  # as sent
         self._reports: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(lanes)]
         self._sent = [0] * lanes  # bytes per lane
         self._lock = threading.Lock()
@@ -129,7 +131,7 @@ class KVPush:
 
     def _wire_frame(self, seq: int, span: ChunkSpan, ids, ready: KVReady, last: bool) -> bytes:
         return wire_frame(self.kv_caches[span.layer], ids, self.lease_id, seq, span, last, ready.event,
-                          self.num_lanes)  # fmt: skip
+                          self.num_lanes, self.encoding)  # fmt: skip
 
     def _same_host_chunk(self, seq: int, span: ChunkSpan, ids, ready: KVReady, last: bool) -> bytes:
         if ready.event is not None:

@@ -46,11 +46,12 @@ def wire_frame(
     last: bool,
     after: torch.cuda.Event | None = None,
     num_lanes: int = 1,
+    encoding: str = "",
 ) -> bytes:
-    """The frame of one chunk: blocks `ids` of one layer's cache (once `after` has fired) on the host,
-    checksummed, on its layer's lane of `num_lanes`."""
-    payload = read_blocks(cache, ids, after)
-    return encode_frame(chunk_header(lease_id, seq, span, payload, last, num_lanes), payload)
+    """The frame of one chunk: blocks `ids` of one layer's cache (once `after` has fired) on the host in
+    the wire `encoding`, checksummed, on its layer's lane of `num_lanes`."""
+    payload = read_blocks(cache, ids, after, encoding)
+    return encode_frame(chunk_header(lease_id, seq, span, payload, last, num_lanes, encoding), payload)
 
 
 class ChunkSink:
@@ -105,7 +106,7 @@ class ChunkSink:
                 src = self._source_caches[span.layer]
                 copy_blocks(self.kv_caches[span.layer], ids, src, list(header.src_block_ids))
             else:
-                write_blocks(self.kv_caches[span.layer], ids, payload)
+                write_blocks(self.kv_caches[span.layer], ids, payload, header.encoding)
         finally:
             with self._lock:
                 self._writing -= 1

@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-lanes", type=int, default=default_kv_lanes(),
                         help="Push streams (each on its own connection) a gRPC transfer is striped over "
                              "(default: one per 4 cores, 1 to 4)")
+    parser.add_argument("--kv-wire-dtype", default="auto", choices=["auto", "fp8"],
+                        help="auto: KV over gRPC in the cache's dtype; fp8: FP8 e4m3 with per-block scales "
+                             "(half of bf16's bytes; lossy, see docs/benchmarks.md)")
     parser.add_argument("--kv-transport", default="auto", choices=["auto", "grpc"],
                         help="auto: a decode worker on this host copies the KV from this worker's "
                              "memory (CPU: shared memory; CUDA: IPC); others, or all with grpc: over gRPC")
@@ -30,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     loop = EngineLoop(build_engine(args, shared_kv=args.kv_transport == "auto"))
     service = PrefillService(
         loop, pool=args.pool, max_chunk_bytes=args.max_chunk_bytes, max_queued_tokens=args.max_queued_tokens,
-        kv_transport=args.kv_transport, kv_lanes=args.kv_lanes,
+        kv_transport=args.kv_transport, kv_lanes=args.kv_lanes, kv_wire_dtype=args.kv_wire_dtype,
     )  # fmt: skip
 
     def close() -> None:

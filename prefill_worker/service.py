@@ -29,6 +29,7 @@ from splitserve.kvtransfer.transport import channel, default_kv_lanes, push_stub
 from splitserve.protos import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
 
 KV_TRANSPORTS = ("auto", "grpc")  # auto: same-host when the target shares this host, else gRPC
+KV_WIRE_DTYPES = {"auto": "", "fp8": "fp8_e4m3"}  # --kv-wire-dtype → KVChunk.encoding
 
 
 class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
@@ -40,16 +41,21 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         max_queued_tokens: int | None = None,
         kv_transport: str = "auto",
         kv_lanes: int | None = None,
+        kv_wire_dtype: str = "auto",
     ) -> None:
         """`max_queued_tokens`: the bound on prompt tokens waiting to be computed; a request past it is
         refused with RESOURCE_EXHAUSTED. None: unbounded. `kv_transport`: see KV_TRANSPORTS (on CPU the
         same-host path needs the engine's caches in shared memory, `CacheConfig.shared_memory`).
         `kv_lanes`: the Push streams (each on its own connection) a transfer over gRPC is striped over
-        (None: `default_kv_lanes()`)."""
+        (None: `default_kv_lanes()`). `kv_wire_dtype`: "auto" sends the cache's dtype; "fp8" sends FP8 e4m3
+        with per-block scales over gRPC (half the bytes of bf16; the same-host path copies the cache)."""
         if pool not in ("fresh", "warm"):
             raise ValueError(f"pool must be 'fresh' or 'warm', got {pool!r}")
         if kv_transport not in KV_TRANSPORTS:
             raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {kv_transport!r}")
+        if kv_wire_dtype not in KV_WIRE_DTYPES:
+            raise ValueError(f"kv_wire_dtype must be one of {KV_WIRE_DTYPES}, got {kv_wire_dtype!r}")
+        self.kv_encoding = KV_WIRE_DTYPES[kv_wire_dtype]
         self.kv_lanes = default_kv_lanes() if kv_lanes is None else kv_lanes
         if self.kv_lanes < 1:
             raise ValueError(f"kv_lanes must be >= 1, got {kv_lanes}")
@@ -98,7 +104,8 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         kv_caches = self.loop.engine.runner.kv_caches
         lanes = 1 if source is not None else self.kv_lanes
         pushes = [push_stub(self._channel(address, lane)) for lane in range(lanes)]
-        return KVPush(pushes, kv_caches, self.layout, lease.lease_id, self.max_chunk_bytes, source)
+        return KVPush(pushes, kv_caches, self.layout, lease.lease_id, self.max_chunk_bytes, source,
+                      self.kv_encoding)  # fmt: skip
 
     def _prefill_and_push(self, request, context, lease, push: KVPush | None, start: float):
         """Run the prefill with its transfer; reply with the first token, then with the transfer's end.

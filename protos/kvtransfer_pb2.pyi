@@ -108,7 +108,7 @@ class CudaIpcStorage(_message.Message):
     def __init__(self, device: _Optional[int] = ..., handle: _Optional[bytes] = ..., storage_bytes: _Optional[int] = ..., offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("lease_id", "seq", "layer", "first_block", "num_blocks", "data", "crc32", "last", "src_block_ids", "source", "lane", "num_lanes")
+    __slots__ = ("lease_id", "seq", "layer", "first_block", "num_blocks", "data", "crc32", "last", "src_block_ids", "source", "lane", "num_lanes", "encoding")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,7 @@ class KVChunk(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     LANE_FIELD_NUMBER: _ClassVar[int]
     NUM_LANES_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     seq: int
     layer: int
@@ -133,7 +134,8 @@ class KVChunk(_message.Message):
     source: KVSource
     lane: int
     num_lanes: int
-    def __init__(self, lease_id: _Optional[str] = ..., seq: _Optional[int] = ..., layer: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., last: _Optional[bool] = ..., src_block_ids: _Optional[_Iterable[int]] = ..., source: _Optional[_Union[KVSource, _Mapping]] = ..., lane: _Optional[int] = ..., num_lanes: _Optional[int] = ...) -> None: ...
+    encoding: str
+    def __init__(self, lease_id: _Optional[str] = ..., seq: _Optional[int] = ..., layer: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., last: _Optional[bool] = ..., src_block_ids: _Optional[_Iterable[int]] = ..., source: _Optional[_Union[KVSource, _Mapping]] = ..., lane: _Optional[int] = ..., num_lanes: _Optional[int] = ..., encoding: _Optional[str] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("state", "chunks_received", "bytes_received")

@@ -291,3 +291,29 @@ def test_striped_lanes_are_accepted_interleaved_and_checked_per_lane():
         with pytest.raises(MalformedChunk, match=re.escape(message)):
             validator.accept(bad)
         assert validator.next_seq == 1  # nothing changed
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_fp8_wire_encoding_round_trips_within_e4m3_precision_in_half_the_bytes(dtype):
+    layout = KVLayout()
+    layout.CopyFrom(LAYOUT)
+    layout.dtype = dtype
+    src, dst = caches(layout, 8, seed=5), caches(layout, 8, seed=6)
+    src[0][:, 2] *= 1000.0  # blocks of very different magnitudes keep their own scales
+    ids, into = [2, 5, 1], [4, 5, 6]
+    data = read_blocks(src[0], ids, encoding="fp8_e4m3")
+    values = block_bytes(layout) // TORCH_DTYPES[dtype].itemsize  # a byte each, and two float32 scales
+    assert len(data) == 3 * block_bytes(layout, "fp8_e4m3") == 3 * (values + 8)
+    write_blocks(dst[0], into, data, encoding="fp8_e4m3")
+    for s, d in zip(ids, into, strict=True):
+        for kv in (0, 1):
+            want, got = src[0][kv, s].float(), dst[0][kv, d].float()
+            # e4m3 keeps 3 mantissa bits: each value within 2^-4 of its magnitude, at most of the amax
+            assert (got - want).abs().max() <= want.abs().max() * 2**-4 + 1e-30
+    span = plan_chunks(layout, 0, 3, 10**6, layers=range(0, 1))[0]
+    chunk = encode_chunk("lease", 0, span, bytes(data), False)
+    chunk.encoding = "fp8_e4m3"
+    ChunkValidator(layout, 0, 3).accept(chunk)  # its size is the encoding's
+    chunk.encoding = "int4"
+    with pytest.raises(MalformedChunk, match="unknown KV encoding 'int4'"):
+        ChunkValidator(layout, 0, 3).accept(chunk)

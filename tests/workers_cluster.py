@@ -22,7 +22,8 @@ class Cluster:
     """One prefill and one decode worker, each with its own engine, serving on localhost. `transport`:
     "grpc", "grpc-striped" (each transfer's layers over 2 lanes) or "same-host"."""
 
-    def __init__(self, model, transport="grpc", num_blocks=256, lease_ttl_s=10.0, max_chunk_bytes=4096):
+    def __init__(self, model, transport="grpc", num_blocks=256, lease_ttl_s=10.0, max_chunk_bytes=4096,
+                 kv_wire_dtype="auto"):  # fmt: skip
         def engine(n, **kw):
             return LLM(str(model), num_blocks=n, block_size=8, max_num_seqs=16, **kw).engine
 
@@ -32,7 +33,8 @@ class Cluster:
         self.decode = DecodeService(self.decode_loop, lease_ttl_s=lease_ttl_s)
         self.prefill = PrefillService(self.prefill_loop, max_chunk_bytes=max_chunk_bytes,
                                       kv_transport="auto" if same_host else "grpc",
-                                      kv_lanes=2 if transport == "grpc-striped" else 1)  # fmt: skip
+                                      kv_lanes=2 if transport == "grpc-striped" else 1,
+                                      kv_wire_dtype=kv_wire_dtype)  # fmt: skip
         self.decode_server, port = make_server("127.0.0.1:0")
         add_kvtransfer_servicer(self.decode, self.decode_server)
         workers_pb2_grpc.add_DecodeWorkerServicer_to_server(self.decode, self.decode_server)
