@@ -54,7 +54,8 @@ def transferred(prefill, decode, rid: str, prompt: list[int], max_tokens: int, e
     return tokens
 
 
-def all_tokens(engines, prompts: list[list[int]], max_tokens: int, encoding: str, tag: str) -> list[list[int]]:
+def all_tokens(engines, prompts: list[list[int]], max_tokens: int, encoding: str, tag: str) -> list:
+    """Every prompt's tokens after its KV crossed the wire in `encoding`."""
     out = []
     for i, prompt in enumerate(prompts):
         for engine in engines:  # every prompt's KV comes through the wire, none from a cache
