@@ -45,12 +45,12 @@ class Workers(Cluster):
         """p1's pushes flip the last byte of their second frame (payload): the receiver's checksum fails."""
         new_push = self.prefill._new_push
 
-        def corrupting(target, lease):
-            push = new_push(target, lease)
+        def corrupting(address, lease):
+            push = new_push(address, lease)
             frames = push._chunks
 
-            def flipped():
-                for i, frame in enumerate(frames()):
+            def flipped(lane):
+                for i, frame in enumerate(frames(lane)):
                     yield frame[:-1] + bytes([frame[-1] ^ 1]) if i == 1 else frame
 
             push._chunks = flipped
