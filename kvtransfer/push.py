@@ -27,6 +27,8 @@ from splitserve.kvtransfer.stream import wire_frame
 from splitserve.protos import common_pb2, kvtransfer_pb2
 
 _END = object()  # the engine will report nothing more (the request ended early): close the stream
+# What a lane meets when another lane's failure ended the transfer first.
+_CONSEQUENCES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED)
 
 
 class KVPush:
@@ -88,9 +90,11 @@ class KVPush:
             others = [lanes.submit(self._pushes[i], self._chunks(i)) for i in range(1, self.num_lanes)]
             try:
                 replies = [self._pushes[0](self._chunks(0))]
-            except BaseException:
+            except grpc.RpcError as exc:
                 self.abort()  # the other lanes end too (the receiver fails the lease anyway)
-                raise
+                errors = [exc] + [e for f in others if isinstance(e := f.exception(), grpc.RpcError)]
+                # The root cause, not a lane that found the lease already failed by another.
+                raise next((e for e in errors if e.code() not in _CONSEQUENCES), exc) from None
             replies += [f.result() for f in others]
         return next((r for r in replies if r.state == kvtransfer_pb2.COMPLETE), replies[-1])
 

@@ -78,12 +78,12 @@ def make_server(address: str, max_workers: int = 1024) -> tuple[grpc.Server, int
     return server, port
 
 
-def default_kv_lanes() -> int:
-    """Push streams a gRPC transfer is striped over by default: one per 4 cores of this host, 1 to 4. On a
-    2-core machine (sender and receiver processes sharing both cores, 1B KV layout, 134 MB) 1 and 2 lanes
-    moved ~1.0 GB/s and 4 lanes 0.67: the cores, not the streams, are the limit there; plain gRPC on a
-    16-core GPU host moved 1.48 GB/s on one connection and 4.09 GB/s on four (docs/benchmarks.md)."""
-    return max(1, min(4, (os.cpu_count() or 1) // 4))
+DEFAULT_KV_LANES = 1
+"""Push streams a gRPC transfer is striped over by default. Measured (docs/benchmarks.md): on a 2-core
+machine (sender and receiver processes sharing both cores, 1B KV layout, 134 MB) 1 lane moved 1.06–1.09
+GB/s, 2 lanes 0.80–0.99, 4 lanes 0.58–0.82: the cores, not the streams, are the limit there. Plain gRPC on
+the 16-core GPU host moved 1.48 GB/s on one connection and 4.09 on four, but lanes of this push have not
+been measured there yet: until they are, one."""
 
 
 def channel(address: str, lane: int = 0) -> grpc.Channel:

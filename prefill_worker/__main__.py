@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES
-from splitserve.kvtransfer.transport import default_kv_lanes
+from splitserve.kvtransfer.transport import DEFAULT_KV_LANES
 from splitserve.worker.process import add_worker_arguments, build_engine, run_worker
 
 
@@ -15,9 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     add_worker_arguments(parser)
     parser.add_argument("--pool", default="fresh", choices=["fresh", "warm"])
     parser.add_argument("--max-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
-    parser.add_argument("--kv-lanes", type=int, default=default_kv_lanes(),
-                        help="Push streams (each on its own connection) a gRPC transfer is striped over "
-                             "(default: one per 4 cores, 1 to 4)")
+    parser.add_argument("--kv-lanes", type=int, default=DEFAULT_KV_LANES,
+                        help="Push streams (each on its own connection) a gRPC transfer is striped over")
     parser.add_argument("--kv-wire-dtype", default="auto", choices=["auto", "fp8"],
                         help="auto: KV over gRPC in the cache's dtype; fp8: FP8 e4m3 with per-block scales "
                              "(half of bf16's bytes; lossy, see docs/benchmarks.md)")

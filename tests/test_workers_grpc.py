@@ -189,3 +189,39 @@ def test_an_fp8_wire_moves_a_quarter_of_float32_kv_and_the_request_completes(mod
         assert c.free_blocks() == c.free_at_start
     finally:
         c.close()
+
+
+def test_a_corrupt_lane_fails_the_striped_transfer_with_its_own_error_and_frees_the_lease(model):
+    from splitserve.engine.kv_watch import KVReady
+    from splitserve.kvtransfer.chunks import block_bytes
+    from splitserve.kvtransfer.push import KVPush
+    from splitserve.kvtransfer.transport import channel, push_stub
+
+    c = Cluster(model, "grpc")
+    channels = [channel(c.decode_address, lane) for lane in range(2)]
+    try:
+        lease = reserve(c, "striped", list(range(3, 60)))  # 8 blocks
+        caches = c.prefill_loop.engine.runner.kv_caches
+        push = KVPush([push_stub(ch) for ch in channels], caches, c.prefill.layout, lease.lease_id,
+                      2 * block_bytes(c.prefill.layout))  # 4 frames per layer; layer l on lane l % 2
+        frames = push._chunks
+
+        def corrupted(lane):
+            for i, frame in enumerate(frames(lane)):
+                yield frame[:-1] + bytes([frame[-1] ^ 1]) if (lane, i) == (1, 2) else frame
+
+        push._chunks = corrupted
+        for layer in range(c.prefill.layout.num_layers):
+            push.on_ready(KVReady("striped", layer, 0, tuple(range(8)), None, last=True))
+        with pytest.raises(grpc.RpcError) as info:
+            push.run()
+        # Lane 0 may meet the lease already failed (NOT_FOUND): the error raised is lane 1's own.
+        assert info.value.code() == grpc.StatusCode.DATA_LOSS and "checksum" in info.value.details()
+        deadline = time.monotonic() + 5
+        while c.free_blocks() != c.free_at_start and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.free_blocks() == c.free_at_start
+    finally:
+        for ch in channels:
+            ch.close()
+        c.close()
