@@ -18,6 +18,7 @@ from splitserve.worker.options import EngineOptions
 
 MemberKind = Literal["router", "prefill", "decode"]
 KV_TRANSPORTS = ("auto", "grpc")
+KV_WIRE_DTYPES = ("auto", "fp8")  # the prefill workers' --kv-wire-dtype
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")  # bind hosts meaning "every interface": not an address to reach
 
 
@@ -66,6 +67,8 @@ class ClusterSpec:
     tenants: str | None = None
     engine: EngineOptions = field(default_factory=EngineOptions)
     kv_transport: str = "auto"
+    kv_lanes: int = 1  # the prefill workers' --kv-lanes
+    kv_wire_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.num_decode < 1:
@@ -85,6 +88,9 @@ class ClusterSpec:
         if self.kv_transport not in KV_TRANSPORTS:
             choices = ", ".join(KV_TRANSPORTS)
             raise ValueError(f"kv_transport must be one of {choices}, got {self.kv_transport!r}")
+        if self.kv_wire_dtype not in KV_WIRE_DTYPES or self.kv_lanes < 1:
+            raise ValueError(f"kv_wire_dtype must be one of {', '.join(KV_WIRE_DTYPES)} and kv_lanes >= 1, "
+                             f"got {self.kv_wire_dtype!r} and {self.kv_lanes}")  # fmt: skip
 
     @property
     def num_workers(self) -> int:
@@ -105,6 +111,10 @@ class ClusterSpec:
                     pool,
                     "--kv-transport",
                     self.kv_transport,
+                    "--kv-lanes",
+                    str(self.kv_lanes),
+                    "--kv-wire-dtype",
+                    self.kv_wire_dtype,
                 )
                 members.append(MemberSpec(f"{pool}-{i}", "prefill", "splitserve.prefill_worker", args, env))
         for i in range(self.num_decode):

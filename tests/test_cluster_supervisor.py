@@ -21,7 +21,8 @@ from splitserve.worker.options import EngineOptions
 
 def test_cluster_spec_validates():
     for bad in ({"num_decode": 0}, {"num_fresh": 0, "num_warm": 0}, {"num_fresh": -1}, {"policy": "nope"},
-                {"ab": "cpd:0.5,nope:0.5"}, {"grpc_port": 70000}, {"kv_transport": "ipc"},
+                {"ab": "cpd:0.5,nope:0.5"}, {"grpc_port": 70000}, {"kv_transport": "ipc"}, {"kv_lanes": 0},
+                {"kv_wire_dtype": "int4"},
                 {"failure_policy": "retry"}):  # fmt: skip
         with pytest.raises(ValueError):
             ClusterSpec(model="m", **bad)
@@ -40,6 +41,7 @@ def test_cluster_spec_members_are_the_entry_points_with_their_flags():
         ab="cpd:0.5,least_loaded:0.5",
         http_port=None,
         engine=EngineOptions(num_blocks=64, max_num_seqs=32),
+        kv_wire_dtype="fp8",
         policy_options=("local_prefill_max_tokens=8",),
     )
     workers = spec.workers("redis://r:1/0")
@@ -53,6 +55,7 @@ def test_cluster_spec_members_are_the_entry_points_with_their_flags():
     assert warm[warm.index("--pool") + 1] == "warm" and warm[warm.index("--worker-id") + 1] == "warm-0"
     assert warm[warm.index("--num-blocks") + 1] == "64" and warm[warm.index("--port") + 1] == "0"
     assert warm[warm.index("--max-num-seqs") + 1] == "32" and "--max-model-len" not in warm
+    assert warm[warm.index("--kv-wire-dtype") + 1] == "fp8" and warm[warm.index("--kv-lanes") + 1] == "1"
     assert all(
         w.env == (("SPLITSERVE_REDIS_URL", "redis://r:1/0"),) and "redis://r:1/0" not in w.args
         for w in workers
