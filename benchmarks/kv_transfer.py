@@ -95,13 +95,12 @@ class Pair:
         blocks = PROMPT_TOKENS // 16 + 8
         self.prefill = LLM(path, dtype=dtype, num_blocks=blocks, max_num_batched_tokens=PROMPT_TOKENS,
                            shared_memory=True).engine  # fmt: skip
-        runner = self.prefill.runner
-        self.source = export_source(runner.kv_caches, runner.kv_memfd)
+        self.source = export_source(self.prefill.kv_caches, self.prefill.kv_memfd)
         self.worker, self.address = start_decode_worker(path, dtype, blocks)
         self.channels = [channel(self.address, lane) for lane in range(MAX_LANES)]
         self.stub = kvtransfer_pb2_grpc.KVTransferStub(self.channels[0])
         self.pushes = [push_stub(ch) for ch in self.channels]
-        self.layout = kv_layout(self.prefill.runner.kv_caches, self.prefill.model_id)
+        self.layout = kv_layout(self.prefill.kv_caches, self.prefill.model_id)
         gen = torch.Generator().manual_seed(0)
         self.prompt = torch.randint(3, 500, (PROMPT_TOKENS,), generator=gen).tolist()
         reports = []  # the prompt's blocks stay pinned (as for a transfer) for the whole benchmark
@@ -110,7 +109,7 @@ class Pair:
         while self.prefill.has_unfinished_requests():
             self.prefill.step()
         self.block_ids = [b for r in reports if r.layer == 0 for b in r.block_ids]
-        caches = self.prefill.runner.kv_caches
+        caches = self.prefill.kv_caches
         self.kv_bytes = sum(c[:, self.block_ids].numel() * c.element_size() for c in caches)
 
     def transfer_s(self, chunk_bytes: int, rid: str, same_host: bool, lanes: int = 1) -> float:
@@ -123,7 +122,7 @@ class Pair:
         ))  # fmt: skip
         assert lease.num_cached_blocks == 0
         source = self.source if same_host else None
-        caches = self.prefill.runner.kv_caches
+        caches = self.prefill.kv_caches
         push = KVPush(self.pushes[:lanes], caches, self.layout, lease.lease_id, chunk_bytes, source)
         blocks = tuple(self.block_ids)
         for layer in range(self.layout.num_layers):  # as if the whole prefill had just ended

@@ -43,7 +43,7 @@ def transferred(prefill, decode, rid: str, prompt: list[int], max_tokens: int, e
     src = [b for r in reports if r.layer == 0 for b in r.block_ids]
     reservation = decode.reserve_kv(rid, prompt, SamplingParams(max_tokens=max_tokens, **GREEDY))
     held = reservation.num_cached_blocks  # 0: the caches are emptied before each run
-    for src_cache, dst_cache in zip(prefill.runner.kv_caches, decode.runner.kv_caches, strict=True):
+    for src_cache, dst_cache in zip(prefill.kv_caches, decode.kv_caches, strict=True):
         data = read_blocks(src_cache, src[held:], encoding=encoding)
         write_blocks(dst_cache, reservation.block_ids[held:], data, encoding)
     prefill.unpin_kv(src)

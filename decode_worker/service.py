@@ -44,7 +44,7 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
         self.loop = loop
         self.max_queued_tokens = max_queued_tokens
         engine = loop.engine
-        self.layout = kv_layout(engine.runner.kv_caches, engine.model_id)
+        self.layout = kv_layout(engine.kv_caches, engine.model_id)
         self.lease_ttl_s = lease_ttl_s
         self._lock = threading.Lock()  # leases and sinks; never held while waiting on the network
         self._lease_changed = threading.Condition(self._lock)  # a lease completed or ended
@@ -86,7 +86,7 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
                 request.request_id, reservation.block_ids, reservation.num_cached_blocks, ttl_s
             )
             self._sinks[lease.lease_id] = ChunkSink(
-                self.loop.engine.runner.kv_caches, self.layout, reservation.block_ids,
+                self.loop.engine.kv_caches, self.layout, reservation.block_ids,
                 reservation.num_cached_blocks, self.sources,
             )  # fmt: skip
             # Every block already held (a full-block prompt, all cached): nothing will be pushed.

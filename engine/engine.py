@@ -97,6 +97,17 @@ class Engine:
         self._sequences[request_id] = seq
         self.scheduler.add(seq)
 
+    @property
+    def kv_caches(self) -> list[torch.Tensor]:
+        """The paged KV cache, one [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer:
+        what a KV transfer reads blocks from and writes them into (under a pin or a reservation only)."""
+        return self.runner.kv_caches
+
+    @property
+    def kv_memfd(self) -> int | None:
+        """The memfd holding the caches when they are in shared memory (CPU, for the same-host path)."""
+        return self.runner.kv_memfd
+
     def unpin_kv(self, block_ids: list[int] | tuple[int, ...]) -> None:
         """Give back the references `KVReady` reports held on `block_ids` (each once)."""
         self.block_pool.free(reversed(block_ids))

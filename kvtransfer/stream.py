@@ -4,7 +4,7 @@ The sender reads blocks [first_block, num_blocks) of a request from its per-laye
 layer, into bounded chunks sent as frames (`frames`: protobuf-compatible, payload never copied by
 protobuf); the receiver validates each (`ChunkValidator`) and writes it into the blocks reserved for the
 request, or copies them from the sender's cache on the same host (`same_host`). Transport-free: the
-services move the chunks; both ends are engines' `runner.kv_caches` and block ids.
+services move the chunks; both ends are engines' `kv_caches` and block ids.
 """
 
 from __future__ import annotations

@@ -63,9 +63,9 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         self.loop = loop
         self.pool = pool
         self.max_chunk_bytes = max_chunk_bytes
-        runner = loop.engine.runner
-        self.layout = kv_layout(runner.kv_caches, loop.engine.model_id)
-        self.source = export_source(runner.kv_caches, runner.kv_memfd) if kv_transport == "auto" else None
+        engine = loop.engine
+        self.layout = kv_layout(engine.kv_caches, engine.model_id)
+        self.source = export_source(engine.kv_caches, engine.kv_memfd) if kv_transport == "auto" else None
         self.host_id = host_id()
         self._channels: dict[tuple[str, int], grpc.Channel] = {}  # (address, lane) → channel
         self._lock = threading.Lock()
@@ -101,7 +101,7 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
 
     def _new_push(self, address: str, lease: kvtransfer_pb2.ReserveReply) -> KVPush:
         source = self.source if self._same_host(lease) else None
-        kv_caches = self.loop.engine.runner.kv_caches
+        kv_caches = self.loop.engine.kv_caches
         lanes = 1 if source is not None else self.kv_lanes
         pushes = [push_stub(self._channel(address, lane)) for lane in range(lanes)]
         return KVPush(pushes, kv_caches, self.layout, lease.lease_id, self.max_chunk_bytes, source,

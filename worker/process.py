@@ -102,7 +102,7 @@ def compute_device(engine) -> str:
 
     from splitserve.kvtransfer.same_host import host_id
 
-    device = engine.runner.device
+    device = engine.device
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_properties(device).uuid}"
     return f"{device.type}:{host_id()}"
