@@ -14,11 +14,9 @@ from splitserve.index.config import REDIS_URL_ENV
 from splitserve.router.core import parse_ab
 from splitserve.router.dispatch import FailurePolicy
 from splitserve.router.policies import POLICIES
-from splitserve.worker.options import EngineOptions
+from splitserve.worker.options import EngineOptions, KVOptions
 
 MemberKind = Literal["router", "prefill", "decode"]
-KV_TRANSPORTS = ("auto", "grpc")
-KV_WIRE_DTYPES = ("auto", "fp8")  # the prefill workers' --kv-wire-dtype
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")  # bind hosts meaning "every interface": not an address to reach
 
 
@@ -66,9 +64,7 @@ class ClusterSpec:
     ray_address: str | None = None
     tenants: str | None = None
     engine: EngineOptions = field(default_factory=EngineOptions)
-    kv_transport: str = "auto"
-    kv_lanes: int = 1  # the prefill workers' --kv-lanes
-    kv_wire_dtype: str = "auto"
+    kv: KVOptions = field(default_factory=KVOptions)  # how the prefill workers move KV
 
     def __post_init__(self) -> None:
         if self.num_decode < 1:
@@ -85,12 +81,6 @@ class ClusterSpec:
         for port in (self.grpc_port, self.http_port):
             if port is not None and not 0 <= port < 65536:
                 raise ValueError(f"a port is in [0, 65535], got {port}")
-        if self.kv_transport not in KV_TRANSPORTS:
-            choices = ", ".join(KV_TRANSPORTS)
-            raise ValueError(f"kv_transport must be one of {choices}, got {self.kv_transport!r}")
-        if self.kv_wire_dtype not in KV_WIRE_DTYPES or self.kv_lanes < 1:
-            raise ValueError(f"kv_wire_dtype must be one of {', '.join(KV_WIRE_DTYPES)} and kv_lanes >= 1, "
-                             f"got {self.kv_wire_dtype!r} and {self.kv_lanes}")  # fmt: skip
 
     @property
     def num_workers(self) -> int:
@@ -109,12 +99,7 @@ class ClusterSpec:
                     f"{pool}-{i}",
                     "--pool",
                     pool,
-                    "--kv-transport",
-                    self.kv_transport,
-                    "--kv-lanes",
-                    str(self.kv_lanes),
-                    "--kv-wire-dtype",
-                    self.kv_wire_dtype,
+                    *self.kv.to_args(),
                 )
                 members.append(MemberSpec(f"{pool}-{i}", "prefill", "splitserve.prefill_worker", args, env))
         for i in range(self.num_decode):

@@ -189,7 +189,7 @@ class ChunkValidator:
     def _check_kind(self, chunk: kvtransfer_pb2.KVChunk, data: bytes | memoryview) -> None:
         same_host = bool(chunk.src_block_ids)
         first = self.same_host is None  # the transfer's first chunk, on whichever lane
-        if first and (same_host != chunk.HasField("source") or chunk.seq != 0):
+        if first and same_host != chunk.HasField("source"):
             raise MalformedChunk("a same-host transfer names its source on chunk 0, and only then")
         if not first and (same_host != self.same_host or chunk.HasField("source")):
             raise MalformedChunk("a transfer mixes same-host and wire chunks")

@@ -83,8 +83,10 @@ def _read_encoded(
     return memoryview(host.numpy())
 
 
-def blocks_nbytes(kv_cache: torch.Tensor, num_blocks: int) -> int:
-    return kv_cache.element_size() * 2 * num_blocks * kv_cache[0, 0].numel()
+def blocks_nbytes(kv_cache: torch.Tensor, num_blocks: int, encoding: str = "") -> int:
+    """Bytes of `num_blocks` blocks of this cache as `read_blocks` returns them in `encoding`."""
+    values = 2 * num_blocks * kv_cache[0, 0].numel()
+    return values + 2 * 4 * num_blocks if encoding else values * kv_cache.element_size()
 
 
 def write_blocks(
@@ -92,8 +94,7 @@ def write_blocks(
 ) -> None:
     """Store bytes from `read_blocks` (of a cache with the same layout, in `encoding`) into `block_ids`."""
     shape = (2, len(block_ids), *kv_cache.shape[2:])
-    values = 2 * len(block_ids) * kv_cache[0, 0].numel()
-    expected = values + 8 * len(block_ids) if encoding else blocks_nbytes(kv_cache, len(block_ids))
+    expected = blocks_nbytes(kv_cache, len(block_ids), encoding)
     if len(data) != expected:
         raise ValueError(f"{len(data)} bytes for {len(block_ids)} blocks of this cache; expected {expected}")
     with warnings.catch_warnings():  # read-only bytes: torch warns, but the view is only read here

@@ -78,14 +78,6 @@ def make_server(address: str, max_workers: int = 1024) -> tuple[grpc.Server, int
     return server, port
 
 
-DEFAULT_KV_LANES = 1
-"""Push streams a gRPC transfer is striped over by default. Measured (docs/benchmarks.md): on a 2-core
-machine (sender and receiver processes sharing both cores, 1B KV layout, 134 MB) 1 lane moved 1.06–1.09
-GB/s, 2 lanes 0.80–0.99, 4 lanes 0.58–0.82: the cores, not the streams, are the limit there. Plain gRPC on
-the 16-core GPU host moved 1.48 GB/s on one connection and 4.09 on four, but lanes of this push have not
-been measured there yet: until they are, one."""
-
-
 def channel(address: str, lane: int = 0) -> grpc.Channel:
     """A channel to `address`; channels of different `lane`s never share a connection (grpcio shares
     one between channels of equal options), so a striped transfer's lanes travel side by side."""

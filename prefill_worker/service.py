@@ -25,11 +25,11 @@ from splitserve.kvtransfer.push import KVPush
 from splitserve.kvtransfer.requests import queue_request, worker_load
 from splitserve.kvtransfer.same_host import export_source, host_id
 from splitserve.kvtransfer.stream import kv_layout
-from splitserve.kvtransfer.transport import DEFAULT_KV_LANES, channel, push_stub
+from splitserve.kvtransfer.transport import channel, push_stub
 from splitserve.protos import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
+from splitserve.worker.options import KVOptions
 
-KV_TRANSPORTS = ("auto", "grpc")  # auto: same-host when the target shares this host, else gRPC
-KV_WIRE_DTYPES = {"auto": "", "fp8": "fp8_e4m3"}  # --kv-wire-dtype → KVChunk.encoding
+WIRE_ENCODINGS = {"auto": "", "fp8": "fp8_e4m3"}  # --kv-wire-dtype → KVChunk.encoding
 
 
 class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
@@ -40,25 +40,20 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_queued_tokens: int | None = None,
         kv_transport: str = "auto",
-        kv_lanes: int = DEFAULT_KV_LANES,
+        kv_lanes: int = KVOptions.lanes,
         kv_wire_dtype: str = "auto",
     ) -> None:
         """`max_queued_tokens`: the bound on prompt tokens waiting to be computed; a request past it is
-        refused with RESOURCE_EXHAUSTED. None: unbounded. `kv_transport`: see KV_TRANSPORTS (on CPU the
+        refused with RESOURCE_EXHAUSTED. None: unbounded. The kv_ options: see `KVOptions` (on CPU the
         same-host path needs the engine's caches in shared memory, `CacheConfig.shared_memory`).
         `kv_lanes`: the Push streams (each on its own connection) a transfer over gRPC is striped over
         `kv_wire_dtype`: "auto" sends the cache's dtype; "fp8" sends FP8 e4m3
         with per-block scales over gRPC (half the bytes of bf16; the same-host path copies the cache)."""
         if pool not in ("fresh", "warm"):
             raise ValueError(f"pool must be 'fresh' or 'warm', got {pool!r}")
-        if kv_transport not in KV_TRANSPORTS:
-            raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {kv_transport!r}")
-        if kv_wire_dtype not in KV_WIRE_DTYPES:
-            raise ValueError(f"kv_wire_dtype must be one of {KV_WIRE_DTYPES}, got {kv_wire_dtype!r}")
-        self.kv_encoding = KV_WIRE_DTYPES[kv_wire_dtype]
+        KVOptions(kv_transport, kv_lanes, kv_wire_dtype)  # raises ValueError for one out of range
+        self.kv_encoding = WIRE_ENCODINGS[kv_wire_dtype]
         self.kv_lanes = kv_lanes
-        if kv_lanes < 1:
-            raise ValueError(f"kv_lanes must be >= 1, got {kv_lanes}")
         self.max_queued_tokens = max_queued_tokens
         self.loop = loop
         self.pool = pool

@@ -219,11 +219,13 @@ class Router:
         views = []
         for h in self.workers.healthy():
             load = h.load if self.ledger is None else self.ledger.adjusted(h.worker_id, h.load)
-            views.append(WorkerView(h.worker_id, h.role, matched.get(h.worker_id, 0), load.queued_tokens,
-                                    load.running_requests + load.waiting_requests, load.kv_usage,
-                                    load.free_blocks, h.device, load.waiting_requests,
-                                    load.max_running_requests or None, load.step_ms / 1e3,
-                                    load.step_tokens or None))  # fmt: skip
+            views.append(WorkerView(
+                h.worker_id, h.role, matched.get(h.worker_id, 0), queued_tokens=load.queued_tokens,
+                running_requests=load.running_requests + load.waiting_requests, kv_usage=load.kv_usage,
+                free_blocks=load.free_blocks, device=h.device, waiting_prefills=load.waiting_requests,
+                max_running=load.max_running_requests or None, step_s=load.step_ms / 1e3,
+                step_tokens=load.step_tokens or None,
+            ))  # fmt: skip
         return views
 
     def decide(self, request: RoutedRequest) -> tuple[str, Decision]:

@@ -54,9 +54,9 @@ class SimCluster:
     def views(self, now: float, matched: dict[str, int]) -> list[WorkerView]:
         """Every worker as the policy sees it at `now`; `matched`: worker id → leading blocks it holds."""
         get = matched.get
-        return [WorkerView(worker_id, role, get(worker_id, 0), worker.queued_tokens(now),
-                           worker.running_requests, worker.cache.usage, worker.cache.num_free,
-                           self._device_names[worker_id], getattr(worker, "waiting_prefills", 0),
-                           getattr(worker, "max_running", None), getattr(worker, "step_s", 0.0),
-                           getattr(worker, "step_tokens", None))
+        return [WorkerView(worker_id, role, get(worker_id, 0), queued_tokens=worker.queued_tokens(now),
+                           running_requests=worker.running_requests, kv_usage=worker.cache.usage,
+                           free_blocks=worker.cache.num_free, device=self._device_names[worker_id],
+                           waiting_prefills=worker.waiting_prefills, max_running=worker.max_running,
+                           step_s=worker.step_s, step_tokens=worker.step_tokens)
                 for worker_id, role, worker in self._order]  # fmt: skip

@@ -90,6 +90,10 @@ class PrefillWorker:
         self._run = (0.0, 0.0, 0, 0, 0)  # start, end, new tokens, pinned blocks, reserved blocks
         self._started_s = 0.0  # when the running request was started (its device may start it later)
         self.step_s = 0.0  # see the module docstring
+        # As the WorkerView fields say for a prefill worker: no local prefills, no reported cap or budget.
+        self.waiting_prefills = 0
+        self.max_running: int | None = None
+        self.step_tokens: int | None = None
 
     def fits(self, input_len: int) -> bool:
         """Whether a prompt's KV fits this worker at all (the live worker refuses one that does not)."""

@@ -16,13 +16,12 @@ from waiting import process_gone, wait_until
 
 from splitserve.cluster.spec import ClusterSpec, MemberSpec
 from splitserve.cluster.supervisor import MemberFailed, MemberState, ProcessSupervisor
-from splitserve.worker.options import EngineOptions
+from splitserve.worker.options import EngineOptions, KVOptions
 
 
 def test_cluster_spec_validates():
     for bad in ({"num_decode": 0}, {"num_fresh": 0, "num_warm": 0}, {"num_fresh": -1}, {"policy": "nope"},
-                {"ab": "cpd:0.5,nope:0.5"}, {"grpc_port": 70000}, {"kv_transport": "ipc"}, {"kv_lanes": 0},
-                {"kv_wire_dtype": "int4"},
+                {"ab": "cpd:0.5,nope:0.5"}, {"grpc_port": 70000},
                 {"failure_policy": "retry"}):  # fmt: skip
         with pytest.raises(ValueError):
             ClusterSpec(model="m", **bad)
@@ -30,6 +29,9 @@ def test_cluster_spec_validates():
                 {"max_num_seqs": 0}):  # fmt: skip
         with pytest.raises(ValueError):
             EngineOptions(**bad)
+    for bad in ({"transport": "ipc"}, {"lanes": 0}, {"wire_dtype": "int4"}):
+        with pytest.raises(ValueError):
+            KVOptions(**bad)
 
 
 def test_cluster_spec_members_are_the_entry_points_with_their_flags():
@@ -41,7 +43,7 @@ def test_cluster_spec_members_are_the_entry_points_with_their_flags():
         ab="cpd:0.5,least_loaded:0.5",
         http_port=None,
         engine=EngineOptions(num_blocks=64, max_num_seqs=32),
-        kv_wire_dtype="fp8",
+        kv=KVOptions(wire_dtype="fp8"),
         policy_options=("local_prefill_max_tokens=8",),
     )
     workers = spec.workers("redis://r:1/0")

@@ -1,5 +1,6 @@
-"""The engine options of a worker process, defined once: the workers' command line, `splitserve up` and
-`ClusterSpec` (which passes them on to every worker it starts) all take them from here. Torch-free.
+"""The options of a worker process, defined once: its engine's (`EngineOptions`) and, for a prefill worker,
+how it moves KV (`KVOptions`). The workers' command line, `splitserve up` and `ClusterSpec` (which passes
+them on to every worker it starts) all take them from here. Torch-free.
 """
 
 from __future__ import annotations
@@ -54,3 +55,50 @@ class EngineOptions:
             if value is not None:
                 out += [flag, str(value)]
         return out
+
+
+KV_TRANSPORTS = ("auto", "grpc")  # auto: same-host when the target shares this host, else gRPC
+KV_WIRE_DTYPES = ("auto", "fp8")  # auto: the cache's dtype; fp8: FP8 e4m3 with per-block scales
+
+
+@dataclass(frozen=True)
+class KVOptions:
+    """How a prefill worker moves KV to decode workers. Raises ValueError on construction for an option
+    out of range."""
+
+    transport: str = "auto"
+    # Push streams a gRPC transfer is striped over. Measured (docs/benchmarks.md): on a 2-core machine
+    # (sender and receiver sharing both cores, 1B KV layout, 134 MB) 1 lane moved 1.06–1.09 GB/s, 2 lanes
+    # 0.80–0.99, 4 lanes 0.58–0.82: the cores, not the streams, limit there. Plain gRPC on the 16-core GPU
+    # host moved 1.48 GB/s on one connection and 4.09 on four; this push's lanes are not measured there
+    # yet: until they are, one.
+    lanes: int = 1
+    wire_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("kv_transport", self.transport, KV_TRANSPORTS),
+                                     ("kv_wire_dtype", self.wire_dtype, KV_WIRE_DTYPES)):  # fmt: skip
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.lanes < 1:
+            raise ValueError(f"kv_lanes must be >= 1, got {self.lanes}")
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--kv-transport", default="auto", choices=KV_TRANSPORTS,
+                            help="auto: a decode worker on this host copies the KV from the prefill "
+                                 "worker's memory (CPU: shared memory; CUDA: IPC); others, or all with "
+                                 "grpc: over gRPC")  # fmt: skip
+        parser.add_argument("--kv-lanes", type=int, default=KVOptions.lanes,
+                            help="Push streams (each on its own connection) a gRPC transfer is striped over")
+        parser.add_argument("--kv-wire-dtype", default="auto", choices=KV_WIRE_DTYPES,
+                            help="auto: KV over gRPC in the cache's dtype; fp8: FP8 e4m3 with per-block "
+                                 "scales (half of bf16's bytes; lossy, see docs/benchmarks.md)")  # fmt: skip
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> KVOptions:
+        return cls(args.kv_transport, args.kv_lanes, args.kv_wire_dtype)
+
+    def to_args(self) -> list[str]:
+        return ["--kv-transport", self.transport, "--kv-lanes", str(self.lanes), "--kv-wire-dtype",
+                self.wire_dtype]  # fmt: skip

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from splitserve.cluster.state import default_state_file
 from splitserve.index.config import REDIS_URL_ENV, ROUTER_REDIS_URL_ENV
-from splitserve.worker.options import EngineOptions
+from splitserve.worker.options import EngineOptions, KVOptions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,10 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a Ray head)")
     p.add_argument("--tenants", default=None, help="JSON file: tenant name → SHA-256 hex of its API key")
     EngineOptions.add_arguments(p)  # every worker's engine, as the workers define it
-    p.add_argument("--kv-transport", default="auto", choices=["auto", "grpc"])
-    p.add_argument("--kv-lanes", type=int, default=1, help="Push streams a gRPC KV transfer is striped over")
-    p.add_argument("--kv-wire-dtype", default="auto", choices=["auto", "fp8"],
-                   help="fp8: KV over gRPC as FP8 e4m3 with per-block scales (lossy, half of bf16's bytes)")
+    KVOptions.add_arguments(p)  # how the prefill workers move KV, as they define it
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the cluster to serve")
     p.add_argument("--state-file", type=Path, default=default_state_file())
     p.add_argument("--detach", action="store_true", help="return once the cluster serves")
@@ -64,8 +61,7 @@ def _run(args: argparse.Namespace) -> int:
         http_port=None if args.http_port < 0 else args.http_port, host=args.host, redis_url=args.redis_url,
         router_redis_url=args.router_redis_url,
         ray_address=args.ray_address, tenants=str(Path(args.tenants).resolve()) if args.tenants else None,
-        engine=EngineOptions.from_args(args), kv_transport=args.kv_transport, kv_lanes=args.kv_lanes,
-        kv_wire_dtype=args.kv_wire_dtype,
+        engine=EngineOptions.from_args(args), kv=KVOptions.from_args(args),
     )  # fmt: skip
     if not (Path(spec.model) / "config.json").exists():
         raise FileNotFoundError(f"{args.model} is not a Hugging Face checkpoint directory (no config.json)")
