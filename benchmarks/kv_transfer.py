@@ -140,8 +140,8 @@ class Pair:
 
 def start_decode_worker(path: str, dtype: str, num_blocks: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "splitserve.decode_worker", "--model", path, "--port", "0", "--dtype", dtype,
-         "--num-blocks", str(num_blocks), "--max-model-len", str(2 * PROMPT_TOKENS)],
+        [sys.executable, "-P", "-m", "splitserve.decode_worker", "--model", path, "--port", "0",
+         "--dtype", dtype, "--num-blocks", str(num_blocks), "--max-model-len", str(2 * PROMPT_TOKENS)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     line = proc.stdout.readline()

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     from splitserve.kvtransfer.transport import add_kvtransfer_servicer
     from splitserve.protos import workers_pb2_grpc
 
-    loop = EngineLoop(build_engine(args))
+    loop = EngineLoop(build_engine(args, shared_kv=True))  # same-host fetches read its cache
     service = DecodeService(loop, lease_ttl_s=args.lease_ttl, max_queued_tokens=args.max_queued_tokens)
 
     def add(server) -> None:

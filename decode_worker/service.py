@@ -26,11 +26,13 @@ from splitserve.kvtransfer.errors import (
     LeaseNotFound,
     MalformedChunk,
 )
+from splitserve.kvtransfer.fetch import Fetcher, FetchServer
 from splitserve.kvtransfer.frames import decode_frame
 from splitserve.kvtransfer.leases import Lease, LeaseTable, TransferState
 from splitserve.kvtransfer.requests import queue_request, sampling_from_proto, worker_load
-from splitserve.kvtransfer.same_host import SourceMaps, host_id
+from splitserve.kvtransfer.same_host import SourceMaps, export_source, host_id
 from splitserve.kvtransfer.stream import ChunkSink, kv_layout
+from splitserve.kvtransfer.transport import channel
 from splitserve.protos import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
         self.leases = LeaseTable(self._free_lease_blocks)
         self.sources = SourceMaps(self.layout, engine.device)
         self.host_id = host_id()
+        self._channels: dict[str, grpc.Channel] = {}  # fetch holders' address → channel
+        self.fetcher = Fetcher(loop, self.layout, self._channel, self.sources)
+        source = export_source(engine.kv_caches, engine.kv_memfd)
+        self.holder = FetchServer(loop, self.layout, source)
         self._sinks: dict[str, ChunkSink] = {}
         self._stopped = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="lease-reaper", daemon=True)
@@ -61,6 +67,15 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
         self._reaper.join()
         with self._lock:
             self.leases.release_all("worker stopping")
+            for ch in self._channels.values():
+                ch.close()
+            self._channels.clear()
+
+    def _channel(self, address: str) -> grpc.Channel:
+        with self._lock:
+            if address not in self._channels:
+                self._channels[address] = channel(address)
+            return self._channels[address]
 
     # ---------------------------------------------------------------------------------------- KVTransfer
 
@@ -162,14 +177,20 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
                 yield workers_pb2.TokenChunk(finish_reason=done.finish_reason.value)
                 return
         else:
-            outputs = queue_request(self.loop, context, request, self.max_queued_tokens)
+            outputs, fetched = queue_request(self.loop, context, request, self.max_queued_tokens,
+                                             fetcher=self.fetcher)  # fmt: skip
         finished = threading.Event()
         context.add_callback(lambda: finished.is_set() or self.loop.abort(rid))  # client went away
+        first = True
         while True:
             out = outputs.get()
             reason = out.finish_reason.value if out.finished else ""
             tokens, cached = list(out.new_token_ids), out.num_cached_tokens
-            yield workers_pb2.TokenChunk(token_ids=tokens, finish_reason=reason, num_cached_tokens=cached)
+            chunk = workers_pb2.TokenChunk(token_ids=tokens, finish_reason=reason, num_cached_tokens=cached)
+            if first and not request.lease_id:
+                chunk.num_fetched_blocks, chunk.fetch_fallback = fetched.num_blocks, fetched.fallback
+            first = False
+            yield chunk
             if out.finished:
                 finished.set()
                 return
@@ -208,8 +229,12 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
     def Abort(self, request: workers_pb2.AbortRequest, context: grpc.ServicerContext):
         return workers_pb2.AbortReply(found=self.loop.abort(request.request_id))
 
+    def Fetch(self, request: kvtransfer_pb2.FetchRequest, context: grpc.ServicerContext):
+        """Serve blocks this worker holds to another (`kvtransfer.fetch`)."""
+        yield from self.holder.fetch(request, context)
+
     def Load(self, request, context):
-        return self.loop.call(worker_load, self.loop)
+        return self.loop.call(worker_load, self.loop, self.fetcher)
 
     def ResetCache(self, request, context):
         evicted = self.loop.call(self.loop.engine.block_pool.reset_cache)

@@ -10,9 +10,10 @@ Block 0 is the null block: never handed out, it is where padded slots of a fixed
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 from splitserve.engine.block_hash import BlockHash
 
@@ -39,6 +40,18 @@ class BlockEvent:
 BlockListener = Callable[[BlockEvent], None]
 
 
+class Spill(Protocol):
+    """Where evicted cached blocks go instead of being lost (`host_tier.HostKVTier`)."""
+
+    capacity: int
+
+    def save(self, block_ids: Sequence[int], block_hashes: Sequence[BlockHash]) -> list[BlockHash]: ...
+
+    def hashes(self) -> list[BlockHash]: ...
+
+    def clear(self) -> list[BlockHash]: ...
+
+
 class BlockPool:
     """Block ids 1..num_blocks-1 with reference counts and a hash → block map.
 
@@ -58,6 +71,8 @@ class BlockPool:
         # Free blocks in eviction order: the first is evicted first. Values unused.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
         self._listeners: list[BlockListener] = []
+        # Where evicted cached blocks go instead of being lost (the host-memory tier), or None.
+        self.spill: Spill | None = None
 
     @property
     def num_usable_blocks(self) -> int:
@@ -90,8 +105,11 @@ class BlockPool:
         return list(self._free)
 
     def cached_hashes(self) -> list[BlockHash]:
-        """Every hash in the prefix cache now (an index snapshot; call on the pool's owning thread)."""
-        return list(self._cached)
+        """Every hash held now, in KV memory or spilled to the host tier (an index snapshot; call on the
+        pool's owning thread)."""
+        if self.spill is None:
+            return list(self._cached)
+        return list(self._cached) + [h for h in self.spill.hashes() if h not in self._cached]
 
     def lookup(self, block_hashes: Iterable[BlockHash]) -> list[int]:
         """Block ids of the longest cached prefix of the chain `block_hashes`. Changes nothing."""
@@ -109,6 +127,7 @@ class BlockPool:
             raise OutOfKVBlocks(f"asked for {num} KV blocks, {len(self._free)} free")
         block_ids: list[int] = []
         evicted: list[BlockHash] = []
+        evicted_ids: list[int] = []
         for _ in range(num):
             block_id, _ = self._free.popitem(last=False)
             old_hash = self._hash_of[block_id]
@@ -116,8 +135,11 @@ class BlockPool:
                 del self._cached[old_hash]
                 self._hash_of[block_id] = None
                 evicted.append(old_hash)
+                evicted_ids.append(block_id)
             self._ref_counts[block_id] = 1
             block_ids.append(block_id)
+        if evicted and self.spill is not None:  # kept in the host tier: gone is what it dropped for room
+            evicted = [h for h in self.spill.save(evicted_ids, evicted) if h not in self._cached]
         if evicted:
             self._emit(BlockEvent(BlockEventKind.EVICTED, tuple(evicted)))
         return block_ids
@@ -157,8 +179,9 @@ class BlockPool:
             self._emit(BlockEvent(BlockEventKind.STORED, tuple(stored)))
 
     def reset_cache(self) -> int:
-        """Forget every cached hash of a free block (blocks in use keep theirs): the prefix cache starts
-        over, as between the arms of an experiment. Emits one EVICTED event. Returns the blocks forgotten."""
+        """Forget every cached hash of a free block (blocks in use keep theirs) and empty the host tier:
+        the prefix cache starts over, as between the arms of an experiment. Emits one EVICTED event.
+        Returns the blocks forgotten."""
         evicted = []
         for block_id in self._free:
             old_hash = self._hash_of[block_id]
@@ -166,6 +189,9 @@ class BlockPool:
                 del self._cached[old_hash]
                 self._hash_of[block_id] = None
                 evicted.append(old_hash)
+        if self.spill is not None:
+            forgotten = set(evicted)
+            evicted += [h for h in self.spill.clear() if h not in self._cached and h not in forgotten]
         if evicted:
             self._emit(BlockEvent(BlockEventKind.EVICTED, tuple(evicted)))
         return len(evicted)

@@ -26,12 +26,16 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # CPU: put the caches in one memfd that a worker on the same host can map (same-host KV transfer).
     shared_memory: bool = False
+    # Host memory (pinned on CUDA) for the prefix cache's blocks evicted from KV memory; 0: none.
+    host_kv_gib: float = 0.0
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2, got {self.num_blocks}")
+        if self.host_kv_gib < 0:
+            raise ValueError(f"host_kv_gib must be >= 0, got {self.host_kv_gib}")
         if self.kv_cache_memory_gib <= 0:
             raise ValueError(f"kv_cache_memory_gib must be positive, got {self.kv_cache_memory_gib}")
         if not 0.0 < self.gpu_memory_utilization < 1.0:

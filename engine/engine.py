@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from splitserve.engine.block_hash import BlockHash, hash_blocks
 from splitserve.engine.block_pool import BlockPool, OutOfKVBlocks
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.errors import InvalidRequest
+from splitserve.engine.host_tier import HostKVTier
 from splitserve.engine.kv_cache_manager import KVCacheManager, cdiv
 from splitserve.engine.kv_watch import KVReady, KVWatch
 from splitserve.engine.model_config import ModelConfig, checkpoint_identity
@@ -35,6 +37,19 @@ class KVReservation:
     request_id: str
     block_ids: list[int]  # every block of the prompt, in token order
     num_cached_blocks: int  # leading blocks already holding the prompt's KV (prefix hits): not sent
+
+
+@dataclass(frozen=True)
+class PrefixRoom:
+    """Room to receive a prompt's leading blocks from another worker (`Engine.prefix_room`)."""
+
+    block_hashes: tuple[BlockHash, ...]  # the blocks wanted, from the prompt's first
+    block_ids: tuple[int, ...]  # one per hash, all pinned: [0, num_held) held here, the rest to fill
+    num_held: int
+
+    @property
+    def num_missing(self) -> int:
+        return len(self.block_ids) - self.num_held
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,10 @@ class Engine:
             enforce_eager=config.enforce_eager,
         )
         self.block_pool = BlockPool(self.runner.num_blocks, config.cache.enable_prefix_caching)
+        self.host_tier: HostKVTier | None = None
+        host_blocks = HostKVTier.blocks_for(self.runner.kv_caches, config.cache.host_kv_gib * 2**30)
+        if host_blocks and config.cache.enable_prefix_caching:
+            self.host_tier = self.block_pool.spill = HostKVTier(self.runner.kv_caches, host_blocks)
         self.kv = KVCacheManager(self.block_pool, config.cache.block_size, self.model_id)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, cfg.eos_token_ids)
         self.sampler = Sampler(self.device, config.seed)
@@ -88,12 +107,15 @@ class Engine:
         params: SamplingParams,
         cache_salt: str | None = None,
         kv_watch: KVWatch | None = None,
+        fetched_tokens: int = 0,
     ) -> None:
         """Queue a request. Raises `InvalidRequest` (changing nothing) when it can never run. With
         `kv_watch` its prompt KV is reported layer by layer as it is computed, and the reported blocks
-        outlive the request until `unpin_kv` (for a transfer; see `kv_watch`)."""
+        outlive the request until `unpin_kv` (for a transfer; see `kv_watch`). `fetched_tokens`: leading
+        prompt tokens whose KV was fetched for it (`fill_prefix`), counted as such among its hits."""
         seq = self._new_sequence(request_id, prompt_token_ids, params, cache_salt)
         seq.kv_watch = kv_watch
+        seq.num_fetched_tokens = fetched_tokens
         self._sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -111,6 +133,41 @@ class Engine:
     def unpin_kv(self, block_ids: list[int] | tuple[int, ...]) -> None:
         """Give back the references `KVReady` reports held on `block_ids` (each once)."""
         self.block_pool.free(reversed(block_ids))
+
+    def pin_prefix(self, block_hashes: list[BlockHash]) -> list[int]:
+        """The blocks holding the longest leading run of `block_hashes` here, pinned for a transfer to
+        another worker (give them back with `unpin_kv`)."""
+        block_ids, _ = self.kv.lookup(block_hashes)  # the host tier's too, loaded back for it
+        self.block_pool.touch(block_ids)
+        return block_ids
+
+    def prefix_room(self, prompt_token_ids: list[int], cache_salt: str | None, num_blocks: int) -> PrefixRoom:
+        """Room to receive blocks of a prompt's first `num_blocks` (at most its full blocks) from a worker
+        that holds them: those held here already pinned, new blocks for the rest. Fill them, then
+        `fill_prefix`, then add the request in the same loop call (the blocks are then prefix hits).
+        Raises `InvalidRequest` for bad token ids, `OutOfKVBlocks` when the free blocks do not suffice
+        (changing nothing)."""
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})")
+        bs = self.kv.block_size
+        num_blocks = min(num_blocks, len(prompt_token_ids) // bs)
+        hashes = hash_blocks(prompt_token_ids[: num_blocks * bs], bs, self.kv.hash_context(cache_salt))
+        held = self.pin_prefix(hashes) if self.block_pool.enable_caching else []
+        try:
+            new = self.block_pool.allocate(len(hashes) - len(held))
+        except OutOfKVBlocks:
+            self.unpin_kv(held)
+            raise
+        return PrefixRoom(tuple(hashes), (*held, *new), len(held))
+
+    def fill_prefix(self, room: PrefixRoom, num_filled: int) -> None:
+        """The first `num_filled` missing blocks of `room` hold their KV now (0: the transfer failed):
+        they join the prefix cache, and every block of `room` is unpinned (the rest return to the pool)."""
+        filled = room.num_held + num_filled
+        self.block_pool.cache(list(room.block_ids[room.num_held : filled]),
+                              list(room.block_hashes[room.num_held : filled]))  # fmt: skip
+        self.unpin_kv(room.block_ids)
 
     def reserve_kv(
         self,

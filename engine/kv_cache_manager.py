@@ -6,7 +6,7 @@ Owns the mapping sequence → block ids and the sequence's block hashes. It does
 
 from __future__ import annotations
 
-from splitserve.engine.block_hash import HashContext, hash_blocks
+from splitserve.engine.block_hash import BlockHash, HashContext, hash_blocks
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.sequence import Sequence
 
@@ -54,7 +54,31 @@ class KVCacheManager:
             return []
         self.update_hashes(seq)
         max_blocks = (seq.num_tokens - leave_one) // self.block_size
-        return self.pool.lookup(seq.block_hashes[:max_blocks])
+        block_ids, num_loaded = self.lookup(seq.block_hashes[:max_blocks])
+        seq.num_host_tokens = num_loaded * self.block_size
+        return block_ids
+
+    def lookup(self, block_hashes: list[BlockHash]) -> tuple[list[int], int]:
+        """Block ids of the longest prefix of the chain `block_hashes` held here, and how many of them
+        (the last) were loaded back from the host tier for it: those are in the prefix cache again, free
+        like every other hit until the caller takes them (before any other allocation)."""
+        found = self.pool.lookup(block_hashes)
+        tier, rest = self.pool.spill, block_hashes[len(found) :]
+        if tier is None or not rest:
+            return found, 0
+        # Room: free blocks not among the hits; at most half the tier, so that what loading evicts
+        # (spilled in turn) cannot push out what is being loaded.
+        free_hits = sum(1 for b in found if self.pool.ref_count(b) == 0)
+        num = min(tier.match(rest), self.pool.num_free_blocks - free_hits, tier.capacity // 2)
+        if num <= 0:
+            return found, 0
+        tier.keep(rest[:num])
+        self.pool.touch(found)  # not evicted by the allocation below
+        new = self.pool.allocate(num)
+        tier.load(rest[:num], new)
+        self.pool.cache(new, rest[:num])
+        self.pool.free(reversed(found + new))
+        return found + new, num
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] | None = None) -> bool:
         """Make room for `num_new_tokens` more computed tokens; attach `cached_block_ids` first.

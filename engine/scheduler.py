@@ -66,6 +66,26 @@ class ScheduledBatch:
         return [item for item in self.items if item.samples]
 
 
+@dataclass
+class PrefixStats:
+    """Prompt tokens of the requests scheduled since start, and those found cached, by where the hit came
+    from: the engine's KV memory, the host tier (loaded back), or another worker (fetched for it)."""
+
+    prompt_tokens: int = 0
+    memory_hit_tokens: int = 0
+    host_hit_tokens: int = 0
+    fetched_tokens: int = 0
+
+    def count(self, seq: Sequence) -> None:
+        cached = seq.num_cached_tokens
+        fetched = min(seq.num_fetched_tokens, cached)
+        host = min(seq.num_host_tokens, cached - fetched)
+        self.prompt_tokens += seq.num_prompt_tokens
+        self.fetched_tokens += fetched
+        self.host_hit_tokens += host
+        self.memory_hit_tokens += cached - fetched - host
+
+
 class Scheduler:
     def __init__(
         self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, eos_token_ids: frozenset[int]
@@ -77,6 +97,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_stats = PrefixStats()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -141,6 +162,7 @@ class Scheduler:
             if not seq.ever_scheduled:
                 seq.num_cached_tokens = seq.num_computed_tokens
                 seq.ever_scheduled = True
+                self.prefix_stats.count(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             items.append(scheduled(seq, num_new))

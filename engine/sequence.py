@@ -55,6 +55,8 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_pending = 0
         self.num_cached_tokens = 0
+        self.num_fetched_tokens = 0  # of the prompt's prefix hits: fetched from another worker for it
+        self.num_host_tokens = 0  # ... loaded back from the host tier for it
         self.ever_scheduled = False
         self.block_ids: list[int] = []
         self.block_hashes: list[BlockHash] = []

@@ -14,6 +14,7 @@ from splitserve.engine.loop import EngineLoop
 from splitserve.engine.outputs import StepOutput
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kvtransfer.errors import Overloaded
+from splitserve.kvtransfer.fetch import Fetched, Fetcher
 from splitserve.protos import common_pb2, workers_pb2
 
 
@@ -36,14 +37,25 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
     )  # fmt: skip
 
 
-def worker_load(loop: EngineLoop) -> common_pb2.WorkerLoad:
-    """The live load of a loop's engine. Run it on the loop thread."""
-    sched, pool = loop.engine.scheduler, loop.engine.block_pool
+def worker_load(loop: EngineLoop, fetcher: Fetcher | None = None) -> common_pb2.WorkerLoad:
+    """The live load of a loop's engine, with its prefix hits by tier and what `fetcher` fetched. Run it
+    on the loop thread."""
+    sched, pool, hits = loop.engine.scheduler, loop.engine.block_pool, loop.engine.scheduler.prefix_stats
+    tiers = common_pb2.KVTierStats(
+        prompt_tokens=hits.prompt_tokens, gpu_hit_tokens=hits.memory_hit_tokens,
+        host_hit_tokens=hits.host_hit_tokens, fetched_tokens=hits.fetched_tokens,
+    )  # fmt: skip
+    host = loop.engine.host_tier
+    if host is not None:
+        tiers.host_tier_blocks, tiers.host_tier_capacity = len(host), host.capacity
+    if fetcher is not None:
+        tiers.fetched_bytes = fetcher.fetched_bytes
+        tiers.fetch_fallbacks.update(fetcher.fallbacks)
     return common_pb2.WorkerLoad(
         queued_tokens=sched.num_queued_tokens, running_requests=len(sched.running),
         waiting_requests=len(sched.waiting), kv_usage=pool.usage, free_blocks=pool.num_free_blocks,
         max_running_requests=sched.config.max_num_seqs, step_ms=loop.step_s * 1e3,
-        step_tokens=sched.config.max_num_batched_tokens,
+        step_tokens=sched.config.max_num_batched_tokens, tiers=tiers,
     )  # fmt: skip
 
 
@@ -64,21 +76,28 @@ def queue_request(
     request: workers_pb2.PrefillRequest | workers_pb2.GenerateRequest,
     max_queued_tokens: int | None,
     kv_watch: KVWatch | None = None,
+    fetcher: Fetcher | None = None,
     **sampling_overrides,
-) -> queue.Queue[StepOutput]:
-    """Queue a worker request on its engine and return the queue of its outputs. A request the engine
-    rejects ends the RPC with INVALID_ARGUMENT, one past the queue bound with RESOURCE_EXHAUSTED
-    (raised as the `grpc.RpcError` that `context.abort` raises, with nothing left queued)."""
+) -> tuple[queue.Queue[StepOutput], Fetched]:
+    """Queue a worker request on its engine and return the queue of its outputs, and what was fetched for
+    it: with a `fetcher` and a `kv_holder` in the request, the prompt's leading blocks that holder has
+    and this engine lacks are fetched first (a failed fetch: recomputed). A request the engine rejects
+    ends the RPC with INVALID_ARGUMENT, one past the queue bound with RESOURCE_EXHAUSTED (raised as the
+    `grpc.RpcError` that `context.abort` raises, with nothing left queued)."""
     rid, prompt = request.request_id, list(request.prompt_token_ids)
     salt = request.cache_salt if request.HasField("cache_salt") else None
+    fetched = Fetched(None)
 
-    def add() -> None:  # on the loop thread: the bound and the add are one step
+    def add() -> None:  # on the loop thread: the fetched blocks, the bound and the add are one step
+        fetched_tokens = fetcher.fill(fetched) if fetcher is not None else 0
         check_room(loop.engine, len(prompt), max_queued_tokens)
-        loop.engine.add_request(rid, prompt, params, salt, kv_watch=kv_watch)
+        loop.engine.add_request(rid, prompt, params, salt, kv_watch=kv_watch, fetched_tokens=fetched_tokens)
 
     outputs = loop.listen(rid)
     try:
         params = sampling_from_proto(request.sampling, **sampling_overrides)
+        if fetcher is not None and request.kv_holder.address:
+            fetched = fetcher.fetch(request)
         loop.call(add)
     except InvalidRequest as exc:
         loop.forget(rid)
@@ -86,4 +105,4 @@ def queue_request(
     except Overloaded as exc:
         loop.forget(rid)
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    return outputs
+    return outputs, fetched

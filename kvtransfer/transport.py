@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from splitserve.kvtransfer.chunks import MAX_CHUNK_BYTES
-from splitserve.protos import kvtransfer_pb2, kvtransfer_pb2_grpc
+from splitserve.protos import kvtransfer_pb2
 
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_CHUNK_BYTES + 2**20),  # a chunk plus its framing
@@ -87,23 +87,29 @@ def channel(address: str, lane: int = 0) -> grpc.Channel:
 _PUSH = "/splitserve.v1.KVTransfer/Push"
 
 
-def add_kvtransfer_servicer(servicer: kvtransfer_pb2_grpc.KVTransferServicer, server: grpc.Server) -> None:
-    """Register KVTransfer like the generated helper does, except that Push receives its frames as raw
-    bytes (see `frames`) instead of parsed KVChunk messages."""
-    handlers = {
+def add_kvtransfer_servicer(servicer, server: grpc.Server) -> None:
+    """Register the KVTransfer methods `servicer` has (a receiver of pushes has Reserve, Push and Release;
+    every worker has Fetch) like the generated helper does, except that Push's request stream and Fetch's
+    reply stream carry frames as raw bytes (see `frames`) instead of parsed KVChunk messages."""
+    kinds = {
         "Reserve": grpc.unary_unary_rpc_method_handler(
-            servicer.Reserve, request_deserializer=kvtransfer_pb2.ReserveRequest.FromString,
+            getattr(servicer, "Reserve", None), request_deserializer=kvtransfer_pb2.ReserveRequest.FromString,
             response_serializer=kvtransfer_pb2.ReserveReply.SerializeToString,
         ),
         "Push": grpc.stream_unary_rpc_method_handler(
-            servicer.Push, request_deserializer=None,
+            getattr(servicer, "Push", None), request_deserializer=None,
             response_serializer=kvtransfer_pb2.PushReply.SerializeToString,
         ),
         "Release": grpc.unary_unary_rpc_method_handler(
-            servicer.Release, request_deserializer=kvtransfer_pb2.ReleaseRequest.FromString,
+            getattr(servicer, "Release", None), request_deserializer=kvtransfer_pb2.ReleaseRequest.FromString,
             response_serializer=kvtransfer_pb2.ReleaseReply.SerializeToString,
         ),
+        "Fetch": grpc.unary_stream_rpc_method_handler(
+            getattr(servicer, "Fetch", None), request_deserializer=kvtransfer_pb2.FetchRequest.FromString,
+            response_serializer=None,
+        ),
     }  # fmt: skip
+    handlers = {name: handler for name, handler in kinds.items() if hasattr(servicer, name)}
     service = grpc.method_handlers_generic_handler("splitserve.v1.KVTransfer", handlers)
     server.add_generic_rpc_handlers((service,))
 

@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     kv = KVOptions.from_args(args)
 
     from splitserve.engine.loop import EngineLoop
+    from splitserve.kvtransfer.transport import add_kvtransfer_servicer
     from splitserve.prefill_worker.service import PrefillService
     from splitserve.protos import workers_pb2_grpc
 
@@ -29,13 +30,15 @@ def main(argv: list[str] | None = None) -> int:
         kv_transport=kv.transport, kv_lanes=kv.lanes, kv_wire_dtype=kv.wire_dtype,
     )  # fmt: skip
 
+    def add(server) -> None:
+        workers_pb2_grpc.add_PrefillWorkerServicer_to_server(service, server)
+        add_kvtransfer_servicer(service, server)  # Fetch: other workers take blocks this one holds
+
     def close() -> None:
         service.close()
         loop.stop()
 
-    run_worker(f"prefill-worker[{args.pool}]", args,
-               lambda server: workers_pb2_grpc.add_PrefillWorkerServicer_to_server(service, server), close,
-               loop, args.pool)
+    run_worker(f"prefill-worker[{args.pool}]", args, add, close, loop, args.pool)
     return 0
 
 

@@ -6,7 +6,9 @@ any compute), then runs with a `KVWatch`: each layer's finished blocks go out on
 the next layer computes (`kvtransfer.push`), over gRPC or, when the target shares this host, as block ids
 the target copies from this worker's exported cache (`kvtransfer.same_host`). The engine pins what it
 reports until the transfer is over; the blocks are given back whatever the outcome. The engine is
-reached only through its `EngineLoop`; its prefix cache makes repeated prefixes cheap.
+reached only through its `EngineLoop`; its prefix cache makes repeated prefixes cheap. A request whose
+route names a `kv_holder` first fetches the leading blocks that worker holds and this one lacks
+(`kvtransfer.fetch`); this worker serves its own blocks to others the same way (KVTransfer/Fetch).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import grpc
 from splitserve.engine.kv_watch import KVWatch
 from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES
+from splitserve.kvtransfer.fetch import Fetched, Fetcher, FetchServer
 from splitserve.kvtransfer.push import KVPush
 from splitserve.kvtransfer.requests import queue_request, worker_load
-from splitserve.kvtransfer.same_host import export_source, host_id
+from splitserve.kvtransfer.same_host import SourceMaps, export_source, host_id
 from splitserve.kvtransfer.stream import kv_layout
 from splitserve.kvtransfer.transport import channel, push_stub
 from splitserve.protos import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
@@ -47,22 +50,27 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         refused with RESOURCE_EXHAUSTED. None: unbounded. The kv_ options: see `KVOptions` (on CPU the
         same-host path needs the engine's caches in shared memory, `CacheConfig.shared_memory`).
         `kv_lanes`: the Push streams (each on its own connection) a transfer over gRPC is striped over
+        (0: by device, `KVOptions.lanes_for`);
         `kv_wire_dtype`: "auto" sends the cache's dtype; "fp8" sends FP8 e4m3
         with per-block scales over gRPC (half the bytes of bf16; the same-host path copies the cache)."""
         if pool not in ("fresh", "warm"):
             raise ValueError(f"pool must be 'fresh' or 'warm', got {pool!r}")
-        KVOptions(kv_transport, kv_lanes, kv_wire_dtype)  # raises ValueError for one out of range
+        options = KVOptions(kv_transport, kv_lanes, kv_wire_dtype)  # raises ValueError for one out of range
         self.kv_encoding = WIRE_ENCODINGS[kv_wire_dtype]
-        self.kv_lanes = kv_lanes
+        self.kv_lanes = options.lanes_for(loop.engine.device.type)
         self.max_queued_tokens = max_queued_tokens
         self.loop = loop
         self.pool = pool
         self.max_chunk_bytes = max_chunk_bytes
         engine = loop.engine
         self.layout = kv_layout(engine.kv_caches, engine.model_id)
-        self.source = export_source(engine.kv_caches, engine.kv_memfd) if kv_transport == "auto" else None
+        same_host = kv_transport == "auto"
+        self.source = export_source(engine.kv_caches, engine.kv_memfd) if same_host else None
         self.host_id = host_id()
         self._channels: dict[tuple[str, int], grpc.Channel] = {}  # (address, lane) → channel
+        sources = SourceMaps(self.layout, engine.device) if same_host else None
+        self.fetcher = Fetcher(loop, self.layout, self._channel, sources)
+        self.holder = FetchServer(loop, self.layout, self.source, max_chunk_bytes)
         self._lock = threading.Lock()
         self._pushes = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kv-push")
 
@@ -76,8 +84,9 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
     def Prefill(self, request: workers_pb2.PrefillRequest, context: grpc.ServicerContext):
         start = time.perf_counter()
         if not request.decode_address:
-            outputs = queue_request(self.loop, context, request, self.max_queued_tokens, max_tokens=1)
-            yield self._first_reply(self._first_token(context, outputs), start)
+            outputs, fetched = queue_request(self.loop, context, request, self.max_queued_tokens,
+                                             fetcher=self.fetcher, max_tokens=1)  # fmt: skip
+            yield self._first_reply(self._first_token(context, outputs), start, fetched)
             return
         target = self._channel(request.decode_address)
         stub = kvtransfer_pb2_grpc.KVTransferStub(target)
@@ -109,11 +118,12 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         watch = KVWatch(push.on_ready, lease.num_cached_blocks) if push is not None else None
         transfer, completed = None, False
         try:
-            outputs = queue_request(self.loop, context, request, self.max_queued_tokens, watch, max_tokens=1)
+            outputs, fetched = queue_request(self.loop, context, request, self.max_queued_tokens, watch,
+                                             self.fetcher, max_tokens=1)  # fmt: skip
             if push is not None:
                 transfer = self._pushes.submit(push.run)
             context.add_callback(lambda: self.loop.abort(rid))  # no-op once finished; frees work if cancelled
-            first = self._first_reply(self._first_token(context, outputs), start)
+            first = self._first_reply(self._first_token(context, outputs), start, fetched)
             first.lease_id = lease.lease_id
             yield first
             reply = workers_pb2.PrefillReply(
@@ -154,10 +164,11 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         return out
 
     @staticmethod
-    def _first_reply(out, start: float) -> workers_pb2.PrefillReply:
+    def _first_reply(out, start: float, fetched: Fetched) -> workers_pb2.PrefillReply:
         return workers_pb2.PrefillReply(
             first_token_id=out.new_token_ids[0], num_cached_tokens=out.num_cached_tokens,
-            first_token_ms=(time.perf_counter() - start) * 1e3,
+            first_token_ms=(time.perf_counter() - start) * 1e3, num_fetched_blocks=fetched.num_blocks,
+            fetch_fallback=fetched.fallback,
         )  # fmt: skip
 
     def _reserve_request(self, request: workers_pb2.PrefillRequest) -> kvtransfer_pb2.ReserveRequest:
@@ -177,8 +188,12 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         with contextlib.suppress(grpc.RpcError):
             stub.Release(kvtransfer_pb2.ReleaseRequest(lease_id=lease_id, reason=reason), timeout=5.0)
 
+    def Fetch(self, request: kvtransfer_pb2.FetchRequest, context: grpc.ServicerContext):
+        """KVTransfer/Fetch: serve blocks this worker holds to another (`kvtransfer.fetch`)."""
+        yield from self.holder.fetch(request, context)
+
     def Load(self, request, context):
-        return self.loop.call(worker_load, self.loop)
+        return self.loop.call(worker_load, self.loop, self.fetcher)
 
     def ResetCache(self, request, context):
         evicted = self.loop.call(self.loop.engine.block_pool.reset_cache)

@@ -1,8 +1,8 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -41,7 +41,7 @@ class KVLayout(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("queued_tokens", "running_requests", "waiting_requests", "kv_usage", "free_blocks", "max_running_requests", "step_ms", "step_tokens")
+    __slots__ = ("queued_tokens", "running_requests", "waiting_requests", "kv_usage", "free_blocks", "max_running_requests", "step_ms", "step_tokens", "tiers")
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class WorkerLoad(_message.Message):
     MAX_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     STEP_MS_FIELD_NUMBER: _ClassVar[int]
     STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
     queued_tokens: int
     running_requests: int
     waiting_requests: int
@@ -58,7 +59,35 @@ class WorkerLoad(_message.Message):
     max_running_requests: int
     step_ms: float
     step_tokens: int
-    def __init__(self, queued_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., free_blocks: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., step_ms: _Optional[float] = ..., step_tokens: _Optional[int] = ...) -> None: ...
+    tiers: KVTierStats
+    def __init__(self, queued_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., free_blocks: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., step_ms: _Optional[float] = ..., step_tokens: _Optional[int] = ..., tiers: _Optional[_Union[KVTierStats, _Mapping]] = ...) -> None: ...
+
+class KVTierStats(_message.Message):
+    __slots__ = ("gpu_hit_tokens", "host_hit_tokens", "fetched_tokens", "fetched_bytes", "fetch_fallbacks", "host_tier_blocks", "host_tier_capacity", "prompt_tokens")
+    class FetchFallbacksEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    GPU_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HOST_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FETCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FETCHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    HOST_TIER_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HOST_TIER_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    gpu_hit_tokens: int
+    host_hit_tokens: int
+    fetched_tokens: int
+    fetched_bytes: int
+    fetch_fallbacks: _containers.ScalarMap[str, int]
+    host_tier_blocks: int
+    host_tier_capacity: int
+    prompt_tokens: int
+    def __init__(self, gpu_hit_tokens: _Optional[int] = ..., host_hit_tokens: _Optional[int] = ..., fetched_tokens: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., fetch_fallbacks: _Optional[_Mapping[str, int]] = ..., host_tier_blocks: _Optional[int] = ..., host_tier_capacity: _Optional[int] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ()

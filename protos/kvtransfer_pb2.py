@@ -25,35 +25,37 @@ _sym_db = _symbol_database.Default()
 from splitserve.protos import common_pb2 as splitserve_dot_protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"splitserve/protos/kvtransfer.proto\x12\rsplitserve.v1\x1a\x1esplitserve/protos/common.proto\"\xd2\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06layout\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x08lease_ms\x18\x06 \x01(\rB\r\n\x0b_cache_salt\"\x8d\x01\n\x0cReserveReply\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x19\n\x11num_cached_blocks\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x0f\n\x07host_id\x18\x05 \x01(\t\x12\x19\n\x11same_host_devices\x18\x06 \x03(\t\"\xa6\x01\n\x08KVSource\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x30\n\x03shm\x18\x03 \x01(\x0b\x32!.splitserve.v1.SharedMemorySourceH\x00\x12,\n\x04\x63uda\x18\x04 \x01(\x0b\x32\x1c.splitserve.v1.CudaIpcSourceH\x00\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x42\x08\n\x06memory\"0\n\x12SharedMemorySource\x12\n\n\x02\x66\x64\x18\x01 \x01(\x05\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\"S\n\rCudaIpcSource\x12-\n\x06layers\x18\x01 \x03(\x0b\x32\x1d.splitserve.v1.CudaIpcStorage\x12\x13\n\x0b\x64\x65vice_uuid\x18\x02 \x01(\t\"\xc8\x01\n\x0e\x43udaIpcStorage\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\x05\x12\x0e\n\x06handle\x18\x02 \x01(\x0c\x12\x15\n\rstorage_bytes\x18\x03 \x01(\x04\x12\x14\n\x0coffset_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x05 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x06 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x07 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x08 \x01(\x08\"\xfe\x01\n\x07KVChunk\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x07 \x01(\r\x12\x0c\n\x04last\x18\x08 \x01(\x08\x12\x15\n\rsrc_block_ids\x18\t \x03(\r\x12\'\n\x06source\x18\n \x01(\x0b\x32\x17.splitserve.v1.KVSource\x12\x0c\n\x04lane\x18\x0b \x01(\r\x12\x11\n\tnum_lanes\x18\x0c \x01(\r\x12\x10\n\x08\x65ncoding\x18\r \x01(\t\"i\n\tPushReply\x12+\n\x05state\x18\x01 \x01(\x0e\x32\x1c.splitserve.v1.TransferState\x12\x17\n\x0f\x63hunks_received\x18\x02 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\"2\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\";\n\x0cReleaseReply\x12+\n\x05state\x18\x01 \x01(\x0e\x32\x1c.splitserve.v1.TransferState*\x80\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08RESERVED\x10\x01\x12\r\n\tRECEIVING\x10\x02\x12\x0c\n\x08\x43OMPLETE\x10\x03\x12\x0b\n\x07\x41\x42ORTED\x10\x04\x12\x0b\n\x07\x45XPIRED\x10\x05\x12\n\n\x06\x46\x41ILED\x10\x06\x32\xd6\x01\n\nKVTransfer\x12\x45\n\x07Reserve\x12\x1d.splitserve.v1.ReserveRequest\x1a\x1b.splitserve.v1.ReserveReply\x12:\n\x04Push\x12\x16.splitserve.v1.KVChunk\x1a\x18.splitserve.v1.PushReply(\x01\x12\x45\n\x07Release\x12\x1d.splitserve.v1.ReleaseRequest\x1a\x1b.splitserve.v1.ReleaseReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"splitserve/protos/kvtransfer.proto\x12\rsplitserve.v1\x1a\x1esplitserve/protos/common.proto\"\xa2\x01\n\x0c\x46\x65tchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06layout\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x0f\n\x07host_id\x18\x05 \x01(\t\x12\x19\n\x11same_host_devices\x18\x06 \x03(\t\"\xd2\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06layout\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x08lease_ms\x18\x06 \x01(\rB\r\n\x0b_cache_salt\"\x8d\x01\n\x0cReserveReply\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x19\n\x11num_cached_blocks\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x0f\n\x07host_id\x18\x05 \x01(\t\x12\x19\n\x11same_host_devices\x18\x06 \x03(\t\"\xa6\x01\n\x08KVSource\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x30\n\x03shm\x18\x03 \x01(\x0b\x32!.splitserve.v1.SharedMemorySourceH\x00\x12,\n\x04\x63uda\x18\x04 \x01(\x0b\x32\x1c.splitserve.v1.CudaIpcSourceH\x00\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x42\x08\n\x06memory\"0\n\x12SharedMemorySource\x12\n\n\x02\x66\x64\x18\x01 \x01(\x05\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\"S\n\rCudaIpcSource\x12-\n\x06layers\x18\x01 \x03(\x0b\x32\x1d.splitserve.v1.CudaIpcStorage\x12\x13\n\x0b\x64\x65vice_uuid\x18\x02 \x01(\t\"\xc8\x01\n\x0e\x43udaIpcStorage\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\x05\x12\x0e\n\x06handle\x18\x02 \x01(\x0c\x12\x15\n\rstorage_bytes\x18\x03 \x01(\x04\x12\x14\n\x0coffset_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x05 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x06 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x07 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x08 \x01(\x08\"\x94\x02\n\x07KVChunk\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x07 \x01(\r\x12\x0c\n\x04last\x18\x08 \x01(\x08\x12\x15\n\rsrc_block_ids\x18\t \x03(\r\x12\'\n\x06source\x18\n \x01(\x0b\x32\x17.splitserve.v1.KVSource\x12\x0c\n\x04lane\x18\x0b \x01(\r\x12\x11\n\tnum_lanes\x18\x0c \x01(\r\x12\x10\n\x08\x65ncoding\x18\r \x01(\t\x12\x14\n\x0ctotal_blocks\x18\x0e \x01(\r\"i\n\tPushReply\x12+\n\x05state\x18\x01 \x01(\x0e\x32\x1c.splitserve.v1.TransferState\x12\x17\n\x0f\x63hunks_received\x18\x02 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\"2\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\";\n\x0cReleaseReply\x12+\n\x05state\x18\x01 \x01(\x0e\x32\x1c.splitserve.v1.TransferState*\x80\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08RESERVED\x10\x01\x12\r\n\tRECEIVING\x10\x02\x12\x0c\n\x08\x43OMPLETE\x10\x03\x12\x0b\n\x07\x41\x42ORTED\x10\x04\x12\x0b\n\x07\x45XPIRED\x10\x05\x12\n\n\x06\x46\x41ILED\x10\x06\x32\x96\x02\n\nKVTransfer\x12\x45\n\x07Reserve\x12\x1d.splitserve.v1.ReserveRequest\x1a\x1b.splitserve.v1.ReserveReply\x12:\n\x04Push\x12\x16.splitserve.v1.KVChunk\x1a\x18.splitserve.v1.PushReply(\x01\x12\x45\n\x07Release\x12\x1d.splitserve.v1.ReleaseRequest\x1a\x1b.splitserve.v1.ReleaseReply\x12>\n\x05\x46\x65tch\x12\x1b.splitserve.v1.FetchRequest\x1a\x16.splitserve.v1.KVChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.protos.kvtransfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSFERSTATE']._serialized_start=1427
-  _globals['_TRANSFERSTATE']._serialized_end=1555
-  _globals['_RESERVEREQUEST']._serialized_start=86
-  _globals['_RESERVEREQUEST']._serialized_end=296
-  _globals['_RESERVEREPLY']._serialized_start=299
-  _globals['_RESERVEREPLY']._serialized_end=440
-  _globals['_KVSOURCE']._serialized_start=443
-  _globals['_KVSOURCE']._serialized_end=609
-  _globals['_SHAREDMEMORYSOURCE']._serialized_start=611
-  _globals['_SHAREDMEMORYSOURCE']._serialized_end=659
-  _globals['_CUDAIPCSOURCE']._serialized_start=661
-  _globals['_CUDAIPCSOURCE']._serialized_end=744
-  _globals['_CUDAIPCSTORAGE']._serialized_start=747
-  _globals['_CUDAIPCSTORAGE']._serialized_end=947
-  _globals['_KVCHUNK']._serialized_start=950
-  _globals['_KVCHUNK']._serialized_end=1204
-  _globals['_PUSHREPLY']._serialized_start=1206
-  _globals['_PUSHREPLY']._serialized_end=1311
-  _globals['_RELEASEREQUEST']._serialized_start=1313
-  _globals['_RELEASEREQUEST']._serialized_end=1363
-  _globals['_RELEASEREPLY']._serialized_start=1365
-  _globals['_RELEASEREPLY']._serialized_end=1424
-  _globals['_KVTRANSFER']._serialized_start=1558
-  _globals['_KVTRANSFER']._serialized_end=1772
+  _globals['_TRANSFERSTATE']._serialized_start=1614
+  _globals['_TRANSFERSTATE']._serialized_end=1742
+  _globals['_FETCHREQUEST']._serialized_start=86
+  _globals['_FETCHREQUEST']._serialized_end=248
+  _globals['_RESERVEREQUEST']._serialized_start=251
+  _globals['_RESERVEREQUEST']._serialized_end=461
+  _globals['_RESERVEREPLY']._serialized_start=464
+  _globals['_RESERVEREPLY']._serialized_end=605
+  _globals['_KVSOURCE']._serialized_start=608
+  _globals['_KVSOURCE']._serialized_end=774
+  _globals['_SHAREDMEMORYSOURCE']._serialized_start=776
+  _globals['_SHAREDMEMORYSOURCE']._serialized_end=824
+  _globals['_CUDAIPCSOURCE']._serialized_start=826
+  _globals['_CUDAIPCSOURCE']._serialized_end=909
+  _globals['_CUDAIPCSTORAGE']._serialized_start=912
+  _globals['_CUDAIPCSTORAGE']._serialized_end=1112
+  _globals['_KVCHUNK']._serialized_start=1115
+  _globals['_KVCHUNK']._serialized_end=1391
+  _globals['_PUSHREPLY']._serialized_start=1393
+  _globals['_PUSHREPLY']._serialized_end=1498
+  _globals['_RELEASEREQUEST']._serialized_start=1500
+  _globals['_RELEASEREQUEST']._serialized_end=1550
+  _globals['_RELEASEREPLY']._serialized_start=1552
+  _globals['_RELEASEREPLY']._serialized_end=1611
+  _globals['_KVTRANSFER']._serialized_start=1745
+  _globals['_KVTRANSFER']._serialized_end=2023
 # @@protoc_insertion_point(module_scope)

@@ -25,6 +25,22 @@ ABORTED: TransferState
 EXPIRED: TransferState
 FAILED: TransferState
 
+class FetchRequest(_message.Message):
+    __slots__ = ("request_id", "layout", "block_hashes", "first_block", "host_id", "same_host_devices")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    SAME_HOST_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    layout: _common_pb2.KVLayout
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    first_block: int
+    host_id: str
+    same_host_devices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., first_block: _Optional[int] = ..., host_id: _Optional[str] = ..., same_host_devices: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ReserveRequest(_message.Message):
     __slots__ = ("request_id", "layout", "prompt_token_ids", "sampling", "cache_salt", "lease_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -108,7 +124,7 @@ class CudaIpcStorage(_message.Message):
     def __init__(self, device: _Optional[int] = ..., handle: _Optional[bytes] = ..., storage_bytes: _Optional[int] = ..., offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("lease_id", "seq", "layer", "first_block", "num_blocks", "data", "crc32", "last", "src_block_ids", "source", "lane", "num_lanes", "encoding")
+    __slots__ = ("lease_id", "seq", "layer", "first_block", "num_blocks", "data", "crc32", "last", "src_block_ids", "source", "lane", "num_lanes", "encoding", "total_blocks")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +138,7 @@ class KVChunk(_message.Message):
     LANE_FIELD_NUMBER: _ClassVar[int]
     NUM_LANES_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     seq: int
     layer: int
@@ -135,7 +152,8 @@ class KVChunk(_message.Message):
     lane: int
     num_lanes: int
     encoding: str
-    def __init__(self, lease_id: _Optional[str] = ..., seq: _Optional[int] = ..., layer: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., last: _Optional[bool] = ..., src_block_ids: _Optional[_Iterable[int]] = ..., source: _Optional[_Union[KVSource, _Mapping]] = ..., lane: _Optional[int] = ..., num_lanes: _Optional[int] = ..., encoding: _Optional[str] = ...) -> None: ...
+    total_blocks: int
+    def __init__(self, lease_id: _Optional[str] = ..., seq: _Optional[int] = ..., layer: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., last: _Optional[bool] = ..., src_block_ids: _Optional[_Iterable[int]] = ..., source: _Optional[_Union[KVSource, _Mapping]] = ..., lane: _Optional[int] = ..., num_lanes: _Optional[int] = ..., encoding: _Optional[str] = ..., total_blocks: _Optional[int] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("state", "chunks_received", "bytes_received")

@@ -50,6 +50,11 @@ class KVTransferStub:
                 request_serializer=splitserve_dot_protos_dot_kvtransfer__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_kvtransfer__pb2.ReleaseReply.FromString,
                 _registered_method=True)
+        self.Fetch = channel.unary_stream(
+                '/splitserve.v1.KVTransfer/Fetch',
+                request_serializer=splitserve_dot_protos_dot_kvtransfer__pb2.FetchRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_kvtransfer__pb2.KVChunk.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -79,6 +84,14 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fetch(self, request, context):
+        """Any worker serves blocks it holds to another (the receiver pulls: `kvtransfer.fetch`). The reply
+        stream is KV frames (KVChunk, lease_id = the request's id, lanes 1); chunk 0 says how many blocks come.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +109,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=splitserve_dot_protos_dot_kvtransfer__pb2.ReleaseRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_kvtransfer__pb2.ReleaseReply.SerializeToString,
+            ),
+            'Fetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=splitserve_dot_protos_dot_kvtransfer__pb2.FetchRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_kvtransfer__pb2.KVChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +198,33 @@ class KVTransfer:
             '/splitserve.v1.KVTransfer/Release',
             splitserve_dot_protos_dot_kvtransfer__pb2.ReleaseRequest.SerializeToString,
             splitserve_dot_protos_dot_kvtransfer__pb2.ReleaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitserve.v1.KVTransfer/Fetch',
+            splitserve_dot_protos_dot_kvtransfer__pb2.FetchRequest.SerializeToString,
+            splitserve_dot_protos_dot_kvtransfer__pb2.KVChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,17 +19,19 @@ GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 
 class Cluster:
-    """One prefill and one decode worker, each with its own engine, serving on localhost. `transport`:
-    "grpc", "grpc-striped" (each transfer's layers over 2 lanes) or "same-host"."""
+    """One prefill and one decode worker, each with its own engine, serving on localhost (both also serve
+    KVTransfer/Fetch), and with `warm` a second prefill worker (`warm_prefiller`). `transport`: "grpc",
+    "grpc-striped" (each transfer's layers over 2 lanes) or "same-host"."""
 
     def __init__(self, model, transport="grpc", num_blocks=256, lease_ttl_s=10.0, max_chunk_bytes=4096,
-                 kv_wire_dtype="auto"):  # fmt: skip
+                 kv_wire_dtype="auto", warm=False, host_kv_gib=0.0):  # fmt: skip
         def engine(n, **kw):
-            return LLM(str(model), num_blocks=n, block_size=8, max_num_seqs=16, **kw).engine
+            return LLM(str(model), num_blocks=n, block_size=8, max_num_seqs=16, host_kv_gib=host_kv_gib,
+                       **kw).engine  # fmt: skip
 
         same_host = transport == "same-host"
         self.prefill_loop = EngineLoop(engine(256, shared_memory=same_host))
-        self.decode_loop = EngineLoop(engine(num_blocks))
+        self.decode_loop = EngineLoop(engine(num_blocks, shared_memory=same_host))
         self.decode = DecodeService(self.decode_loop, lease_ttl_s=lease_ttl_s)
         self.prefill = PrefillService(self.prefill_loop, max_chunk_bytes=max_chunk_bytes,
                                       kv_transport="auto" if same_host else "grpc",
@@ -39,43 +41,61 @@ class Cluster:
         add_kvtransfer_servicer(self.decode, self.decode_server)
         workers_pb2_grpc.add_DecodeWorkerServicer_to_server(self.decode, self.decode_server)
         self.decode_address = f"127.0.0.1:{port}"
-        self.prefill_server, pport = make_server("127.0.0.1:0")
-        workers_pb2_grpc.add_PrefillWorkerServicer_to_server(self.prefill, self.prefill_server)
         self.decode_server.start()
-        self.prefill_server.start()
-        self.channels = [channel(self.decode_address), channel(f"127.0.0.1:{pport}")]
+        self.channels = [channel(self.decode_address)]
         self.kv = kvtransfer_pb2_grpc.KVTransferStub(self.channels[0])
         self.decoder = workers_pb2_grpc.DecodeWorkerStub(self.channels[0])
-        self.prefiller = workers_pb2_grpc.PrefillWorkerStub(self.channels[1])
+        self.loops = [self.prefill_loop, self.decode_loop]
+        self.servers, self.services = [self.decode_server], [self.decode]
+        self.prefiller, self.prefill_address = self._serve_prefill(self.prefill)
+        self.prefill_server = self.servers[-1]
+        if warm:
+            self.warm_loop = EngineLoop(engine(256, shared_memory=same_host))
+            self.loops.append(self.warm_loop)
+            self.warm = PrefillService(self.warm_loop, "warm", max_chunk_bytes=max_chunk_bytes,
+                                       kv_transport="auto" if same_host else "grpc")  # fmt: skip
+            self.warm_prefiller, self.warm_address = self._serve_prefill(self.warm)
         self.free_at_start = self.free_blocks()
 
-    def free_blocks(self):
-        return (self.prefill_loop.call(lambda: self.prefill_loop.engine.block_pool.num_free_blocks),
-                self.decode_loop.call(lambda: self.decode_loop.engine.block_pool.num_free_blocks))
+    def _serve_prefill(self, service):
+        server, port = make_server("127.0.0.1:0")
+        workers_pb2_grpc.add_PrefillWorkerServicer_to_server(service, server)
+        add_kvtransfer_servicer(service, server)
+        server.start()
+        self.servers.append(server)
+        self.services.append(service)
+        self.channels.append(channel(f"127.0.0.1:{port}"))
+        return workers_pb2_grpc.PrefillWorkerStub(self.channels[-1]), f"127.0.0.1:{port}"
 
-    def generate(self, rid, prompt, max_tokens):
+    def free_blocks(self):
+        """Each engine's free blocks (prefill, decode[, warm])."""
+        return tuple(loop.call(lambda e=loop.engine: e.block_pool.num_free_blocks) for loop in self.loops)
+
+    def generate(self, rid, prompt, max_tokens, prefiller=None, holder=None):
         """As a router does: Generate starts on the first token, while the KV may still be travelling.
-        Returns (tokens, the prefill worker's transfer report)."""
+        Returns (tokens, the prefill worker's transfer report). `holder`: a KVHolder to fetch from."""
         sampling = sampling_to_proto(SamplingParams(max_tokens=max_tokens, **GREEDY))
-        replies = self.prefiller.Prefill(workers_pb2.PrefillRequest(
-            request_id=rid, prompt_token_ids=prompt, sampling=sampling, decode_address=self.decode_address))
+        replies = (prefiller or self.prefiller).Prefill(workers_pb2.PrefillRequest(
+            request_id=rid, prompt_token_ids=prompt, sampling=sampling, decode_address=self.decode_address,
+            kv_holder=holder))
         first = next(replies)
         stream = self.decoder.Generate(workers_pb2.GenerateRequest(
             request_id=rid, lease_id=first.lease_id, first_token_id=first.first_token_id))
         done = next(replies)
         assert done.transfer_done and done.lease_id == first.lease_id
+        done.num_fetched_blocks, done.fetch_fallback = first.num_fetched_blocks, first.fetch_fallback
         tokens = [first.first_token_id] + [t for chunk in stream for t in chunk.token_ids]
         return tokens, done
 
     def close(self):
         for ch in self.channels:
             ch.close()
-        self.prefill_server.stop(0).wait()
-        self.decode_server.stop(0).wait()
-        self.prefill.close()
-        self.decode.close()
-        self.prefill_loop.stop()
-        self.decode_loop.stop()
+        for server in self.servers:
+            server.stop(0).wait()
+        for service in self.services:
+            service.close()
+        for loop in self.loops:
+            loop.stop()
 
 
 def offline(model, prompts, max_tokens):

@@ -23,8 +23,11 @@ class EngineOptions:
     num_blocks: int | None = None
     max_num_seqs: int = 64
     max_model_len: int | None = None
+    cpu_kv_gb: float = 0.0  # GiB of host memory for blocks evicted from KV memory (the host tier)
 
     def __post_init__(self) -> None:
+        if self.cpu_kv_gb < 0:
+            raise ValueError(f"cpu_kv_gb must be >= 0, got {self.cpu_kv_gb}")
         for name, value, allowed in (("dtype", self.dtype, DTYPES), ("device", self.device, DEVICES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -41,16 +44,19 @@ class EngineOptions:
         parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: from memory)")
         parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences one step runs at most")
         parser.add_argument("--max-model-len", type=int, default=None, help="default: the checkpoint's")
+        parser.add_argument("--cpu-kv-gb", type=float, default=0.0,
+                            help="GiB of host memory (pinned, on a GPU) keeping prefix-cache blocks "
+                                 "evicted from KV memory, loaded back on a hit (0: none)")  # fmt: skip
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineOptions:
         return cls(args.dtype, args.device, args.block_size, args.num_blocks, args.max_num_seqs,
-                   args.max_model_len)  # fmt: skip
+                   args.max_model_len, args.cpu_kv_gb)  # fmt: skip
 
     def to_args(self) -> list[str]:
         """The same options as a worker's command line (what `add_arguments` parses back)."""
         out = ["--dtype", self.dtype, "--device", self.device, "--block-size", str(self.block_size),
-               "--max-num-seqs", str(self.max_num_seqs)]  # fmt: skip
+               "--max-num-seqs", str(self.max_num_seqs), "--cpu-kv-gb", str(self.cpu_kv_gb)]  # fmt: skip
         for flag, value in (("--num-blocks", self.num_blocks), ("--max-model-len", self.max_model_len)):
             if value is not None:
                 out += [flag, str(value)]
@@ -59,6 +65,7 @@ class EngineOptions:
 
 KV_TRANSPORTS = ("auto", "grpc")  # auto: same-host when the target shares this host, else gRPC
 KV_WIRE_DTYPES = ("auto", "fp8")  # auto: the cache's dtype; fp8: FP8 e4m3 with per-block scales
+AUTO_LANES = {"cuda": 2, "cpu": 1}  # --kv-lanes 0, by the worker's device (measured: see KVOptions.lanes)
 
 
 @dataclass(frozen=True)
@@ -67,12 +74,11 @@ class KVOptions:
     out of range."""
 
     transport: str = "auto"
-    # Push streams a gRPC transfer is striped over. Measured (docs/benchmarks.md): on a 2-core machine
-    # (sender and receiver sharing both cores, 1B KV layout, 134 MB) 1 lane moved 1.06–1.09 GB/s, 2 lanes
-    # 0.80–0.99, 4 lanes 0.58–0.82: the cores, not the streams, limit there. Plain gRPC on the 16-core GPU
-    # host moved 1.48 GB/s on one connection and 4.09 on four; this push's lanes are not measured there
-    # yet: until they are, one.
-    lanes: int = 1
+    # Push streams a gRPC transfer is striped over; 0: by device (AUTO_LANES). Measured (docs/benchmarks.md,
+    # 1B KV layout, 4k-token prompt, 134 MB, 4 MiB chunks): on the 16-core H200 host 1 lane moved 1.24 GB/s,
+    # 2 lanes 1.72, 4 lanes 1.59, 8 lanes 1.59; on a 2-core machine (sender and receiver sharing both cores)
+    # 1 lane 1.06–1.09, 2 lanes 0.80–0.99, 4 lanes 0.58–0.82: the cores, not the streams, limit there.
+    lanes: int = 0
     wire_dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -80,8 +86,12 @@ class KVOptions:
                                      ("kv_wire_dtype", self.wire_dtype, KV_WIRE_DTYPES)):  # fmt: skip
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        if self.lanes < 1:
-            raise ValueError(f"kv_lanes must be >= 1, got {self.lanes}")
+        if self.lanes < 0:
+            raise ValueError(f"kv_lanes must be >= 0 (0: by device), got {self.lanes}")
+
+    def lanes_for(self, device: str) -> int:
+        """The lanes a worker computing on `device` ("cpu", "cuda") stripes a transfer over."""
+        return self.lanes or AUTO_LANES.get(device, 1)
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +100,8 @@ class KVOptions:
                                  "worker's memory (CPU: shared memory; CUDA: IPC); others, or all with "
                                  "grpc: over gRPC")  # fmt: skip
         parser.add_argument("--kv-lanes", type=int, default=KVOptions.lanes,
-                            help="Push streams (each on its own connection) a gRPC transfer is striped over")
+                            help="Push streams (each on its own connection) a gRPC transfer is striped "
+                                 "over; 0: 2 on a GPU, 1 on CPU (the best measured on each)")
         parser.add_argument("--kv-wire-dtype", default="auto", choices=KV_WIRE_DTYPES,
                             help="auto: KV over gRPC in the cache's dtype; fp8: FP8 e4m3 with per-block "
                                  "scales (half of bf16's bytes; lossy, see docs/benchmarks.md)")  # fmt: skip

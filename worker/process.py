@@ -56,7 +56,8 @@ def build_engine(args: argparse.Namespace, shared_kv: bool = False):
     opts = EngineOptions.from_args(args)
     return Engine(EngineConfig(
         model=args.model, dtype=opts.dtype, device=opts.device, max_model_len=opts.max_model_len,
-        cache=CacheConfig(block_size=opts.block_size, num_blocks=opts.num_blocks, shared_memory=shared_kv),
+        cache=CacheConfig(block_size=opts.block_size, num_blocks=opts.num_blocks, shared_memory=shared_kv,
+                          host_kv_gib=opts.cpu_kv_gb),
         scheduler=SchedulerConfig(max_num_seqs=opts.max_num_seqs),
     ))  # fmt: skip
 
