@@ -56,6 +56,8 @@ class ClusterSpec:
     ab: str | None = None
     policy_options: tuple[str, ...] = ()
     failure_policy: str = FailurePolicy.RECOMPUTE.value
+    fetch: bool = True  # targets fetch leading blocks other workers hold (the router's --no-fetch: False)
+    calibration: str | None = None  # the router's cost model file (None: its built-in H200 figures)
     grpc_port: int = 50051
     http_port: int | None = 8000
     host: str = "127.0.0.1"
@@ -114,6 +116,8 @@ class ClusterSpec:
                 "--block-size", str(self.engine.block_size),
                 "--failure-policy", self.failure_policy]  # fmt: skip
         args += ["--ab", self.ab] if self.ab else ["--policy", self.policy]
+        args += [] if self.fetch else ["--no-fetch"]
+        args += [] if self.calibration is None else ["--calibration", self.calibration]
         for option in self.policy_options:
             args += ["--policy-option", option]
         if self.http_port is not None:

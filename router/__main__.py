@@ -23,7 +23,7 @@ from splitserve.index.mirror import IndexMirror
 from splitserve.index.schema import WorkerInfo
 from splitserve.protos import router_pb2_grpc
 from splitserve.router.core import ArmAssigner, Router, WorkerSet, parse_ab
-from splitserve.router.cost_model import load_calibration
+from splitserve.router.cost_model import DEFAULT_COST_MODEL, load_calibration
 from splitserve.router.decision_log import DecisionLog
 from splitserve.router.dispatch import FailurePolicy
 from splitserve.router.http_front import HTTPFront
@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", default=None, metavar="FILE",
                         help="the cost model cpd predicts with (benchmarks/calibrate.py writes one; default: "
                              "H200 figures from docs/benchmarks.md)")
+    parser.add_argument("--no-fetch", action="store_true",
+                        help="never fetch a prompt's leading blocks from the worker holding them: the "
+                             "prefill target recomputes what it lacks (default: when predicted cheaper)")
     parser.add_argument("--load-view", default="inflight", choices=["inflight", "polled"],
                         help="inflight: polled loads plus this router's own assignments since (default); "
                              "polled: the workers' last reported loads only")
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     costs = load_calibration(args.calibration) if args.calibration else None
 
     def policy(name: str):
-        return make_policy(name, costs, **policy_options(name, options))
+        return make_policy(name, costs, not args.no_fetch, **policy_options(name, options))
 
     policies = {name: policy(name) for name in shares}
     shadow_names = [n for n in args.shadow_policies.split(",") if n] or list(shares)
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         ArmAssigner(shares) if args.ab else None, FailurePolicy(args.failure_policy),
         shadows={name: policy(name) for name in shadow_names},
         ledger=Ledger() if args.load_view == "inflight" else None, decision_log=decision_log,
+        costs=costs or DEFAULT_COST_MODEL, fetch=not args.no_fetch,
     )  # fmt: skip
     tenants = Tenants.from_file(args.tenants) if args.tenants else None
     stale = lambda: mirror is not None and mirror.stale  # noqa: E731

@@ -22,8 +22,10 @@ import grpc
 
 from splitserve.engine.block_hash import BlockHash, HashContext, hash_blocks
 from splitserve.protos import common_pb2, workers_pb2, workers_pb2_grpc
+from splitserve.router.cost_model import DEFAULT_COST_MODEL, CostModel
 from splitserve.router.decision_log import Choice, DecisionLog, DecisionRecord, predicted_cached_tokens
 from splitserve.router.dispatch import Emitted, FailurePolicy, PrefillTarget, run_disaggregated
+from splitserve.router.fetch_plan import with_fetch
 from splitserve.router.inflight import Ledger, Ticket
 from splitserve.router.policies import DECODE, LOCAL, Decision, NoWorker, Policy, RequestShape, WorkerView
 from splitserve.router.policy_types import blocks_to_reserve
@@ -184,7 +186,10 @@ class Router:
     (None: the single policy). `matches`: the index mirror's query (no network). `shadows`: policies
     asked on every request for what they would have chosen (the decision log's shadow scoring; the live
     ones are never asked twice, since a policy may keep state). `ledger`: this router's own assignments,
-    folded into the polled loads (None: polled loads only). `decision_log`: where decisions are recorded."""
+    folded into the polled loads (None: polled loads only). `decision_log`: where decisions are recorded.
+    `fetch`: a request's prefill target first fetches the leading blocks another worker holds beyond its
+    own when `costs` predict that cheaper than recomputing them (`fetch_plan`; a policy with a `fetch`
+    option of its own plans it in its decision)."""
 
     def __init__(
         self,
@@ -198,6 +203,8 @@ class Router:
         shadows: dict[str, Policy] | None = None,
         ledger: Ledger | None = None,
         decision_log: DecisionLog | None = None,
+        costs: CostModel = DEFAULT_COST_MODEL,
+        fetch: bool = True,
     ) -> None:
         if arms is None and len(policies) != 1:
             raise ValueError("several policies need an A/B assignment")
@@ -211,6 +218,8 @@ class Router:
         self.shadows = shadows or {}
         self.ledger = ledger
         self.decision_log = decision_log
+        self.costs = costs
+        self.fetch = fetch
         self._deciding = threading.Lock()
 
     def views(self, matched: dict[str, int]) -> list[WorkerView]:
@@ -249,10 +258,24 @@ class Router:
         views = self.views(matched)
         shape = RequestShape(len(request.prompt_token_ids), self.block_size, request.session_id,
                              request.sampling.max_tokens)  # fmt: skip
-        decision = self.policies[arm].route(shape, views)
+        policy = self.policies[arm]
+        decision = policy.route(shape, views)
+        if self.fetch:
+            decision = with_fetch(decision, shape, views, self.costs, policy)
         predicted = predicted_cached_tokens(decision, matched, self.block_size, shape.num_prompt_tokens)
         decision.terms["predicted_cached_tokens"] = float(predicted)
         return arm, decision, shape, views
+
+    def _holder(self, decision: Decision) -> workers_pb2.KVHolder | None:
+        """Where the decision's target fetches from (None: nowhere, or the holder has just left)."""
+        if decision.fetch_from is None:
+            return None
+        try:
+            handle = self.workers.get(decision.fetch_from)
+        except NoWorker:
+            return None
+        return workers_pb2.KVHolder(address=handle.address, num_blocks=decision.fetch_blocks,
+                                    worker_id=handle.worker_id)  # fmt: skip
 
     def _record(self, request: RoutedRequest, arm: str, decision: Decision, shape: RequestShape,
                 views: list[WorkerView]) -> None:  # fmt: skip
@@ -312,7 +335,7 @@ class Router:
         if decision.pool == LOCAL:
             stream = decode.stub.Generate(workers_pb2.GenerateRequest(
                 request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-                sampling=request.sampling, cache_salt=salt,
+                sampling=request.sampling, cache_salt=salt, kv_holder=self._holder(decision),
             ))  # fmt: skip
             try:
                 for i, chunk in enumerate(stream):
@@ -328,6 +351,7 @@ class Router:
         prefill = workers_pb2.PrefillRequest(
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             sampling=request.sampling, cache_salt=salt, decode_address=decode.address,
+            kv_holder=self._holder(decision),
         )  # fmt: skip
         policy = self.failure_policy
         yield from run_disaggregated(prefill, targets, decode.stub, policy, aborted=request.aborted)

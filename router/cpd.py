@@ -53,6 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from splitserve.router.cost_model import DEFAULT_COST_MODEL, CostModel
+from splitserve.router.fetch_plan import FetchPlan, plan_fetch
 from splitserve.router.policy_types import (
     FRESH,
     LOCAL,
@@ -85,7 +86,9 @@ class CPD:
     worker may prefill itself; `interference_weight` — how much a second of a decode batch's stall (per
     running sequence) weighs against a second of this request's TTFT; `transfer_weight` — the same for the
     transfer tail; `stall_weight` — the same for a wait for a decode slot after the first token;
-    `miss_weight` — see above. The transfer cost is the cost model's default transport's
+    `miss_weight` — see above; `fetch` — whether targets fetch leading blocks another worker holds (as the
+    router does unless told not to), so that a prefill counts them as cached, after the fetch's time.
+    The transfer cost is the cost model's default transport's
     (`CostModel.transfer()`): give the policy a model holding only the transport the workers use when it
     is not the same-host one.
     """
@@ -96,6 +99,7 @@ class CPD:
     transfer_weight: float = 1.0
     stall_weight: float = 0.5
     miss_weight: float = 32.0
+    fetch: bool = True
     costs: CostModel = field(default=DEFAULT_COST_MODEL, repr=False)
     name: str = "cpd"
 
@@ -117,43 +121,52 @@ class CPD:
         stalled: dict[str, int] = {}  # device → sequences decoding on it
         for w in decodes:
             stalled[w.device] = stalled.get(w.device, 0) + _decoding(w)
+        fetches = {w.worker_id: self._fetch(request, w, workers) for w in (*admissible, *decodes)}
         best = min((opt for d in _with_room(decodes, request)
-                    for opt in self._options(request, admissible, d, cap, stalled)),
+                    for opt in self._options(request, admissible, d, cap, stalled, fetches)),
                    key=_Option.key)  # fmt: skip
         terms = {"hit_ratio": hit_ratio, **best.terms}
         prefill = best.prefill
+        fetch = fetches[(best.decode if prefill is None else prefill).worker_id]
+        where = {"fetch_from": fetch.holder, "fetch_blocks": fetch.num_blocks} if fetch else {}
+        if fetch:
+            terms["fetch_blocks"] = float(fetch.num_blocks)
         if prefill is None:
-            return Decision(self.name, LOCAL, None, best.decode.worker_id, terms)
-        return Decision(self.name, prefill.role, prefill.worker_id, best.decode.worker_id, terms)
+            return Decision(self.name, LOCAL, None, best.decode.worker_id, terms, **where)
+        return Decision(self.name, prefill.role, prefill.worker_id, best.decode.worker_id, terms, **where)
+
+    def _fetch(self, request: RequestShape, target: WorkerView, workers: Sequence[WorkerView]):
+        return plan_fetch(request, target, workers, self.costs) if self.fetch else None
 
     def _options(self, request: RequestShape, prefills: list[WorkerView], d: WorkerView, cap: float,
-                 stalled: dict[str, int]):  # fmt: skip
+                 stalled: dict[str, int], fetches: dict[str, FetchPlan | None]):  # fmt: skip
         n = request.num_prompt_tokens
         prefill, per_token = self.costs.prefill, self.costs.prefill.per_token_s
         decode_s = self._decode_seconds(request, d)
         slot_s = self._slot_wait(request, d)
         d_cached = _cached(d, request)
-        local_new = n - d_cached
+        d_have, d_fetch_s = _with_fetch(d_cached, fetches[d.worker_id])
+        local_new = n - d_have
         if local_new <= cap:
-            compute = prefill.seconds(local_new, d_cached)
+            compute = prefill.seconds(local_new, d_have)
             # Each local prefill waiting there pays its own step's fixed cost first (one per decode step).
             queued = d.queued_tokens * per_token + d.waiting_prefills * prefill.fixed_s + compute
-            ttft = slot_s + _measured(d, local_new, d.waiting_prefills, queued)
+            ttft = slot_s + d_fetch_s + _measured(d, local_new, d.waiting_prefills, queued)
             interference = self.interference_weight * stalled.get(d.device, 0) * compute if d.device else (
                 self.interference_weight * _decoding(d) * compute)
             miss = self.miss_weight * local_new * per_token
             cost = ttft + interference + decode_s + miss
             yield _Option(cost, None, d, {
                 "cost_s": cost, "ttft_s": ttft, "interference_s": interference, "decode_s": decode_s,
-                "miss_s": miss, "slot_wait_s": slot_s,
-                "cached_tokens": float(d_cached), "decode_cached_tokens": float(d_cached),
+                "miss_s": miss, "slot_wait_s": slot_s, "fetch_s": d_fetch_s,
+                "cached_tokens": float(d_have), "decode_cached_tokens": float(d_cached),
             })  # fmt: skip
-        moved = self._transfer.seconds(self.costs.kv_bytes(local_new))
+        moved = self._transfer.seconds(self.costs.kv_bytes(n - d_cached))
         for p in prefills:
-            cached = _cached(p, request)
+            cached, fetch_s = _with_fetch(_cached(p, request), fetches[p.worker_id])
             compute = prefill.seconds(n - cached, cached)
             queued = p.queued_tokens * per_token + p.running_requests * prefill.fixed_s + compute
-            ttft = _measured(p, n - cached, p.running_requests, queued)
+            ttft = fetch_s + _measured(p, n - cached, p.running_requests, queued)
             miss = self.miss_weight * (n - cached) * per_token
             tail = self.transfer_weight * max(self._transfer.latency_s, moved - compute)
             interference = self.interference_weight * stalled.get(p.device, 0) * compute if p.device else 0.0
@@ -162,7 +175,7 @@ class CPD:
             yield _Option(cost, p, d, {
                 "cost_s": cost, "ttft_s": ttft, "transfer_tail_s": tail, "stall_s": stall,
                 "interference_s": interference, "decode_s": decode_s, "miss_s": miss, "slot_wait_s": slot_s,
-                "cached_tokens": float(cached),
+                "fetch_s": fetch_s, "cached_tokens": float(cached),
                 "decode_cached_tokens": float(d_cached),
             })  # fmt: skip
 
@@ -187,6 +200,11 @@ class CPD:
             return 0.0
         step = max(d.step_s, self.costs.decode.step_seconds(cap, _context_tokens(d, request)))
         return excess * max(1, request.max_tokens) * step / cap
+
+
+def _with_fetch(cached: int, fetch: FetchPlan | None) -> tuple[int, float]:
+    """A target's prompt tokens in hand after its planned fetch, and the fetch's time."""
+    return (cached, 0.0) if fetch is None else (cached + fetch.num_tokens, fetch.seconds)
 
 
 def _decoding(d: WorkerView) -> int:

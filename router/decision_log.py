@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from splitserve.router.policy_types import LOCAL, Decision, usable_cached_tokens
+from splitserve.router.policy_types import Decision, usable_cached_tokens
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,10 @@ def _choice_json(c: Choice) -> dict:
 def predicted_cached_tokens(decision: Decision, matched_blocks: dict[str, int], block_size: int,
                             num_prompt_tokens: int) -> int:  # fmt: skip
     """The prompt tokens the decision's prefill target (the decode worker when local) holds per the index,
-    capped as the engine caps a hit (at least the last prompt token is computed)."""
-    target = decision.decode if decision.pool == LOCAL else decision.prefill
-    return usable_cached_tokens(matched_blocks.get(target or "", 0), num_prompt_tokens, block_size)
+    or will have fetched (`Decision.fetch_blocks`), capped as the engine caps a hit (at least the last
+    prompt token is computed)."""
+    held = max(matched_blocks.get(decision.target, 0), decision.fetch_blocks)
+    return usable_cached_tokens(held, num_prompt_tokens, block_size)
 
 
 def read_decision_log(path: str | Path) -> list[DecisionRecord]:

@@ -170,14 +170,17 @@ POLICIES = {"round_robin": RoundRobin, "least_loaded": LeastLoaded, "prefix_affi
             "cpd": CPD, "cpd_threshold": CPDThreshold, "colocated": Colocated}  # fmt: skip
 
 
-def make_policy(name: str, costs: CostModel | None = None, **config) -> Policy:
+def make_policy(name: str, costs: CostModel | None = None, fetch: bool = True, **config) -> Policy:
     """A policy by name, configured. `costs`: the cost model, for the policies that predict costs (others
-    ignore it). Raises ValueError naming the known policies for an unknown one, or a bad option."""
+    ignore it); `fetch` False: a policy that plans fetches plans none (the deployment's fetches are off).
+    Raises ValueError naming the known policies for an unknown one, or a bad option."""
     if name not in POLICIES:
         raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(sorted(POLICIES))}")
     cls = POLICIES[name]
     if costs is not None and "costs" in getattr(cls, "__dataclass_fields__", {}):
         config["costs"] = costs
+    if not fetch and "fetch" in getattr(cls, "__dataclass_fields__", {}):
+        config["fetch"] = False
     known = [f for f in getattr(cls, "__dataclass_fields__", {}) if f not in ("name", "costs")]
     unknown = sorted(set(config) - set(known) - {"costs"})
     if unknown:

@@ -52,13 +52,22 @@ class RequestShape:
 
 @dataclass(frozen=True)
 class Decision:
-    """Where the request goes. `prefill` is None when the decode worker prefills it (`pool` LOCAL)."""
+    """Where the request goes. `prefill` is None when the decode worker prefills it (`pool` LOCAL).
+    `fetch_from`: a worker holding more of the prompt's leading blocks than the prefill target (the
+    decode worker when LOCAL), which fetches its `fetch_blocks` first (`fetch_plan`); None: no fetch."""
 
     policy: str
     pool: str  # FRESH, WARM or LOCAL
     prefill: str | None
     decode: str
     terms: dict[str, float] = field(default_factory=dict)
+    fetch_from: str | None = None
+    fetch_blocks: int = 0
+
+    @property
+    def target(self) -> str:
+        """The worker that prefills the request."""
+        return self.decode if self.pool == LOCAL else self.prefill or ""
 
 
 def usable_cached_tokens(matched_blocks: int, num_prompt_tokens: int, block_size: int) -> int:

@@ -51,6 +51,9 @@ class SimCluster:
                 self.prefill[worker_id] = worker
             self._order.append((worker_id, role, worker))
 
+    def worker(self, worker_id: str) -> PrefillWorker | DecodeWorker | None:
+        return self.prefill.get(worker_id) or self.decode.get(worker_id)
+
     def views(self, now: float, matched: dict[str, int]) -> list[WorkerView]:
         """Every worker as the policy sees it at `now`; `matched`: worker id → leading blocks it holds."""
         get = matched.get

@@ -33,6 +33,7 @@ class SimConfig:
     local_chunk_tokens: int = 2048
     transport: str = "same-host"
     shared_device: bool = False
+    fetch: bool = True  # prefill targets fetch leading blocks others hold, as the router plans (`fetch_plan`)
 
     def __post_init__(self) -> None:
         for name in ("num_fresh", "num_warm"):

@@ -19,7 +19,7 @@ import heapq
 from collections.abc import Callable
 from typing import Any
 
-PREFILL_END, KV_ARRIVAL, STEP_END, SEND, STEP_START = range(5)
+PREFILL_END, KV_ARRIVAL, STEP_END, SEND, STEP_START, FETCH_END = range(6)
 
 Callback = Callable[[float, Any], None]  # (the event's time, its argument)
 

@@ -7,12 +7,16 @@ what happens after it. Rules, as the live cluster behaves:
   same, at its scheduled time (at once, if that has passed).
 - At its send time the router decides at once (no router latency), on a view of every worker: its matched
   blocks (leading full-block ids of the prompt that its cache holds: the first input_len // block_len),
-  queued tokens, running requests, KV usage and free blocks. The policy's `Decision` is used as is; the
-  shadow policies are asked on the same views for the decision log. `NoWorker` fails the request
-  ("UnavailableError: ..."), recorded without a decision.
+  queued tokens, running requests, KV usage and free blocks. The policy's `Decision` is used as is, with
+  its target's fetch planned as the live router plans it (`fetch_plan.with_fetch`, unless
+  `SimConfig.fetch` is off); the shadow policies are asked on the same views for the decision log.
+  `NoWorker` fails the request ("UnavailableError: ..."), recorded without a decision.
 - Then the decode worker reserves the request's KV (see `decode.py`) and refuses it when it has no room
   ("OverloadedError: ..."); a prefill worker whose whole cache cannot hold the prompt refuses it too. A
-  refused request keeps its decision record. Else it queues on its prefill worker, or prefills locally.
+  refused request keeps its decision record. Else it queues on its prefill worker, or prefills locally —
+  after its fetch, if planned: the blocks its holder holds then beyond the target's own reach the
+  target's cache after the transfer time (`costs.transfer(config.transport)`), as a live worker fetches
+  before it queues the request.
 - Per request a `RequestResult`: TTFT from its send to its first token, ITL the gaps between consecutive
   token times, e2e to its last token, cached tokens as reused at its service start, predicted cached
   tokens as `decision_log.predicted_cached_tokens` at decision time.
@@ -31,11 +35,13 @@ from splitserve.experiments.sessions import next_turns, schedule
 from splitserve.experiments.trace import Trace, TraceError
 from splitserve.router.cost_model import CostModel
 from splitserve.router.decision_log import Choice, DecisionRecord, predicted_cached_tokens
+from splitserve.router.fetch_plan import with_fetch
 from splitserve.router.policies import LOCAL, NoWorker, Policy, RequestShape
+from splitserve.simulator.cache import BlockCache
 from splitserve.simulator.cluster import SimCluster
 from splitserve.simulator.config import SimConfig
 from splitserve.simulator.decode import OVERLOADED
-from splitserve.simulator.events import SEND, EventQueue
+from splitserve.simulator.events import FETCH_END, SEND, EventQueue
 from splitserve.simulator.workers import SimRequest
 
 
@@ -99,8 +105,11 @@ class _Run:
         self.block_len = trace.meta.block_len
         self.send_times = send_times
         self.path = costs.path
+        self.costs = costs
+        self.config = config
         self.events = EventQueue()
         self.cluster = SimCluster(config, costs, self.block_len, self.events, self._finished)
+        self._fetch_transfer = costs.transfer(config.transport)  # a transport SimCluster checked
         self.decisions: list[DecisionRecord] = []
         self._results: dict[int, RequestResult] = {}
         self._follow = next_turns(trace)
@@ -131,6 +140,8 @@ class _Run:
         shape = RequestShape(r.input_len, bl, r.session_id or None, r.output_len)
         try:
             decision = self.policy.route(shape, views)
+            if self.config.fetch:
+                decision = with_fetch(decision, shape, views, self.costs, self.policy)
         except NoWorker as exc:
             self._fail(now, req, f"UnavailableError: {exc}")
             return
@@ -169,10 +180,29 @@ class _Run:
                                  f"{prefill.worker_id} has {prefill.cache.capacity}")  # fmt: skip
         elif not decode.reserve(req, decode.cache.match(req.full_ids)):
             self._fail(now, req, OVERLOADED)
-        elif prefill is None:
-            decode.add_local(now, req)
         else:
-            prefill.enqueue(now, req)
+            self._fetch(now, req, decode.add_local if prefill is None else prefill.enqueue,
+                        (decode if prefill is None else prefill).cache)  # fmt: skip
+
+    def _fetch(self, now: float, req: SimRequest, then, target: BlockCache) -> None:
+        """The decision's fetch, as a live target does it before queueing the request: the leading blocks
+        the holder holds *now* beyond the target's own arrive after their transfer time and join its cache;
+        then `then(time, req)`. A holder that holds no more (evicted meanwhile): nothing to fetch."""
+        decision = req.decision
+        holder = self.cluster.worker(decision.fetch_from) if decision.fetch_from else None
+        usable = (req.input_len - 1) // self.block_len
+        own = target.match(req.full_ids)
+        theirs = 0 if holder is None else min(holder.cache.match(req.full_ids), usable)
+        if theirs <= own:
+            then(now, req)
+            return
+        seconds = self._fetch_transfer.seconds(self.costs.kv_bytes((theirs - own) * self.block_len))
+
+        def arrived(t: float, r: SimRequest) -> None:
+            target.insert(r.full_ids[:theirs])
+            then(t, r)
+
+        self.events.at(now + seconds, FETCH_END, arrived, req)
 
     def _fail(self, now: float, req: SimRequest, error: str) -> None:
         req.error = error

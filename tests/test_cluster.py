@@ -35,7 +35,10 @@ ENGINE = [*BLOCK, "--num-blocks", "256", "--max-num-seqs", "8"]
 # The threshold cpd: it walks a conversation through both prefill pools, which is what these tests check.
 # (The cost-based cpd keeps every prefill on the decode worker here: all workers share this host's CPU,
 # so disaggregating would isolate nothing; tests/test_policies.py and test_router_core.py cover it.)
-POLICY = ["--policy", "cpd_threshold", "--policy-option", "local_prefill_max_tokens=16"]
+# The router prices fetches with this machine kind's cost model.
+CALIBRATION = str(Path(__file__).resolve().parents[1] / "docs" / "calibration-cpu.json")
+POLICY = ["--policy", "cpd_threshold", "--policy-option", "local_prefill_max_tokens=16", "--calibration",
+          CALIBRATION]  # fmt: skip
 
 
 def splitserve(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -197,6 +200,29 @@ def test_a_conversation_goes_fresh_then_warm_with_cached_tokens(cluster):
     assert (out3.route["pool"], out3.route["prefill_worker"]) == ("warm", "warm-0")
     assert out3.usage.cached_tokens >= len(turn2) // 8 * 8 - 8
     assert out3.token_ids == offline(model, turn3, 4)
+
+
+def test_a_follow_up_on_a_worker_without_its_context_fetches_it_from_the_holder(cluster):
+    # A long first turn (fresh-0 computes it, decode-0 receives it); the follow-up goes to the warm pool,
+    # whose worker never saw the conversation: it fetches the turn's blocks (predicted cheaper than
+    # recomputing 480 tokens with this machine's costs) and reports them cached.
+    client, model = cluster["client"], cluster["model"]
+    turn1 = [(7 * i) % 500 + 3 for i in range(480)]
+    out1 = client.generate(turn1, max_tokens=8, temperature=0.0, ignore_eos=True, session_id="long")
+    assert out1.route["pool"] == "fresh"
+    turn2 = [*turn1, *out1.token_ids, *range(100, 140)]
+    seen = len(turn1) // 8 * 8
+    deadline = time.monotonic() + 10
+    while True:  # the index learns of turn 1's blocks asynchronously
+        out2 = client.generate(turn2, max_tokens=6, temperature=0.0, ignore_eos=True, session_id="long")
+        if out2.usage.cached_tokens >= seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert out2.route["pool"] == "warm" and out2.usage.cached_tokens >= 0.9 * seen
+    assert out2.token_ids == offline(model, turn2, 6)
+    loads = {w["worker_id"]: w["load"] for w in client.status()["workers"]}
+    tiers = loads[out2.route["prefill_worker"]]["tiers"]
+    assert int(tiers["fetched_tokens"]) >= 0.9 * seen  # it was fetched, not recomputed
 
 
 def test_the_official_openai_client_streaming_and_not(cluster):

@@ -29,7 +29,7 @@ def test_cluster_spec_validates():
                 {"max_num_seqs": 0}):  # fmt: skip
         with pytest.raises(ValueError):
             EngineOptions(**bad)
-    for bad in ({"transport": "ipc"}, {"lanes": 0}, {"wire_dtype": "int4"}):
+    for bad in ({"transport": "ipc"}, {"lanes": -1}, {"wire_dtype": "int4"}):
         with pytest.raises(ValueError):
             KVOptions(**bad)
 
@@ -57,7 +57,7 @@ def test_cluster_spec_members_are_the_entry_points_with_their_flags():
     assert warm[warm.index("--pool") + 1] == "warm" and warm[warm.index("--worker-id") + 1] == "warm-0"
     assert warm[warm.index("--num-blocks") + 1] == "64" and warm[warm.index("--port") + 1] == "0"
     assert warm[warm.index("--max-num-seqs") + 1] == "32" and "--max-model-len" not in warm
-    assert warm[warm.index("--kv-wire-dtype") + 1] == "fp8" and warm[warm.index("--kv-lanes") + 1] == "1"
+    assert warm[warm.index("--kv-wire-dtype") + 1] == "fp8" and warm[warm.index("--kv-lanes") + 1] == "0"
     assert all(
         w.env == (("SPLITSERVE_REDIS_URL", "redis://r:1/0"),) and "redis://r:1/0" not in w.args
         for w in workers

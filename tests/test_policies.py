@@ -106,8 +106,9 @@ COSTS = CostModel(prefill=PrefillCost(0.0, 1e-3, 0.0), decode=DecodeCost(0.01, 1
 
 
 def cpd(**options):
-    """cpd on COSTS; without the miss penalty unless asked (the checks below are of the other terms)."""
-    return make_policy("cpd", costs=COSTS, **{"miss_weight": 0.0, **options})
+    """cpd on COSTS; without the miss penalty or fetches unless asked (the checks below are of the other
+    terms)."""
+    return make_policy("cpd", costs=COSTS, **{"miss_weight": 0.0, "fetch": False, **options})
 
 
 def test_cpd_sends_a_warm_turn_to_the_worker_that_holds_its_context():
@@ -126,6 +127,37 @@ def test_cpd_sends_a_warm_turn_to_the_worker_that_holds_its_context():
     assert (decision.pool, decision.prefill, decision.decode) == (FRESH, "f1", "d1")
     assert decision.terms["ttft_s"] == pytest.approx(0.2) and decision.terms["cost_s"] == pytest.approx(0.211)
     assert decision.terms["transfer_tail_s"] == 0.0 and decision.terms["cached_tokens"] == 800.0
+
+
+def test_cpd_prices_fetching_the_context_from_its_holder():
+    # d2 holds the conversation (60 blocks) but runs 40 sequences: with fetches, the idle d1 fetches d2's
+    # 60 blocks (960 tokens × 100 bytes at 1 MB/s: 0.096 s) and computes 40 tokens (0.040 s) itself,
+    # instead of computing 1000 (1 s); through a prefill worker the same would add a 0.06 s transfer tail.
+    workers = cluster(d2={"matched_blocks": 60, "running_requests": 40})
+    decision = cpd(fetch=True).route(REQ, workers)
+    assert (decision.pool, decision.decode, decision.fetch_from, decision.fetch_blocks) == (
+        LOCAL, "d1", "d2", 60)  # fmt: skip
+    assert decision.terms["fetch_s"] == pytest.approx(0.096)
+    assert decision.terms["ttft_s"] == pytest.approx(0.136)
+    assert decision.terms["cached_tokens"] == 960.0
+    # Moving KV 100× slower than computing it: recomputing wins, no fetch (f1 holds 50 of the blocks).
+    slow = CostModel(prefill=COSTS.prefill, decode=COSTS.decode, transfers={"grpc": TransferCost(0.0, 1e4)},
+                     kv_bytes_per_token=100)  # fmt: skip
+    workers = cluster(d2={"matched_blocks": 60, "running_requests": 40}, f1={"matched_blocks": 50})
+    decision = make_policy("cpd", costs=slow, miss_weight=0.0).route(REQ, workers)
+    assert (decision.prefill, decision.fetch_from, decision.terms["fetch_s"]) == ("f1", None, 0.0)
+
+
+def test_the_fetch_plan_takes_the_largest_holder_and_only_what_the_target_lacks():
+    from splitserve.router.fetch_plan import plan_fetch
+
+    workers = cluster(d1={"matched_blocks": 70}, d2={"matched_blocks": 40}, w1={"matched_blocks": 20})
+    target = workers[2]  # w1
+    plan = plan_fetch(REQ, target, workers, COSTS)
+    # d1's 70 are capped at the 62 usable blocks (the last prompt token is computed): 42 more than w1 has.
+    assert (plan.holder, plan.num_blocks, plan.num_tokens) == ("d1", 62, 42 * 16)
+    assert plan.seconds == pytest.approx(42 * 16 * 100 / 1e6) and plan.saved_s == pytest.approx(0.672)
+    assert plan_fetch(REQ, workers[0], [workers[0]], COSTS) is None  # nobody holds more
 
 
 def test_cpd_spreads_warm_turns_by_queue_and_keeps_fresh_ones_in_the_fresh_pool():
@@ -184,14 +216,15 @@ def test_cpd_counts_a_queue_by_its_requests_fixed_costs_too():
 
 def test_cpd_miss_penalty_keeps_a_conversation_on_the_worker_that_holds_it():
     # 10 ms per request, 10 µs per token. w1 holds 800 of the 1000 tokens but has 2 requests queued (20 ms);
-    # w2 is idle and holds nothing. By TTFT alone w2 is sooner (20 ms against 32 ms) ...
+    # w2 is idle and holds nothing. By TTFT alone w2 is sooner (20 ms against 32 ms) ... (without fetches:
+    # w2 would fetch w1's blocks)
     costs = CostModel(PrefillCost(0.01, 1e-5, 0.0), DecodeCost(0.01, 1e-3, 0.0),
                       {"grpc": TransferCost(0.0, 1e9)}, kv_bytes_per_token=100)  # fmt: skip
     workers = [w for w in cluster(w1={"matched_blocks": 50, "running_requests": 2}) if w.role != FRESH]
-    by_ttft = make_policy("cpd", costs=costs, local_prefill_max_tokens=0, miss_weight=0.0)
+    by_ttft = make_policy("cpd", costs=costs, local_prefill_max_tokens=0, miss_weight=0.0, fetch=False)
     assert by_ttft.route(REQ, workers).prefill == "w2"
     # ... but recomputing 1000 tokens (not 200) at 32 × their compute costs 0.32 s against 0.064 s: w1.
-    decision = make_policy("cpd", costs=costs, local_prefill_max_tokens=0).route(REQ, workers)
+    decision = make_policy("cpd", costs=costs, local_prefill_max_tokens=0, fetch=False).route(REQ, workers)
     assert decision.prefill == "w1" and decision.terms["cached_tokens"] == 800.0
 
 

@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--transport", default="same-host", help="KV transport: same-host or grpc")
     p.add_argument("--shared-device", action="store_true", help="every worker computes on one device")
     p.add_argument("--calibration", type=Path, default=None, help="cost model file (default: built in)")
+    p.add_argument("--no-fetch", action="store_true",
+                   help="prefill targets recompute what they lack, never fetch it (the router's --no-fetch)")
     p.add_argument(
         "--policy-option",
         action="append",
@@ -125,7 +127,7 @@ def _inputs(args: argparse.Namespace) -> _Inputs:
         "local_chunk_tokens": args.local_chunk_tokens,
     }
     config = SimConfig(num_fresh=args.fresh_prefill, num_warm=args.warm_prefill, num_decode=args.decode,
-                       transport=args.transport, shared_device=args.shared_device,
+                       transport=args.transport, shared_device=args.shared_device, fetch=not args.no_fetch,
                        **{k: v for k, v in given.items() if v is not None})  # fmt: skip
     if config.transport not in costs.transfers:
         raise ValueError(f"--transport {config.transport}: the cost model has only "
@@ -140,7 +142,7 @@ def _simulate_arm(inputs: _Inputs, arm: str, rate: float | None, seed: int) -> S
     from splitserve.simulator.run import simulate
 
     def policy(name: str):
-        return make_policy(name, costs=inputs.costs, **policy_options(name, inputs.options))
+        return make_policy(name, inputs.costs, inputs.config.fetch, **policy_options(name, inputs.options))
 
     shadows = {other: policy(other) for other in inputs.arms if other != arm}
     return simulate(inputs.trace, policy(arm), inputs.config, inputs.costs, rate=rate, seed=seed,
@@ -157,7 +159,7 @@ def _meta(args: argparse.Namespace, inputs: _Inputs, speed: float) -> dict:
         "decode_max_seqs": c.decode_max_seqs, "local_chunk_tokens": c.local_chunk_tokens,
         "calibration": {"device": costs.device, "source": costs.source, "measured": costs.measured,
                         "file": str(args.calibration) if args.calibration else None},
-        "transport": c.transport, "shared_device": c.shared_device, "seed": args.seed,
+        "transport": c.transport, "shared_device": c.shared_device, "fetch": c.fetch, "seed": args.seed,
         "policy_options": inputs.options, "simulated_requests_per_s": round(speed, 1),
         "python": platform.python_version(),
     }  # fmt: skip

@@ -19,6 +19,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run)
 
 
+def _tier_hits(tiers: dict) -> str:
+    """A worker's prefix hits by tier, as shares of the prompt tokens it scheduled ("-" before any)."""
+    prompt = int(tiers.get("prompt_tokens", 0))
+    if not prompt:
+        return f"{'-':>12}{'-':>7}{'-':>8}"
+    memory, host, fetched = (int(tiers.get(k, 0)) / prompt
+                             for k in ("gpu_hit_tokens", "host_hit_tokens", "fetched_tokens"))  # fmt: skip
+    return f"{memory:>12.2f}{host:>7.2f}{fetched:>8.2f}"
+
+
 def _run(args: argparse.Namespace) -> int:
     from splitserve.cluster import launcher
 
@@ -31,7 +41,7 @@ def _run(args: argparse.Namespace) -> int:
     router = report["router"]
     loads = {w["worker_id"]: w for w in router.get("workers", [])}
     print(f"{'member':<12}{'state':<12}{'restarts':>9}  {'node':<16}{'healthy':<9}{'queued':>8}{'running':>8}"
-          f"{'kv':>7}")  # fmt: skip
+          f"{'kv':>7}  {'hits: memory':>12}{'host':>7}{'fetched':>8}")  # fmt: skip
     for m in report["members"]:
         w = loads.get(m["name"], {})
         load = w.get("load", {})
@@ -39,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{m['name']:<12}{m['state']:<12}{m.get('restarts', '-'):>9}  {m.get('node', '-'):<16}"
               f"{healthy:<9}"
               f"{load.get('queued_tokens', 0):>8}{load.get('running_requests', 0):>8}"
-              f"{load.get('kv_usage', 0.0):>7.2f}")  # fmt: skip
+              f"{load.get('kv_usage', 0.0):>7.2f}  {_tier_hits(load.get('tiers', {}))}")  # fmt: skip
     for arm in router.get("arms", []):
         requests, prompt = int(arm["requests"]), int(arm["prompt_tokens"])
         hit = int(arm["cached_tokens"]) / prompt if prompt else 0.0

@@ -29,6 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--policy-option", action="append", default=[], metavar="NAME=VALUE",
                    help="a policy threshold (repeatable)")
     p.add_argument("--failure-policy", default="recompute", choices=["fail", "recompute"])
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="the router's cost model (benchmarks/calibrate.py writes one for this machine; "
+                        "default: H200 figures)")  # fmt: skip
+    p.add_argument("--no-fetch", action="store_true",
+                   help="prefill targets recompute what they lack instead of fetching it from the worker "
+                        "holding it")  # fmt: skip
     p.add_argument("--grpc-port", type=int, default=50051, help="the router's gRPC port (0: any free port)")
     p.add_argument("--http-port", type=int, default=8000,
                    help="the router's OpenAI-compatible HTTP port (0: any free port; -1: none)")
@@ -57,10 +63,11 @@ def _run(args: argparse.Namespace) -> int:
     spec = ClusterSpec(
         model=str(Path(args.model).resolve()), num_fresh=args.fresh_prefill, num_warm=args.warm_prefill,
         num_decode=args.decode, policy=args.policy, ab=args.ab, policy_options=tuple(args.policy_option),
-        failure_policy=args.failure_policy, grpc_port=args.grpc_port,
+        failure_policy=args.failure_policy, fetch=not args.no_fetch, grpc_port=args.grpc_port,
         http_port=None if args.http_port < 0 else args.http_port, host=args.host, redis_url=args.redis_url,
         router_redis_url=args.router_redis_url,
         ray_address=args.ray_address, tenants=str(Path(args.tenants).resolve()) if args.tenants else None,
+        calibration=str(Path(args.calibration).resolve()) if args.calibration else None,
         engine=EngineOptions.from_args(args), kv=KVOptions.from_args(args),
     )  # fmt: skip
     if not (Path(spec.model) / "config.json").exists():

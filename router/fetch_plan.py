@@ -1,0 +1,69 @@
+"""Whether a request's prefill target should fetch its leading blocks from another worker, and from whom.
+
+The index says which workers hold how many of a prompt's leading blocks. When another worker holds more
+than the target (the worker that prefills: a prefill worker, or the decode worker itself for a local
+prefill), the target may fetch the difference (`kvtransfer.fetch`) instead of recomputing it. It is worth
+it when moving those blocks' KV is predicted to take less than computing their tokens, with the cost
+model's transfer and prefill formulas — the same ones the `cpd` policy prices placements with and the
+simulator runs. The fetch runs before the target's prefill, so its time is in the request's TTFT.
+
+Pure and torch-free: the live router, the cpd policy and the simulator call the same function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from splitserve.router.cost_model import CostModel
+from splitserve.router.policy_types import Decision, RequestShape, WorkerView
+
+
+@dataclass(frozen=True)
+class FetchPlan:
+    holder: str  # the worker to fetch from
+    num_blocks: int  # leading blocks of the prompt it holds (usable ones: the last token is computed)
+    num_tokens: int  # prompt tokens the fetch brings beyond the target's own prefix hit
+    seconds: float  # predicted time of the fetch
+    saved_s: float  # predicted prefill compute it saves
+
+
+def plan_fetch(
+    request: RequestShape, target: WorkerView, workers: Sequence[WorkerView], costs: CostModel
+) -> FetchPlan | None:
+    """The cheapest way for `target` to get the leading blocks another of `workers` holds beyond its own:
+    a plan naming the worker holding most of them when fetching is predicted faster than recomputing,
+    else None."""
+    n, bs = request.num_prompt_tokens, request.block_size
+    usable = (n - 1) // bs  # a hit never covers the last prompt token
+
+    def held(w: WorkerView) -> int:
+        return min(w.matched_blocks, usable)
+
+    own = held(target)
+    others = [w for w in workers if w.worker_id != target.worker_id and held(w) > own]
+    if not others:
+        return None
+    holder = max(others, key=lambda w: (held(w), -w.queued_tokens, w.worker_id))
+    cached, tokens = own * bs, (held(holder) - own) * bs
+    seconds = costs.transfer().seconds(costs.kv_bytes(tokens))
+    prefill = costs.prefill
+    saved = prefill.seconds(n - cached, cached) - prefill.seconds(n - cached - tokens, cached + tokens)
+    if seconds >= saved:
+        return None
+    return FetchPlan(holder.worker_id, held(holder), tokens, seconds, saved)
+
+
+def with_fetch(decision: Decision, request: RequestShape, workers: Sequence[WorkerView], costs: CostModel,
+               policy: object) -> Decision:  # fmt: skip
+    """`decision` with its target's fetch planned — unless the `policy` that made it plans fetches itself
+    (it has a `fetch` option: its decision stands as it is)."""
+    if hasattr(policy, "fetch"):
+        return decision
+    target = next((w for w in workers if w.worker_id == decision.target), None)
+    plan = None if target is None else plan_fetch(request, target, workers, costs)
+    if plan is None:
+        return decision
+    terms = {**decision.terms, "fetch_blocks": float(plan.num_blocks), "fetch_s": plan.seconds}
+    return dataclasses.replace(decision, terms=terms, fetch_from=plan.holder, fetch_blocks=plan.num_blocks)
