@@ -28,10 +28,12 @@ class HostKVTier:
             raise ValueError(f"a host KV tier holds at least one block, got {capacity}")
         self.capacity = capacity
         cache = kv_caches[0]
-        shape = (2, capacity, *cache.shape[2:])
+        # Block-major, every layer of a block together: a run of slots is one contiguous span of host
+        # memory, moved by one DMA (pinned memory on CUDA) whatever the number of layers.
+        self._block_shape = (len(kv_caches), 2, *cache.shape[2:])
         pin = cache.device.type == "cuda"
         self._caches = kv_caches
-        self._host = [torch.empty(shape, dtype=cache.dtype, pin_memory=pin) for _ in kv_caches]
+        self._host = torch.empty((capacity, *self._block_shape), dtype=cache.dtype, pin_memory=pin)
         self._slot_of: OrderedDict[BlockHash, int] = OrderedDict()  # LRU first
         self._free = list(range(capacity - 1, -1, -1))  # popped from the end: slots 0, 1, 2, ...
         self.num_saved = 0
@@ -102,22 +104,23 @@ class HostKVTier:
         return dropped
 
     def _copy(self, block_ids: list[int], slots: list[int], out: bool) -> None:
-        """Blocks ↔ host slots, through one contiguous staging tensor on the device per layer (gathered or
-        scattered there in one op), moved in runs of consecutive slots (slots are handed out in order, so
-        runs are long): never a host-side op on data still in flight."""
+        """Blocks ↔ host slots through one contiguous staging tensor on the device ([blocks, layers, 2,
+        ...], gathered from or scattered to the per-layer caches there), moved in runs of consecutive
+        slots (handed out in order, so runs are long): never a host-side op on data still in flight."""
         device = self._caches[0].device
         ids = torch.tensor(block_ids, dtype=torch.int64).to(device, non_blocking=True)
         runs = _runs(slots)
-        for cache, host in zip(self._caches, self._host, strict=True):
-            if out:
-                staged = cache.index_select(1, ids)
-                for at, slot, n in runs:
-                    host[:, slot : slot + n].copy_(staged[:, at : at + n], non_blocking=True)
-            else:
-                staged = torch.empty((2, len(slots), *cache.shape[2:]), dtype=cache.dtype, device=device)
-                for at, slot, n in runs:
-                    staged[:, at : at + n].copy_(host[:, slot : slot + n], non_blocking=True)
-                cache.index_copy_(1, ids, staged)
+        if out:
+            layers = torch.stack([c.index_select(1, ids) for c in self._caches])  # [layers, 2, blocks, ...]
+            staged = layers.permute(2, 0, 1, 3, 4, 5).contiguous()
+            for at, slot, n in runs:
+                self._host[slot : slot + n].copy_(staged[at : at + n], non_blocking=True)
+            return
+        staged = torch.empty((len(slots), *self._block_shape), dtype=self._host.dtype, device=device)
+        for at, slot, n in runs:
+            staged[at : at + n].copy_(self._host[slot : slot + n], non_blocking=True)
+        for layer, cache in enumerate(self._caches):
+            cache.index_copy_(1, ids, staged[:, layer].transpose(0, 1))
 
 
 def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
