@@ -5,13 +5,16 @@ receiver's prefix hits are skipped) for every layer; the sender sends each layer
 has computed them, so layer L travels while layer L+1 is computed. A chunk holds whole blocks of one
 layer, K then V, raw little-endian bytes laid out [2, num_blocks, block_size, num_kv_heads, head_dim],
 with a CRC-32 of the bytes (integrity against corruption in transit, not authentication) — or, on the
-same host, the sender's block ids to copy from (`same_host`). Torch-free: tensors are turned into bytes
-by the workers.
+same host, the sender's block ids to copy from (`same_host`), with a CRC-32 of those ids. Torch-free:
+tensors are turned into bytes by the workers.
 """
 
 from __future__ import annotations
 
+import struct
+import sys
 import zlib
+from array import array
 from dataclasses import dataclass
 
 from splitserve.kvtransfer.errors import CorruptChunk, LayoutMismatch, MalformedChunk
@@ -89,6 +92,13 @@ def chunk_header(
     )  # fmt: skip
 
 
+def ids_crc32(block_ids) -> int:
+    """A same-host chunk's checksum: CRC-32 of its source block ids (uint32, little-endian), so that a
+    corrupted id cannot make the receiver copy another request's block."""
+    return zlib.crc32(array("I", block_ids).tobytes() if sys.byteorder == "little" else
+                      struct.pack(f"<{len(block_ids)}I", *block_ids))  # fmt: skip
+
+
 def lane_of(layer: int, num_lanes: int) -> int:
     """The lane (Push stream) a layer's chunks travel on when a transfer is striped over `num_lanes`."""
     return layer % max(1, num_lanes)
@@ -144,8 +154,9 @@ class ChunkValidator:
         return self._advance(chunk)
 
     def verify(self, chunk: kvtransfer_pb2.KVChunk, data: bytes | memoryview) -> None:
-        """The checksum of a wire chunk's bytes (a same-host chunk carries none)."""
-        if not chunk.src_block_ids and zlib.crc32(data) != chunk.crc32:
+        """The checksum of a wire chunk's bytes, or of a same-host chunk's source block ids."""
+        crc = ids_crc32(chunk.src_block_ids) if chunk.src_block_ids else zlib.crc32(data)
+        if crc != chunk.crc32:
             raise CorruptChunk(f"chunk {chunk.seq} (layer {chunk.layer}) fails its checksum")
 
     def _check(self, chunk: kvtransfer_pb2.KVChunk, data: bytes | memoryview) -> None:

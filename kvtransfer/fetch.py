@@ -33,6 +33,7 @@ from splitserve.kvtransfer.chunks import (
     ChunkSpan,
     check_layout,
     chunk_header,
+    ids_crc32,
     plan_chunks,
 )
 from splitserve.kvtransfer.errors import CorruptChunk, LayoutMismatch, MalformedChunk
@@ -79,13 +80,20 @@ class FetchServer:
         block_ids, written = self.loop.call(self._pin, list(request.block_hashes))
         if not block_ids:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker holds none of the blocks asked")
+        pinned = threading.Lock()  # held while pinned: the blocks are given back once, however the RPC ends
+
+        def unpin() -> None:
+            if pinned.acquire(blocking=False):
+                self.loop.call(engine.unpin_kv, block_ids)
+
+        context.add_callback(unpin)  # a cancelled stream's generator may be closed only much later
         try:
             same_host = (self.source is not None and request.host_id == self.host_id
                          and engine.device.type in request.same_host_devices)  # fmt: skip
             frames = self._frames(request, block_ids, written, same_host)
             yield from read_ahead(frames, name="kv-fetch-frames")
         finally:
-            self.loop.call(engine.unpin_kv, block_ids)
+            unpin()
 
     def _pin(self, block_hashes: list) -> tuple[list[int], torch.cuda.Event | None]:
         """(On the loop thread.) The blocks, pinned, and on CUDA an event after every launched step: a
@@ -115,7 +123,7 @@ class FetchServer:
                 payload = b""
                 header = kvtransfer_pb2.KVChunk(
                     lease_id=request.request_id, seq=seq, layer=span.layer, first_block=span.first_block,
-                    num_blocks=span.num_blocks, last=last, src_block_ids=ids,
+                    num_blocks=span.num_blocks, last=last, src_block_ids=ids, crc32=ids_crc32(ids),
                 )  # fmt: skip
                 if seq == 0:
                     header.source.CopyFrom(self.source)

@@ -77,6 +77,14 @@ class LeaseTable:
             raise LeaseNotFound(f"no open lease {lease_id!r} (unknown, or ended long ago)")
         return lease
 
+    def state(self, lease_id: str) -> tuple[TransferState, str]:
+        """(state, reason) of an open or recently ended lease; raises `LeaseNotFound` otherwise."""
+        self.expire_overdue()
+        lease = self._leases.get(lease_id) or self._ended.get(lease_id)
+        if lease is None:
+            raise LeaseNotFound(f"no lease {lease_id!r} (unknown, or ended long ago)")
+        return lease.state, lease.reason
+
     def open_lease_of(self, request_id: str) -> Lease | None:
         return next((lease for lease in self._leases.values() if lease.request_id == request_id), None)
 

@@ -6,6 +6,7 @@ spill to the host tier and come back with identical KV. Pools return to where th
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -43,6 +44,14 @@ def conversation(seed: int, first_len: int = 61, turn_len: int = 13):
     return first, [rng.randrange(3, 500) for _ in range(turn_len)]
 
 
+def no_leaks(cluster) -> bool:
+    """Every engine's pool back at its start (a holder's pins return when its Fetch stream ends)."""
+    deadline = time.monotonic() + 5
+    while cluster.free_blocks() != cluster.free_at_start and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return cluster.free_blocks() == cluster.free_at_start
+
+
 def load(stub) -> common_pb2.WorkerLoad:
     return stub.Load(common_pb2.LoadRequest())
 
@@ -63,7 +72,7 @@ def test_a_follow_up_fetches_its_context_from_the_holder_and_matches_recompute(m
     assert tiers.fetched_tokens == 2 * (len(first) // BS) * BS and not tiers.fetch_fallbacks
     expected_bytes = 0 if transport == "same-host" else 1  # same-host moves no bytes over the wire...
     assert tiers.fetched_bytes >= expected_bytes  # ...but counts the KV it copied
-    assert cluster.free_blocks() == cluster.free_at_start
+    assert no_leaks(cluster)
 
 
 def test_only_the_blocks_the_receiver_lacks_are_fetched(model, cluster):
@@ -75,7 +84,7 @@ def test_only_the_blocks_the_receiver_lacks_are_fetched(model, cluster):
     prompt = [*first, *turn]
     tokens, reply = cluster.generate("b", prompt, 4, cluster.warm_prefiller, holder)
     assert reply.num_fetched_blocks == 8 - 3 and tokens == offline(model, [prompt], 4)[0]
-    assert cluster.free_blocks() == cluster.free_at_start
+    assert no_leaks(cluster)
 
 
 def test_failed_fetches_recompute_and_count_the_reason(model, cluster, monkeypatch):
@@ -103,12 +112,10 @@ def test_failed_fetches_recompute_and_count_the_reason(model, cluster, monkeypat
     holder = workers_pb2.KVHolder(address=cluster.prefill_address, num_blocks=7)
     tokens, reply = cluster.generate("f-corrupt", prompt, 4, cluster.warm_prefiller, holder)
     assert tokens == expected
-    # A same-host frame carries block ids, no payload: the flip lands in its header.
-    bad = "corrupt" if cluster.prefill.source is None else "malformed"
-    assert reply.fetch_fallback == bad
+    assert reply.fetch_fallback == "corrupt"  # same-host: the flip lands in the block ids or their checksum
     fallbacks = dict(load(cluster.warm_prefiller).tiers.fetch_fallbacks)
-    assert fallbacks == {"unavailable": 1, "holds_none": 1, bad: 1}
-    assert cluster.free_blocks() == cluster.free_at_start
+    assert fallbacks == {"unavailable": 1, "holds_none": 1, "corrupt": 1}
+    assert no_leaks(cluster)
 
 
 def test_a_decode_worker_prefilling_locally_fetches_from_a_prefill_worker(model, cluster):
@@ -122,7 +129,7 @@ def test_a_decode_worker_prefilling_locally_fetches_from_a_prefill_worker(model,
     chunks = list(cluster.decoder.Generate(sampling))
     assert chunks[0].num_fetched_blocks == len(first) // BS and not chunks[0].fetch_fallback
     assert [t for c in chunks for t in c.token_ids] == offline(model, [prompt], 5)[0]
-    assert cluster.free_blocks() == cluster.free_at_start
+    assert no_leaks(cluster)
 
 
 # ------------------------------------------------------------------------------------------ host tier
