@@ -132,7 +132,7 @@ class FetchServer:
                 header = chunk_header(request.request_id, seq, span, payload, last)
             if seq == 0:
                 header.total_blocks = count
-            yield encode_frame(header, payload)
+            yield encode_frame(header, payload) if payload else header.SerializeToString()
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,8 @@ class ChunkSink:
 
     def accept(self, header: kvtransfer_pb2.KVChunk, payload: bytes | memoryview) -> None:
         """Validate and store one chunk (a frame decoded by `frames.decode_frame`)."""
+        if header.src_block_ids:  # cheap, and first: a corrupted id must read as corruption, not range
+            self.validator.verify(header, payload)
         with self._lock:
             if self.closed:
                 raise SinkClosed("the transfer's lease ended")
