@@ -24,6 +24,7 @@ import grpc
 import torch
 
 from splitserve.engine.block_pool import OutOfKVBlocks
+from splitserve.engine.config import average_step_time
 from splitserve.engine.engine import PrefixRoom
 from splitserve.engine.errors import InvalidRequest
 from splitserve.engine.loop import EngineLoop
@@ -169,6 +170,9 @@ class Fetcher:
         self.fetched_blocks = 0
         self.fetched_bytes = 0
         self.fallbacks: collections.Counter[str] = collections.Counter()
+        # What a fetch costs here, as measured (moving averages of the successful ones; 0: none yet).
+        self.mean_s = 0.0
+        self.mean_bytes = 0.0
 
     def fetch(self, request: workers_pb2.PrefillRequest | workers_pb2.GenerateRequest) -> Fetched:
         """The blocks of `request`'s prompt its `kv_holder` holds and this engine lacks (`fetch_prefix`)."""
@@ -183,6 +187,9 @@ class Fetcher:
             self.fetched_bytes += fetched.nbytes
             if fetched.fallback:
                 self.fallbacks[fetched.fallback] += 1
+            if fetched.num_blocks:
+                self.mean_s = average_step_time(self.mean_s, fetched.seconds)
+                self.mean_bytes = average_step_time(self.mean_bytes, fetched.nbytes)
         return fetched
 
     def fill(self, fetched: Fetched) -> int:
@@ -233,6 +240,8 @@ def fetch_prefix(
     except (MalformedChunk, CorruptChunk) as exc:
         reason = "corrupt" if isinstance(exc, CorruptChunk) else "malformed"
         return _fallback(loop, room, reason, str(exc), holder, request_id)
+    except Exception as exc:  # anything else: still the room back, and the request recomputes
+        return _fallback(loop, room, "error", f"{type(exc).__name__}: {exc}", holder, request_id)
     return Fetched(room, num, nbytes, time.perf_counter() - start)
 
 

@@ -51,6 +51,7 @@ def worker_load(loop: EngineLoop, fetcher: Fetcher | None = None) -> common_pb2.
     if fetcher is not None:
         tiers.fetched_bytes = fetcher.fetched_bytes
         tiers.fetch_fallbacks.update(fetcher.fallbacks)
+        tiers.fetch_ms, tiers.fetch_mb = fetcher.mean_s * 1e3, fetcher.mean_bytes / 1e6
     return common_pb2.WorkerLoad(
         queued_tokens=sched.num_queued_tokens, running_requests=len(sched.running),
         waiting_requests=len(sched.waiting), kv_usage=pool.usage, free_blocks=pool.num_free_blocks,

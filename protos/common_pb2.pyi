@@ -63,7 +63,7 @@ class WorkerLoad(_message.Message):
     def __init__(self, queued_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., free_blocks: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., step_ms: _Optional[float] = ..., step_tokens: _Optional[int] = ..., tiers: _Optional[_Union[KVTierStats, _Mapping]] = ...) -> None: ...
 
 class KVTierStats(_message.Message):
-    __slots__ = ("gpu_hit_tokens", "host_hit_tokens", "fetched_tokens", "fetched_bytes", "fetch_fallbacks", "host_tier_blocks", "host_tier_capacity", "prompt_tokens")
+    __slots__ = ("gpu_hit_tokens", "host_hit_tokens", "fetched_tokens", "fetched_bytes", "fetch_fallbacks", "host_tier_blocks", "host_tier_capacity", "prompt_tokens", "fetch_ms", "fetch_mb")
     class FetchFallbacksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,8 @@ class KVTierStats(_message.Message):
     HOST_TIER_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     HOST_TIER_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FETCH_MS_FIELD_NUMBER: _ClassVar[int]
+    FETCH_MB_FIELD_NUMBER: _ClassVar[int]
     gpu_hit_tokens: int
     host_hit_tokens: int
     fetched_tokens: int
@@ -87,7 +89,9 @@ class KVTierStats(_message.Message):
     host_tier_blocks: int
     host_tier_capacity: int
     prompt_tokens: int
-    def __init__(self, gpu_hit_tokens: _Optional[int] = ..., host_hit_tokens: _Optional[int] = ..., fetched_tokens: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., fetch_fallbacks: _Optional[_Mapping[str, int]] = ..., host_tier_blocks: _Optional[int] = ..., host_tier_capacity: _Optional[int] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    fetch_ms: float
+    fetch_mb: float
+    def __init__(self, gpu_hit_tokens: _Optional[int] = ..., host_hit_tokens: _Optional[int] = ..., fetched_tokens: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., fetch_fallbacks: _Optional[_Mapping[str, int]] = ..., host_tier_blocks: _Optional[int] = ..., host_tier_capacity: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., fetch_ms: _Optional[float] = ..., fetch_mb: _Optional[float] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ()

@@ -233,7 +233,8 @@ class Router:
                 running_requests=load.running_requests + load.waiting_requests, kv_usage=load.kv_usage,
                 free_blocks=load.free_blocks, device=h.device, waiting_prefills=load.waiting_requests,
                 max_running=load.max_running_requests or None, step_s=load.step_ms / 1e3,
-                step_tokens=load.step_tokens or None,
+                step_tokens=load.step_tokens or None, fetch_s=load.tiers.fetch_ms / 1e3,
+                fetch_bytes=load.tiers.fetch_mb * 1e6,
             ))  # fmt: skip
         return views
 

@@ -5,7 +5,11 @@ than the target (the worker that prefills: a prefill worker, or the decode worke
 prefill), the target may fetch the difference (`kvtransfer.fetch`) instead of recomputing it. It is worth
 it when moving those blocks' KV is predicted to take less than computing their tokens, with the cost
 model's transfer and prefill formulas — the same ones the `cpd` policy prices placements with and the
-simulator runs. The fetch runs before the target's prefill, so its time is in the request's TTFT.
+simulator runs. The fetch runs before the target's prefill, so its time is in the request's TTFT. A target
+that has fetched before reports what its fetches took (mean time and bytes): what that time holds beyond
+the model's bandwidth term is its measured per-fetch overhead (RPCs, the engines' loop turns on both
+sides), and a fetch is predicted at the larger of the model's time and that overhead plus the bytes at
+the model's bandwidth.
 
 Pure and torch-free: the live router, the cpd policy and the simulator call the same function.
 """
@@ -47,7 +51,11 @@ def plan_fetch(
         return None
     holder = max(others, key=lambda w: (held(w), -w.queued_tokens, w.worker_id))
     cached, tokens = own * bs, (held(holder) - own) * bs
-    seconds = costs.transfer().seconds(costs.kv_bytes(tokens))
+    transfer, num_bytes = costs.transfer(), costs.kv_bytes(tokens)
+    seconds = transfer.seconds(num_bytes)
+    if target.fetch_s > 0:  # what this target's fetches measured
+        overhead = max(0.0, target.fetch_s - target.fetch_bytes / transfer.bytes_per_s)
+        seconds = max(seconds, overhead + num_bytes / transfer.bytes_per_s)
     prefill = costs.prefill
     saved = prefill.seconds(n - cached, cached) - prefill.seconds(n - cached - tokens, cached + tokens)
     if seconds >= saved:

@@ -36,6 +36,8 @@ class WorkerView:
     # requests wait for a slot (`running_requests` counts them too)
     step_s: float = 0.0  # its recent step time as measured (0: not reported)
     step_tokens: int | None = None  # the most prompt tokens one of its steps computes (None: not reported)
+    fetch_s: float = 0.0  # its fetches as it measures them: mean time and bytes (0: none yet)
+    fetch_bytes: float = 0.0
 
 
 @dataclass(frozen=True)

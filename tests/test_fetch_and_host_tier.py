@@ -70,6 +70,7 @@ def test_a_follow_up_fetches_its_context_from_the_holder_and_matches_recompute(m
         assert reply.num_cached_tokens >= len(first) // BS * BS
     tiers = load(cluster.warm_prefiller).tiers
     assert tiers.fetched_tokens == 2 * (len(first) // BS) * BS and not tiers.fetch_fallbacks
+    assert tiers.fetch_ms > 0 and tiers.fetch_mb > 0  # what its fetches cost, measured for the router
     expected_bytes = 0 if transport == "same-host" else 1  # same-host moves no bytes over the wire...
     assert tiers.fetched_bytes >= expected_bytes  # ...but counts the KV it copied
     assert no_leaks(cluster)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from splitserve.router.cost_model import CostModel, DecodeCost, PrefillCost, TransferCost
@@ -158,6 +160,13 @@ def test_the_fetch_plan_takes_the_largest_holder_and_only_what_the_target_lacks(
     assert (plan.holder, plan.num_blocks, plan.num_tokens) == ("d1", 62, 42 * 16)
     assert plan.seconds == pytest.approx(42 * 16 * 100 / 1e6) and plan.saved_s == pytest.approx(0.672)
     assert plan_fetch(REQ, workers[0], [workers[0]], COSTS) is None  # nobody holds more
+    # w1's fetches measured 0.5 s for 10 kB (the model says 0.01 s): 0.49 s of overhead each, and the
+    # 42 blocks' 67 kB at 1 MB/s on top: 0.557 s, still under the 0.672 s of compute saved; at 0.7 s, not.
+    slow = dataclasses.replace(target, fetch_s=0.5, fetch_bytes=1e4)
+    plan = plan_fetch(REQ, slow, [slow, *workers[3:]], COSTS)
+    assert plan.seconds == pytest.approx(0.49 + 42 * 16 * 100 / 1e6)
+    slower = dataclasses.replace(target, fetch_s=0.7, fetch_bytes=1e4)
+    assert plan_fetch(REQ, slower, [slower, *workers[3:]], COSTS) is None
 
 
 def test_cpd_spreads_warm_turns_by_queue_and_keeps_fresh_ones_in_the_fresh_pool():

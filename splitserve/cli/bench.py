@@ -41,6 +41,8 @@ def _register_ab(sub) -> None:
     p.add_argument("--gpus", default="", help="CUDA_VISIBLE_DEVICES for the workers in turn, e.g. 0,1,2,3")
     p.add_argument("--policy-option", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--calibration", type=Path, default=None, help="the cost model for cpd")
+    p.add_argument("--no-fetch", action="store_true",
+                   help="the router never plans fetches (prefill targets recompute what they lack)")
     p.add_argument("--device-note", default="", help="recorded in the report (e.g. the GPU model)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(handler=_run_ab)
@@ -62,6 +64,8 @@ def _run_ab(args: argparse.Namespace) -> int:
     router_args = [f"--policy-option={o}" for o in args.policy_option]
     if args.calibration is not None:
         router_args += ["--calibration", str(args.calibration.resolve())]
+    if args.no_fetch:
+        router_args.append("--no-fetch")
     cluster = None
     if args.model is not None:
         vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
@@ -75,7 +79,7 @@ def _run_ab(args: argparse.Namespace) -> int:
     meta = {"cluster": f"{args.fresh_prefill} fresh + {args.warm_prefill} warm + {args.decode} decode"
             if cluster else f"router at {args.address}", "device": args.device_note,
             "worker_args": " ".join(args.worker_arg), "policy_options": " ".join(args.policy_option),
-            "calibration": str(args.calibration or "defaults")}  # fmt: skip
+            "calibration": str(args.calibration or "defaults"), "fetch": not args.no_fetch}  # fmt: skip
     config = ABConfig(policies, trace, args.out, vocab, parse_rates(args.rates), args.slo_ttft_p90_ms,
                       args.max_concurrency, args.live_split, args.seed, tuple(router_args),
                       meta=meta)  # fmt: skip
