@@ -22,12 +22,15 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 from waiting import process_gone, wait_until
 from workers_cluster import start_process
 
 from splitserve import LLM, Client, SamplingParams
 from splitserve.client import UnavailableError
 from splitserve.cluster.state import ClusterState
+from splitserve.engine.block_hash import HashContext, hash_blocks
+from splitserve.engine.model_config import checkpoint_identity
 from splitserve.index.redis_server import EmbeddedRedis
 
 BLOCK = ["--block-size", "8"]
@@ -212,12 +215,15 @@ def test_a_follow_up_on_a_worker_without_its_context_fetches_it_from_the_holder(
     assert out1.route["pool"] == "fresh"
     turn2 = [*turn1, *out1.token_ids, *range(100, 140)]
     seen = len(turn1) // 8 * 8
-    deadline = time.monotonic() + 10
-    while True:  # the index learns of turn 1's blocks asynchronously
-        out2 = client.generate(turn2, max_tokens=6, temperature=0.0, ignore_eos=True, session_id="long")
-        if out2.usage.cached_tokens >= seen or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    # The index learns of turn 1's blocks asynchronously (worker → Redis → the router's mirror): wait until
+    # Redis has the last of them, then give the mirror a moment; one try, so no earlier try can have put
+    # them in the warm worker's own cache.
+    last = hash_blocks(turn1, 8, HashContext(checkpoint_identity(str(model))))[-1]
+    index = redis.Redis.from_url(cluster["redis_url"])
+    wait_until(lambda: index.sismember("spx:blocks:fresh-0", last), timeout_s=10)
+    index.close()
+    time.sleep(0.5)
+    out2 = client.generate(turn2, max_tokens=6, temperature=0.0, ignore_eos=True, session_id="long")
     assert out2.route["pool"] == "warm" and out2.usage.cached_tokens >= 0.9 * seen
     assert out2.token_ids == offline(model, turn2, 6)
     loads = {w["worker_id"]: w["load"] for w in client.status()["workers"]}
