@@ -40,7 +40,8 @@ class KVPush:
     receiver's completing `PushReply`, or raises the first lane's `grpc.RpcError`. `abort` ends the
     streams early (the prefill was aborted): the receiver then fails the lease. `pinned` lists the blocks
     the engine pinned for this transfer: the owner gives them back (`Engine.unpin_kv`) once the request
-    has ended and `run` has returned."""
+    has ended and `run` has returned. `lanes_pool`: the threads that run lanes 1.. of striped transfers
+    (a worker's, shared by its transfers; None: this transfer starts its own)."""
 
     def __init__(
         self,
@@ -51,6 +52,7 @@ class KVPush:
         max_chunk_bytes: int,
         source: kvtransfer_pb2.KVSource | None = None,
         encoding: str = "",
+        lanes_pool: ThreadPoolExecutor | None = None,
     ) -> None:
         self.kv_caches = kv_caches
         self.layout = layout
@@ -67,6 +69,7 @@ class KVPush:
         self._reports: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(lanes)]
         self._sent = [0] * lanes  # bytes per lane
         self._lock = threading.Lock()
+        self._lanes_pool = lanes_pool  # runs lanes 1.. (None: a pool of this transfer's own)
 
     @property
     def bytes_sent(self) -> int:
@@ -86,16 +89,22 @@ class KVPush:
     def run(self) -> kvtransfer_pb2.PushReply:
         if self.num_lanes == 1:
             return self._pushes[0](self._chunks(0))
-        with ThreadPoolExecutor(self.num_lanes - 1, thread_name_prefix="kv-lane") as lanes:
-            others = [lanes.submit(self._pushes[i], self._chunks(i)) for i in range(1, self.num_lanes)]
-            try:
-                replies = [self._pushes[0](self._chunks(0))]
-            except grpc.RpcError as exc:
-                self.abort()  # the other lanes end too (the receiver fails the lease anyway)
-                errors = [exc] + [e for f in others if isinstance(e := f.exception(), grpc.RpcError)]
-                # The root cause, not a lane that found the lease already failed by another.
-                raise next((e for e in errors if e.code() not in _CONSEQUENCES), exc) from None
-            replies += [f.result() for f in others]
+        if self._lanes_pool is None:
+            with ThreadPoolExecutor(self.num_lanes - 1, thread_name_prefix="kv-lane") as own:
+                return self._striped(own)
+        return self._striped(self._lanes_pool)
+
+    def _striped(self, lanes: ThreadPoolExecutor) -> kvtransfer_pb2.PushReply:
+        """Lane 0 on this thread, the others on `lanes`; every lane's result waited for."""
+        others = [lanes.submit(self._pushes[i], self._chunks(i)) for i in range(1, self.num_lanes)]
+        try:
+            replies = [self._pushes[0](self._chunks(0))]
+        except grpc.RpcError as exc:
+            self.abort()  # the other lanes end too (the receiver fails the lease anyway)
+            errors = [exc] + [e for f in others if isinstance(e := f.exception(), grpc.RpcError)]
+            # The root cause, not a lane that found the lease already failed by another.
+            raise next((e for e in errors if e.code() not in _CONSEQUENCES), exc) from None
+        replies += [f.result() for f in others]
         return next((r for r in replies if r.state == kvtransfer_pb2.COMPLETE), replies[-1])
 
     def _chunks(self, lane: int) -> Iterator[bytes]:

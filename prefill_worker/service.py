@@ -73,9 +73,11 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         self.holder = FetchServer(loop, self.layout, self.source, max_chunk_bytes)
         self._lock = threading.Lock()
         self._pushes = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kv-push")
+        self._lanes = ThreadPoolExecutor(max_workers=256, thread_name_prefix="kv-lane")  # striped lanes 1..
 
     def close(self) -> None:
         self._pushes.shutdown(wait=True)
+        self._lanes.shutdown(wait=True)
         with self._lock:
             for ch in self._channels.values():
                 ch.close()
@@ -109,7 +111,7 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         lanes = 1 if source is not None else self.kv_lanes
         pushes = [push_stub(self._channel(address, lane)) for lane in range(lanes)]
         return KVPush(pushes, kv_caches, self.layout, lease.lease_id, self.max_chunk_bytes, source,
-                      self.kv_encoding)  # fmt: skip
+                      self.kv_encoding, self._lanes)  # fmt: skip
 
     def _prefill_and_push(self, request, context, lease, push: KVPush | None, start: float):
         """Run the prefill with its transfer; reply with the first token, then with the transfer's end.
