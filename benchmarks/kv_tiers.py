@@ -100,14 +100,7 @@ def main() -> None:
     receiver_loop = EngineLoop(engine())
     server, port = make_server("127.0.0.1:0")
 
-    class Holder:  # KVTransfer/Fetch only, as every worker serves it
-        def __init__(self) -> None:
-            self.server = FetchServer(holder_loop, layout)
-
-        def Fetch(self, request, context):
-            yield from self.server.fetch(request, context)
-
-    add_kvtransfer_servicer(Holder(), server)
+    add_kvtransfer_servicer(FetchServer(holder_loop, layout), server)  # KVTransfer/Fetch alone
     server.start()
     channels: dict[str, grpc.Channel] = {}
     fetcher = Fetcher(receiver_loop, layout, lambda a: channels.setdefault(a, channel(a)), None)

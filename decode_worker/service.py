@@ -86,7 +86,7 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
 
     def Fetch(self, request: kvtransfer_pb2.FetchRequest, context: grpc.ServicerContext):
         """Serve blocks this worker holds to another (`kvtransfer.fetch`)."""
-        yield from self.holder.fetch(request, context)
+        yield from self.holder.Fetch(request, context)
 
     # -------------------------------------------------------------------------------------- DecodeWorker
 

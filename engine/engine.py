@@ -81,10 +81,9 @@ class Engine:
             enforce_eager=config.enforce_eager,
         )
         self.block_pool = BlockPool(self.runner.num_blocks, config.cache.enable_prefix_caching)
-        self.host_tier: HostKVTier | None = None
         host_blocks = HostKVTier.blocks_for(self.runner.kv_caches, config.cache.host_kv_gib * 2**30)
         if host_blocks and config.cache.enable_prefix_caching:
-            self.host_tier = self.block_pool.spill = HostKVTier(self.runner.kv_caches, host_blocks)
+            self.block_pool.spill = HostKVTier(self.runner.kv_caches, host_blocks)
         self.kv = KVCacheManager(self.block_pool, config.cache.block_size, self.model_id)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, cfg.eos_token_ids)
         self.sampler = Sampler(self.device, config.seed)
@@ -120,6 +119,11 @@ class Engine:
         self.scheduler.add(seq)
 
     @property
+    def host_tier(self) -> HostKVTier | None:
+        """The host-memory tier evicted blocks spill to (`CacheConfig.host_kv_gib`), or None."""
+        return self.block_pool.spill
+
+    @property
     def kv_caches(self) -> list[torch.Tensor]:
         """The paged KV cache, one [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer:
         what a KV transfer reads blocks from and writes them into (under a pin or a reservation only)."""
@@ -147,9 +151,7 @@ class Engine:
         `fill_prefix`, then add the request in the same loop call (the blocks are then prefix hits).
         Raises `InvalidRequest` for bad token ids, `OutOfKVBlocks` when the free blocks do not suffice
         (changing nothing)."""
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
-            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})")
+        self._check_token_ids(prompt_token_ids)
         bs = self.kv.block_size
         num_blocks = min(num_blocks, len(prompt_token_ids) // bs)
         hashes = hash_blocks(prompt_token_ids[: num_blocks * bs], bs, self.kv.hash_context(cache_salt))
@@ -304,6 +306,11 @@ class Engine:
                 del self._sequences[out.request_id]
         return outputs
 
+    def _check_token_ids(self, token_ids: list[int]) -> None:
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})")
+
     def _validate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
             raise InvalidRequest(f"sampling params must be SamplingParams, got {type(params).__name__}")
@@ -317,9 +324,7 @@ class Engine:
                 f"the prompt has {num_tokens} tokens; the model's context is {self.max_model_len} tokens "
                 "and at least one must remain for the output"
             )
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
-            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})")
+        self._check_token_ids(prompt_token_ids)
         most_tokens = min(num_tokens + params.max_tokens, self.max_model_len)
         if cdiv(most_tokens, self.kv.block_size) > self.block_pool.num_usable_blocks:
             raise InvalidRequest(

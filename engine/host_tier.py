@@ -2,7 +2,7 @@
 bounded host pool (pinned memory on CUDA) instead of being lost, and copied back on a prefix hit instead
 of being recomputed.
 
-Owns the host copies and their LRU order; the block pool decides what is evicted (`BlockPool.on_evict`)
+Owns the host copies and their LRU order; the block pool decides what is evicted (`BlockPool.spill`)
 and the KV cache manager what is loaded back (`KVCacheManager.lookup`). Every copy is issued on the
 engine's thread and, on CUDA, on its current stream without waiting: a copy out is ordered before the
 step that overwrites the evicted block, a copy back before the step that reads it, and copies into and
@@ -36,8 +36,6 @@ class HostKVTier:
         self._host = torch.empty((capacity, *self._block_shape), dtype=cache.dtype, pin_memory=pin)
         self._slot_of: OrderedDict[BlockHash, int] = OrderedDict()  # LRU first
         self._free = list(range(capacity - 1, -1, -1))  # popped from the end: slots 0, 1, 2, ...
-        self.num_saved = 0
-        self.num_loaded = 0
 
     @staticmethod
     def blocks_for(kv_caches: list[torch.Tensor], nbytes: float) -> int:
@@ -47,9 +45,6 @@ class HostKVTier:
 
     def __len__(self) -> int:
         return len(self._slot_of)
-
-    def __contains__(self, block_hash: BlockHash) -> bool:
-        return block_hash in self._slot_of
 
     def hashes(self) -> list[BlockHash]:
         return list(self._slot_of)
@@ -72,7 +67,6 @@ class HostKVTier:
             sources.append(block_id)
         if slots:
             self._copy(sources, slots, out=True)
-            self.num_saved += len(slots)
         return dropped
 
     def match(self, block_hashes: Sequence[BlockHash]) -> int:
@@ -94,7 +88,6 @@ class HostKVTier:
         self.keep(block_hashes)
         slots = [self._slot_of[h] for h in block_hashes]
         self._copy(list(block_ids), slots, out=False)
-        self.num_loaded += len(slots)
 
     def clear(self) -> list[BlockHash]:
         """Drop every block (the prefix cache starts over); returns their hashes."""

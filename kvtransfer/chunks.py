@@ -92,6 +92,21 @@ def chunk_header(
     )  # fmt: skip
 
 
+def same_host_header(
+    lease_id: str, seq: int, span: ChunkSpan, src_block_ids, last: bool,
+    source: kvtransfer_pb2.KVSource | None = None,
+) -> kvtransfer_pb2.KVChunk:
+    """A same-host chunk: the sender's blocks holding `span`, their ids checksummed; `source` (the
+    sender's exported cache) on chunk 0."""
+    header = kvtransfer_pb2.KVChunk(
+        lease_id=lease_id, seq=seq, layer=span.layer, first_block=span.first_block,
+        num_blocks=span.num_blocks, last=last, src_block_ids=src_block_ids, crc32=ids_crc32(src_block_ids),
+    )  # fmt: skip
+    if source is not None:
+        header.source.CopyFrom(source)
+    return header
+
+
 def ids_crc32(block_ids) -> int:
     """A same-host chunk's checksum: CRC-32 of its source block ids (uint32, little-endian), so that a
     corrupted id cannot make the receiver copy another request's block."""

@@ -34,8 +34,8 @@ from splitserve.kvtransfer.chunks import (
     ChunkSpan,
     check_layout,
     chunk_header,
-    ids_crc32,
     plan_chunks,
+    same_host_header,
 )
 from splitserve.kvtransfer.errors import CorruptChunk, LayoutMismatch, MalformedChunk
 from splitserve.kvtransfer.frames import decode_frame, encode_frame
@@ -72,7 +72,8 @@ class FetchServer:
         self.max_chunk_bytes = max_chunk_bytes
         self.host_id = host_id()
 
-    def fetch(self, request: kvtransfer_pb2.FetchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+    def Fetch(self, request: kvtransfer_pb2.FetchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """KVTransfer/Fetch (a servicer method: `transport.add_kvtransfer_servicer` registers it)."""
         try:
             check_layout(self.layout, request.layout)
         except LayoutMismatch as exc:
@@ -122,12 +123,8 @@ class FetchServer:
             last = seq == len(spans) - 1
             if same_host:
                 payload = b""
-                header = kvtransfer_pb2.KVChunk(
-                    lease_id=request.request_id, seq=seq, layer=span.layer, first_block=span.first_block,
-                    num_blocks=span.num_blocks, last=last, src_block_ids=ids, crc32=ids_crc32(ids),
-                )  # fmt: skip
-                if seq == 0:
-                    header.source.CopyFrom(self.source)
+                header = same_host_header(request.request_id, seq, span, ids, last,
+                                          self.source if seq == 0 else None)  # fmt: skip
             else:
                 payload = read_blocks(caches[span.layer], ids, written)
                 header = chunk_header(request.request_id, seq, span, payload, last)
@@ -167,7 +164,6 @@ class Fetcher:
         self.timeout_s = timeout_s
         self._channel = channel
         self._lock = threading.Lock()
-        self.fetched_blocks = 0
         self.fetched_bytes = 0
         self.fallbacks: collections.Counter[str] = collections.Counter()
         # What a fetch costs here, as measured (moving averages of the successful ones; 0: none yet).
@@ -183,7 +179,6 @@ class Fetcher:
             self.timeout_s,
         )  # fmt: skip
         with self._lock:
-            self.fetched_blocks += fetched.num_blocks
             self.fetched_bytes += fetched.nbytes
             if fetched.fallback:
                 self.fallbacks[fetched.fallback] += 1

@@ -22,7 +22,7 @@ import torch
 
 from splitserve.engine.kv_watch import KVReady
 from splitserve.kvtransfer.ahead import read_ahead
-from splitserve.kvtransfer.chunks import ChunkSpan, block_bytes, ids_crc32, lane_of, plan_chunks
+from splitserve.kvtransfer.chunks import ChunkSpan, block_bytes, lane_of, plan_chunks, same_host_header
 from splitserve.kvtransfer.stream import wire_frame
 from splitserve.protos import common_pb2, kvtransfer_pb2
 
@@ -149,10 +149,5 @@ class KVPush:
     def _same_host_chunk(self, seq: int, span: ChunkSpan, ids, ready: KVReady, last: bool) -> bytes:
         if ready.event is not None:
             ready.event.synchronize()  # the receiver reads these blocks as soon as it has the chunk
-        header = kvtransfer_pb2.KVChunk(
-            lease_id=self.lease_id, seq=seq, layer=span.layer, first_block=span.first_block,
-            num_blocks=span.num_blocks, last=last, src_block_ids=ids, crc32=ids_crc32(ids),
-        )  # fmt: skip
-        if seq == 0:
-            header.source.CopyFrom(self.source)
-        return header.SerializeToString()
+        source = self.source if seq == 0 else None
+        return same_host_header(self.lease_id, seq, span, ids, last, source).SerializeToString()

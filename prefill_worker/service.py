@@ -192,7 +192,7 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
 
     def Fetch(self, request: kvtransfer_pb2.FetchRequest, context: grpc.ServicerContext):
         """KVTransfer/Fetch: serve blocks this worker holds to another (`kvtransfer.fetch`)."""
-        yield from self.holder.fetch(request, context)
+        yield from self.holder.Fetch(request, context)
 
     def Load(self, request, context):
         return self.loop.call(worker_load, self.loop, self.fetcher)

@@ -53,7 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from splitserve.router.cost_model import DEFAULT_COST_MODEL, CostModel
-from splitserve.router.fetch_plan import FetchPlan, plan_fetch
+from splitserve.router.fetch_plan import FetchPlan, plan_fetches
 from splitserve.router.policy_types import (
     FRESH,
     LOCAL,
@@ -121,7 +121,9 @@ class CPD:
         stalled: dict[str, int] = {}  # device → sequences decoding on it
         for w in decodes:
             stalled[w.device] = stalled.get(w.device, 0) + _decoding(w)
-        fetches = {w.worker_id: self._fetch(request, w, workers) for w in (*admissible, *decodes)}
+        targets = (*admissible, *decodes)
+        fetches = plan_fetches(request, targets, workers, self.costs) if self.fetch else dict.fromkeys(
+            w.worker_id for w in targets)
         best = min((opt for d in _with_room(decodes, request)
                     for opt in self._options(request, admissible, d, cap, stalled, fetches)),
                    key=_Option.key)  # fmt: skip
@@ -134,9 +136,6 @@ class CPD:
         if prefill is None:
             return Decision(self.name, LOCAL, None, best.decode.worker_id, terms, **where)
         return Decision(self.name, prefill.role, prefill.worker_id, best.decode.worker_id, terms, **where)
-
-    def _fetch(self, request: RequestShape, target: WorkerView, workers: Sequence[WorkerView]):
-        return plan_fetch(request, target, workers, self.costs) if self.fetch else None
 
     def _options(self, request: RequestShape, prefills: list[WorkerView], d: WorkerView, cap: float,
                  stalled: dict[str, int], fetches: dict[str, FetchPlan | None]):  # fmt: skip

@@ -39,28 +39,40 @@ def plan_fetch(
     """The cheapest way for `target` to get the leading blocks another of `workers` holds beyond its own:
     a plan naming the worker holding most of them when fetching is predicted faster than recomputing,
     else None."""
+    return plan_fetches(request, [target], workers, costs)[target.worker_id]
+
+
+def plan_fetches(
+    request: RequestShape, targets: Sequence[WorkerView], workers: Sequence[WorkerView], costs: CostModel
+) -> dict[str, FetchPlan | None]:
+    """`plan_fetch` for each of `targets`, the holders ranked once (a policy weighing every target asks
+    for all of them on each decision)."""
     n, bs = request.num_prompt_tokens, request.block_size
     usable = (n - 1) // bs  # a hit never covers the last prompt token
 
     def held(w: WorkerView) -> int:
         return min(w.matched_blocks, usable)
 
-    own = held(target)
-    others = [w for w in workers if w.worker_id != target.worker_id and held(w) > own]
-    if not others:
-        return None
-    holder = max(others, key=lambda w: (held(w), -w.queued_tokens, w.worker_id))
-    cached, tokens = own * bs, (held(holder) - own) * bs
-    transfer, num_bytes = costs.transfer(), costs.kv_bytes(tokens)
-    seconds = transfer.seconds(num_bytes)
-    if target.fetch_s > 0:  # what this target's fetches measured
-        overhead = max(0.0, target.fetch_s - target.fetch_bytes / transfer.bytes_per_s)
-        seconds = max(seconds, overhead + num_bytes / transfer.bytes_per_s)
-    prefill = costs.prefill
-    saved = prefill.seconds(n - cached, cached) - prefill.seconds(n - cached - tokens, cached + tokens)
-    if seconds >= saved:
-        return None
-    return FetchPlan(holder.worker_id, held(holder), tokens, seconds, saved)
+    # The best two holders: a target's holder is the best one that is not itself.
+    ranked = sorted(workers, key=lambda w: (held(w), -w.queued_tokens, w.worker_id), reverse=True)[:2]
+    transfer, prefill = costs.transfer(), costs.prefill
+    plans: dict[str, FetchPlan | None] = {}
+    for target in targets:
+        own = held(target)
+        holder = next((w for w in ranked if w.worker_id != target.worker_id), None)
+        plans[target.worker_id] = None
+        if holder is None or held(holder) <= own:
+            continue
+        cached, tokens = own * bs, (held(holder) - own) * bs
+        num_bytes = costs.kv_bytes(tokens)
+        seconds = transfer.seconds(num_bytes)
+        if target.fetch_s > 0:  # what this target's fetches measured
+            overhead = max(0.0, target.fetch_s - target.fetch_bytes / transfer.bytes_per_s)
+            seconds = max(seconds, overhead + num_bytes / transfer.bytes_per_s)
+        saved = prefill.seconds(n - cached, cached) - prefill.seconds(n - cached - tokens, cached + tokens)
+        if seconds < saved:
+            plans[target.worker_id] = FetchPlan(holder.worker_id, held(holder), tokens, seconds, saved)
+    return plans
 
 
 def with_fetch(decision: Decision, request: RequestShape, workers: Sequence[WorkerView], costs: CostModel,

@@ -15,6 +15,7 @@ from workers_cluster import GREEDY, Cluster, offline
 from splitserve import LLM, SamplingParams
 from splitserve.engine.block_hash import hash_blocks
 from splitserve.engine.block_pool import BlockEventKind
+from splitserve.kvtransfer.chunks import block_bytes
 from splitserve.kvtransfer.fetch import FetchServer
 from splitserve.protos import common_pb2, workers_pb2
 
@@ -71,8 +72,9 @@ def test_a_follow_up_fetches_its_context_from_the_holder_and_matches_recompute(m
     tiers = load(cluster.warm_prefiller).tiers
     assert tiers.fetched_tokens == 2 * (len(first) // BS) * BS and not tiers.fetch_fallbacks
     assert tiers.fetch_ms > 0 and tiers.fetch_mb > 0  # what its fetches cost, measured for the router
-    expected_bytes = 0 if transport == "same-host" else 1  # same-host moves no bytes over the wire...
-    assert tiers.fetched_bytes >= expected_bytes  # ...but counts the KV it copied
+    # The KV it took (over the wire, or copied from the holder's memory), every layer's K and V.
+    layout = cluster.prefill.layout
+    assert tiers.fetched_bytes == 2 * (len(first) // BS) * layout.num_layers * block_bytes(layout)
     assert no_leaks(cluster)
 
 

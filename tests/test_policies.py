@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from splitserve.router.cost_model import CostModel, DecodeCost, PrefillCost, TransferCost
+from splitserve.router.fetch_plan import plan_fetch
 from splitserve.router.policies import (
     DECODE,
     FRESH,
@@ -151,8 +152,6 @@ def test_cpd_prices_fetching_the_context_from_its_holder():
 
 
 def test_the_fetch_plan_takes_the_largest_holder_and_only_what_the_target_lacks():
-    from splitserve.router.fetch_plan import plan_fetch
-
     workers = cluster(d1={"matched_blocks": 70}, d2={"matched_blocks": 40}, w1={"matched_blocks": 20})
     target = workers[2]  # w1
     plan = plan_fetch(REQ, target, workers, COSTS)
