@@ -5,8 +5,9 @@ receiver's prefix hits are skipped) for every layer; the sender sends each layer
 has computed them, so layer L travels while layer L+1 is computed. A chunk holds whole blocks of one
 layer, K then V, raw little-endian bytes laid out [2, num_blocks, block_size, num_kv_heads, head_dim],
 with a CRC-32 of the bytes (integrity against corruption in transit, not authentication) — or, on the
-same host, the sender's block ids to copy from (`same_host`), with a CRC-32 of those ids. Torch-free:
-tensors are turned into bytes by the workers.
+same host, the sender's block ids to copy from (`same_host`), with a CRC-32 of those ids. A GPU sender
+checksums the bytes on the device instead (`KVChunk.fletcher`, see `tensors`). Torch-free but for checking
+that checksum on the host: tensors are turned into bytes by the workers.
 """
 
 from __future__ import annotations
@@ -81,15 +82,20 @@ def plan_chunks(
 
 def chunk_header(
     lease_id: str, seq: int, span: ChunkSpan, payload: bytes | bytearray | memoryview, last: bool,
-    num_lanes: int = 1, encoding: str = "",
+    num_lanes: int = 1, encoding: str = "", fletcher: int | None = None,
 ) -> kvtransfer_pb2.KVChunk:
-    """A chunk's fields without its data (as `frames` sends it), with the payload's CRC-32; its lane is
-    its layer's (`lane_of`)."""
-    return kvtransfer_pb2.KVChunk(
+    """A chunk's fields without its data (as `frames` sends it), with its checksum: `fletcher` when the
+    sender computed it on the device, else the payload's CRC-32; its lane is its layer's (`lane_of`)."""
+    header = kvtransfer_pb2.KVChunk(
         lease_id=lease_id, seq=seq, layer=span.layer, first_block=span.first_block,
-        num_blocks=span.num_blocks, crc32=zlib.crc32(payload), last=last,
+        num_blocks=span.num_blocks, last=last,
         lane=lane_of(span.layer, num_lanes), num_lanes=num_lanes, encoding=encoding,
     )  # fmt: skip
+    if fletcher is None:
+        header.crc32 = zlib.crc32(payload)
+    else:
+        header.fletcher = fletcher
+    return header
 
 
 def same_host_header(
@@ -169,9 +175,17 @@ class ChunkValidator:
         return self._advance(chunk)
 
     def verify(self, chunk: kvtransfer_pb2.KVChunk, data: bytes | memoryview) -> None:
-        """The checksum of a wire chunk's bytes, or of a same-host chunk's source block ids."""
-        crc = ids_crc32(chunk.src_block_ids) if chunk.src_block_ids else zlib.crc32(data)
-        if crc != chunk.crc32:
+        """The checksum of a wire chunk's bytes, or of a same-host chunk's source block ids. A chunk's
+        `fletcher` is computed here on the host (with torch); a GPU receiver checks it on the device
+        instead, where the bytes land (`tensors.write_blocks`)."""
+        if chunk.HasField("fletcher") and not chunk.src_block_ids:
+            from splitserve.kvtransfer.tensors import fletcher, host_bytes  # torch, only for these
+
+            good = fletcher(host_bytes(data)) == chunk.fletcher
+        else:
+            crc = ids_crc32(chunk.src_block_ids) if chunk.src_block_ids else zlib.crc32(data)
+            good = crc == chunk.crc32
+        if not good:
             raise CorruptChunk(f"chunk {chunk.seq} (layer {chunk.layer}) fails its checksum")
 
     def _check(self, chunk: kvtransfer_pb2.KVChunk, data: bytes | memoryview) -> None:

@@ -41,7 +41,7 @@ from splitserve.kvtransfer.errors import CorruptChunk, LayoutMismatch, Malformed
 from splitserve.kvtransfer.frames import decode_frame, encode_frame
 from splitserve.kvtransfer.same_host import SourceMaps, host_id
 from splitserve.kvtransfer.stream import ChunkSink
-from splitserve.kvtransfer.tensors import read_blocks
+from splitserve.kvtransfer.tensors import read_wire_payload
 from splitserve.protos import common_pb2, kvtransfer_pb2, workers_pb2
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,8 @@ class FetchServer:
                 header = same_host_header(request.request_id, seq, span, ids, last,
                                           self.source if seq == 0 else None)  # fmt: skip
             else:
-                payload = read_blocks(caches[span.layer], ids, written)
-                header = chunk_header(request.request_id, seq, span, payload, last)
+                payload, fletcher = read_wire_payload(caches[span.layer], ids, written)
+                header = chunk_header(request.request_id, seq, span, payload, last, fletcher=fletcher)
             if seq == 0:
                 header.total_blocks = count
             yield encode_frame(header, payload) if payload else header.SerializeToString()

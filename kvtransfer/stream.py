@@ -22,7 +22,7 @@ from splitserve.kvtransfer.chunks import (
 from splitserve.kvtransfer.errors import MalformedChunk, SinkClosed
 from splitserve.kvtransfer.frames import encode_frame
 from splitserve.kvtransfer.same_host import SourceMaps, copy_blocks
-from splitserve.kvtransfer.tensors import read_blocks, write_blocks
+from splitserve.kvtransfer.tensors import read_wire_payload, write_blocks
 from splitserve.protos import common_pb2, kvtransfer_pb2
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -49,9 +49,10 @@ def wire_frame(
     encoding: str = "",
 ) -> bytes:
     """The frame of one chunk: blocks `ids` of one layer's cache (once `after` has fired) on the host in
-    the wire `encoding`, checksummed, on its layer's lane of `num_lanes`."""
-    payload = read_blocks(cache, ids, after, encoding)
-    return encode_frame(chunk_header(lease_id, seq, span, payload, last, num_lanes, encoding), payload)
+    the wire `encoding`, checksummed (on the device on CUDA), on its layer's lane of `num_lanes`."""
+    payload, fletcher = read_wire_payload(cache, ids, after, encoding)
+    header = chunk_header(lease_id, seq, span, payload, last, num_lanes, encoding, fletcher)
+    return encode_frame(header, payload)
 
 
 class ChunkSink:
@@ -101,14 +102,17 @@ class ChunkSink:
                     raise MalformedChunk(f"source block {max(header.src_block_ids)} of a {limit}-block cache")
             span = self.validator.admit(header, payload)
             self._writing += 1
-        try:
-            self.validator.verify(header, payload)  # a bad checksum fails the whole transfer
+        try:  # a bad checksum fails the whole transfer
             ids = self.block_ids[span.first_block : span.first_block + span.num_blocks]
+            cache = self.kv_caches[span.layer]
             if header.src_block_ids:
-                src = self._source_caches[span.layer]
-                copy_blocks(self.kv_caches[span.layer], ids, src, list(header.src_block_ids))
+                self.validator.verify(header, payload)
+                copy_blocks(cache, ids, self._source_caches[span.layer], list(header.src_block_ids))
+            elif header.HasField("fletcher") and cache.is_cuda:  # checked on the device, before storing
+                write_blocks(cache, ids, payload, header.encoding, header.fletcher)
             else:
-                write_blocks(self.kv_caches[span.layer], ids, payload, header.encoding)
+                self.validator.verify(header, payload)
+                write_blocks(cache, ids, payload, header.encoding)
         finally:
             with self._lock:
                 self._writing -= 1

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from splitserve.kvtransfer.errors import CorruptChunk
+
 assert sys.byteorder == "little", "the KV wire format is little-endian raw bytes"
 
 
@@ -45,42 +47,64 @@ def read_blocks(
     the gather (and the encoding) and the copy to pinned memory run on a side stream once `after` (e.g.
     the end of the layer's forward) has fired, so they never wait behind the rest of a running step;
     returns once the bytes are on the host."""
-    if encoding:
-        return _read_encoded(kv_cache, block_ids, after)
+    return read_wire_payload(kv_cache, block_ids, after, encoding)[0]
+
+
+def read_wire_payload(
+    kv_cache: torch.Tensor, block_ids: Sequence[int], after: torch.cuda.Event | None = None,
+    encoding: str = "",
+) -> tuple[memoryview, int | None]:
+    """`read_blocks`, and on CUDA the payload's `fletcher` checksum computed on the device beside the
+    gather (None on CPU: the sender takes the payload's CRC-32 on the host instead)."""
+    index = torch.tensor(block_ids, dtype=torch.int64)
     if kv_cache.device.type != "cuda":
+        if encoding:
+            return memoryview(fp8_encode(kv_cache.index_select(1, index)).numpy()), None
         out = bytearray(blocks_nbytes(kv_cache, len(block_ids)))
         dst = torch.frombuffer(out, dtype=torch.uint8).view(kv_cache.dtype)
-        index = torch.tensor(block_ids, dtype=torch.int64)
         torch.index_select(kv_cache, 1, index, out=dst.view(2, len(block_ids), *kv_cache.shape[2:]))
-        return memoryview(out)
+        return memoryview(out), None
     side = torch.cuda.Stream(kv_cache.device)
     with torch.cuda.stream(side):
         if after is not None:
             side.wait_event(after)
-        index = torch.tensor(block_ids, dtype=torch.int64).to(kv_cache.device, non_blocking=True)
-        blocks = kv_cache.index_select(1, index)
-        host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
-        host.copy_(blocks, non_blocking=True)
+        blocks = kv_cache.index_select(1, index.to(kv_cache.device, non_blocking=True))
+        payload = fp8_encode(blocks) if encoding else blocks.reshape(-1).view(torch.uint8)
+        sums = fletcher_sums(payload)
+        host = torch.empty(payload.numel() + 16, dtype=torch.uint8, pin_memory=True)
+        host[: payload.numel()].copy_(payload, non_blocking=True)
+        host[payload.numel() :].view(torch.int64).copy_(sums, non_blocking=True)
     side.synchronize()
-    return memoryview(host.reshape(-1).view(torch.uint8).numpy())
+    s1, s2 = host[payload.numel() :].view(torch.int64).tolist()
+    return memoryview(host[: payload.numel()].numpy()), s1 << 32 | s2
 
 
-def _read_encoded(
-    kv_cache: torch.Tensor, block_ids: Sequence[int], after: torch.cuda.Event | None
-) -> memoryview:
-    if kv_cache.device.type != "cuda":
-        index = torch.tensor(block_ids, dtype=torch.int64)
-        return memoryview(fp8_encode(kv_cache.index_select(1, index)).numpy())
-    side = torch.cuda.Stream(kv_cache.device)
-    with torch.cuda.stream(side):
-        if after is not None:
-            side.wait_event(after)
-        index = torch.tensor(block_ids, dtype=torch.int64).to(kv_cache.device, non_blocking=True)
-        encoded = fp8_encode(kv_cache.index_select(1, index))
-        host = torch.empty(encoded.shape, dtype=torch.uint8, pin_memory=True)
-        host.copy_(encoded, non_blocking=True)
-    side.synchronize()
-    return memoryview(host.numpy())
+FLETCHER_PRIME = 2**31 - 1
+_positions: dict[torch.device, torch.Tensor] = {}  # per device: 1, 2, 3, ... (int64), grown on demand
+
+
+def fletcher_sums(data: torch.Tensor) -> torch.Tensor:
+    """The two sums of `KVChunk.fletcher` over `data` (uint8, 1-D, on any device), computed there: an
+    int64 tensor [s1, s2]. Every product and partial sum stays far below 2^63 (words < 2^31 after
+    reduction, positions < 2^25 for chunks up to MAX_CHUNK_BYTES)."""
+    if data.numel() % 4 or data.storage_offset() % 4 or data.data_ptr() % 4:  # padded and aligned
+        padded = data.new_zeros(data.numel() + -data.numel() % 4)  # for the 32-bit view
+        padded[: data.numel()] = data
+        data = padded
+    words = (data.view(torch.int32).to(torch.int64) & 0xFFFFFFFF) % FLETCHER_PRIME
+    positions = _positions.get(data.device)
+    if positions is None or positions.numel() < words.numel():
+        positions = torch.arange(1, max(words.numel(), 2**20) + 1, dtype=torch.int64, device=data.device)
+        _positions[data.device] = positions
+    s1 = words.sum() % FLETCHER_PRIME
+    s2 = (words * positions[: words.numel()] % FLETCHER_PRIME).sum() % FLETCHER_PRIME
+    return torch.stack((s1, s2))
+
+
+def fletcher(data: torch.Tensor) -> int:
+    """`KVChunk.fletcher` of `data` (uint8, 1-D): s1 << 32 | s2."""
+    s1, s2 = fletcher_sums(data).tolist()
+    return s1 << 32 | s2
 
 
 def blocks_nbytes(kv_cache: torch.Tensor, num_blocks: int, encoding: str = "") -> int:
@@ -89,17 +113,31 @@ def blocks_nbytes(kv_cache: torch.Tensor, num_blocks: int, encoding: str = "") -
     return values + 2 * 4 * num_blocks if encoding else values * kv_cache.element_size()
 
 
+def host_bytes(data: bytes | memoryview) -> torch.Tensor:
+    """A uint8 tensor over `data`'s memory (no copy); it must only be read."""
+    if not len(data):
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():  # read-only bytes: torch warns, but the view is only read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=torch.uint8)
+
+
 def write_blocks(
-    kv_cache: torch.Tensor, block_ids: Sequence[int], data: bytes | memoryview, encoding: str = ""
+    kv_cache: torch.Tensor, block_ids: Sequence[int], data: bytes | memoryview, encoding: str = "",
+    fletcher_sum: int | None = None,
 ) -> None:
-    """Store bytes from `read_blocks` (of a cache with the same layout, in `encoding`) into `block_ids`."""
+    """Store bytes from `read_blocks` (of a cache with the same layout, in `encoding`) into `block_ids`.
+    With `fletcher_sum` (the chunk's `fletcher`), the bytes are checked where they land first — on the
+    cache's device — and `CorruptChunk` is raised before any block is written."""
     shape = (2, len(block_ids), *kv_cache.shape[2:])
     expected = blocks_nbytes(kv_cache, len(block_ids), encoding)
     if len(data) != expected:
         raise ValueError(f"{len(data)} bytes for {len(block_ids)} blocks of this cache; expected {expected}")
-    with warnings.catch_warnings():  # read-only bytes: torch warns, but the view is only read here
-        warnings.simplefilter("ignore", UserWarning)
-        raw = torch.frombuffer(data, dtype=torch.uint8)
+    raw = host_bytes(data)
+    if fletcher_sum is not None:
+        raw = raw.to(kv_cache.device)
+        if fletcher(raw) != fletcher_sum:
+            raise CorruptChunk("a KV chunk fails its checksum")
     if encoding:
         blocks = fp8_decode(raw.to(kv_cache.device), shape, kv_cache.dtype)
     else:

@@ -124,7 +124,7 @@ class CudaIpcStorage(_message.Message):
     def __init__(self, device: _Optional[int] = ..., handle: _Optional[bytes] = ..., storage_bytes: _Optional[int] = ..., offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("lease_id", "seq", "layer", "first_block", "num_blocks", "data", "crc32", "last", "src_block_ids", "source", "lane", "num_lanes", "encoding", "total_blocks")
+    __slots__ = ("lease_id", "seq", "layer", "first_block", "num_blocks", "data", "crc32", "last", "src_block_ids", "source", "lane", "num_lanes", "encoding", "total_blocks", "fletcher")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,7 @@ class KVChunk(_message.Message):
     NUM_LANES_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FLETCHER_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     seq: int
     layer: int
@@ -153,7 +154,8 @@ class KVChunk(_message.Message):
     num_lanes: int
     encoding: str
     total_blocks: int
-    def __init__(self, lease_id: _Optional[str] = ..., seq: _Optional[int] = ..., layer: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., last: _Optional[bool] = ..., src_block_ids: _Optional[_Iterable[int]] = ..., source: _Optional[_Union[KVSource, _Mapping]] = ..., lane: _Optional[int] = ..., num_lanes: _Optional[int] = ..., encoding: _Optional[str] = ..., total_blocks: _Optional[int] = ...) -> None: ...
+    fletcher: int
+    def __init__(self, lease_id: _Optional[str] = ..., seq: _Optional[int] = ..., layer: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., last: _Optional[bool] = ..., src_block_ids: _Optional[_Iterable[int]] = ..., source: _Optional[_Union[KVSource, _Mapping]] = ..., lane: _Optional[int] = ..., num_lanes: _Optional[int] = ..., encoding: _Optional[str] = ..., total_blocks: _Optional[int] = ..., fletcher: _Optional[int] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("state", "chunks_received", "bytes_received")

@@ -8,10 +8,24 @@ import re
 import pytest
 import torch
 
-from splitserve.kvtransfer.chunks import ChunkValidator, block_bytes, check_layout, encode_chunk, plan_chunks
+from splitserve.kvtransfer.chunks import (
+    ChunkValidator,
+    block_bytes,
+    check_layout,
+    chunk_header,
+    encode_chunk,
+    plan_chunks,
+)
 from splitserve.kvtransfer.errors import CorruptChunk, LayoutMismatch, LeaseNotFound, MalformedChunk
 from splitserve.kvtransfer.leases import LeaseTable, TransferState
-from splitserve.kvtransfer.tensors import read_blocks, write_blocks
+from splitserve.kvtransfer.tensors import (
+    FLETCHER_PRIME,
+    fletcher,
+    host_bytes,
+    read_blocks,
+    read_wire_payload,
+    write_blocks,
+)
 from splitserve.protos.common_pb2 import KVLayout
 
 LAYOUT = KVLayout(model_id="m", num_layers=3, num_kv_heads=2, head_dim=8, block_size=4, dtype="bfloat16")
@@ -317,3 +331,79 @@ def test_the_fp8_wire_encoding_round_trips_within_e4m3_precision_in_half_the_byt
     chunk.encoding = "int4"
     with pytest.raises(MalformedChunk, match="unknown KV encoding 'int4'"):
         ChunkValidator(layout, 0, 3).accept(chunk)
+
+
+def reference_fletcher(data: bytes) -> int:
+    """`KVChunk.fletcher` as the proto defines it, in plain Python."""
+    data += bytes(-len(data) % 4)
+    s1 = s2 = 0
+    for i in range(0, len(data), 4):
+        word = int.from_bytes(data[i : i + 4], "little") % FLETCHER_PRIME
+        s1, s2 = (s1 + word) % FLETCHER_PRIME, (s2 + (i // 4 + 1) * word) % FLETCHER_PRIME
+    return s1 << 32 | s2
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 1000, 4099])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_the_device_checksum_matches_its_definition_at_any_length_and_alignment(size, offset):
+    gen = torch.Generator().manual_seed(size)
+    raw = torch.randint(0, 256, (size + offset,), dtype=torch.uint8, generator=gen)
+    raw[offset : offset + 4] = 0xFF  # words at and above the prime reduce before they are summed
+    data = raw[offset:]  # a view that does not start on a 4-byte boundary when offset is odd
+    assert fletcher(data) == reference_fletcher(bytes(data.numpy()))
+
+
+def test_the_device_checksum_sees_swapped_words_and_a_flipped_bit():
+    data = bytes(range(64))
+    swapped = data[4:8] + data[:4] + data[8:]  # same words, other order: s2 differs
+    flipped = bytearray(data)
+    flipped[33] ^= 0x10
+    values = {fletcher(host_bytes(d)) for d in (data, swapped, bytes(flipped))}
+    assert len(values) == 3
+
+
+def fletcher_chunk(src, ids):
+    span = plan_chunks(LAYOUT, 0, len(ids), 10**6, layers=range(0, 1))[0]
+    data = bytes(read_blocks(src[0], ids))
+    chunk = chunk_header("lease", 0, span, data, False, fletcher=fletcher(host_bytes(data)))
+    chunk.data = data
+    return chunk
+
+
+def test_a_fletcher_chunk_is_checked_on_the_host_and_a_flipped_byte_is_caught():
+    chunk = fletcher_chunk(caches(LAYOUT, 8, seed=7), [3, 1])
+    assert chunk.crc32 == 0  # the device checksum replaces the host's CRC-32
+    ChunkValidator(LAYOUT, 0, 2).accept(chunk)
+    bad = bytearray(chunk.data)
+    bad[100] ^= 0x01
+    chunk.data = bytes(bad)
+    with pytest.raises(CorruptChunk):
+        ChunkValidator(LAYOUT, 0, 2).accept(chunk)
+
+
+def test_a_store_checked_where_it_lands_refuses_corrupt_bytes_and_writes_nothing():
+    src, dst = caches(LAYOUT, 8, seed=8), caches(LAYOUT, 8, seed=9)
+    data = bytearray(read_blocks(src[0], [2, 6]))
+    good = fletcher(host_bytes(bytes(data)))
+    data[5] ^= 0x80
+    before = dst[0].clone()
+    with pytest.raises(CorruptChunk):
+        write_blocks(dst[0], [0, 1], bytes(data), fletcher_sum=good)
+    assert torch.equal(dst[0], before)
+    data[5] ^= 0x80
+    write_blocks(dst[0], [0, 1], bytes(data), fletcher_sum=good)
+    assert torch.equal(dst[0][:, [0, 1]], src[0][:, [2, 6]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device checksum of a GPU sender needs CUDA")
+@pytest.mark.parametrize("encoding", ["", "fp8_e4m3"])
+def test_a_gpu_payload_carries_its_device_checksum_and_round_trips_checked_on_the_device(encoding):
+    src = [c.cuda() for c in caches(LAYOUT, 8, seed=10)]
+    dst = [c.cuda() for c in caches(LAYOUT, 8, seed=11)]
+    payload, checksum = read_wire_payload(src[1], [5, 0, 7], encoding=encoding)
+    assert checksum == reference_fletcher(bytes(payload))
+    write_blocks(dst[1], [1, 2, 3], payload, encoding, fletcher_sum=checksum)
+    if not encoding:
+        assert torch.equal(dst[1][:, [1, 2, 3]], src[1][:, [5, 0, 7]])
+    with pytest.raises(CorruptChunk):
+        write_blocks(dst[1], [1, 2, 3], payload, encoding, fletcher_sum=checksum ^ 1)
