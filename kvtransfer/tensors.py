@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from splitserve.kvtransfer.errors import CorruptChunk
@@ -80,31 +81,47 @@ def read_wire_payload(
 
 
 FLETCHER_PRIME = 2**31 - 1
-_positions: dict[torch.device, torch.Tensor] = {}  # per device: 1, 2, 3, ... (int64), grown on demand
+_ROW = 2**15  # words per row of the blocked sums: a row's sum of (j + 1) * w_j stays below 2^63
+_positions: dict[torch.device, torch.Tensor] = {}  # per device: 1 .. _ROW (int64)
 
 
 def fletcher_sums(data: torch.Tensor) -> torch.Tensor:
     """The two sums of `KVChunk.fletcher` over `data` (uint8, 1-D, on any device), computed there: an
-    int64 tensor [s1, s2]. Every product and partial sum stays far below 2^63 (words < 2^31 after
-    reduction, positions < 2^25 for chunks up to MAX_CHUNK_BYTES)."""
-    if data.numel() % 4 or data.storage_offset() % 4 or data.data_ptr() % 4:  # padded and aligned
-        padded = data.new_zeros(data.numel() + -data.numel() % 4)  # for the 32-bit view
-        padded[: data.numel()] = data
-        data = padded
-    words = (data.view(torch.int32).to(torch.int64) & 0xFFFFFFFF) % FLETCHER_PRIME
+    int64 tensor [s1, s2]. The words are summed in rows of `_ROW`, unreduced (row sums stay far below
+    2^63), and reduced once per row: s2 = sum over rows r of (r * _ROW * rowsum_r + inner_r) mod p."""
+    words = _words(data).view(-1, _ROW)
     positions = _positions.get(data.device)
-    if positions is None or positions.numel() < words.numel():
-        positions = torch.arange(1, max(words.numel(), 2**20) + 1, dtype=torch.int64, device=data.device)
-        _positions[data.device] = positions
-    s1 = words.sum() % FLETCHER_PRIME
-    s2 = (words * positions[: words.numel()] % FLETCHER_PRIME).sum() % FLETCHER_PRIME
+    if positions is None:
+        positions = _positions[data.device] = torch.arange(1, _ROW + 1, dtype=torch.int64, device=data.device)
+    rows, inner = words.sum(1), (words * positions).sum(1)
+    offsets = torch.arange(rows.numel(), dtype=torch.int64, device=data.device) * _ROW % FLETCHER_PRIME
+    s1 = rows.sum() % FLETCHER_PRIME
+    s2 = (offsets * (rows % FLETCHER_PRIME) % FLETCHER_PRIME + inner % FLETCHER_PRIME).sum() % FLETCHER_PRIME
     return torch.stack((s1, s2))
 
 
+def _words(data: torch.Tensor) -> torch.Tensor:
+    """`data`'s little-endian 32-bit words as int64, zero-padded to whole rows of `_ROW`."""
+    padded = data.new_zeros(data.numel() + -data.numel() % (4 * _ROW))  # aligned for the 32-bit view
+    padded[: data.numel()] = data
+    return padded.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+
 def fletcher(data: torch.Tensor) -> int:
-    """`KVChunk.fletcher` of `data` (uint8, 1-D): s1 << 32 | s2."""
-    s1, s2 = fletcher_sums(data).tolist()
-    return s1 << 32 | s2
+    """`KVChunk.fletcher` of `data` (uint8, 1-D): s1 << 32 | s2. On the host, by numpy's integer matmul
+    (the same blocked sums, several times faster than torch's on a CPU)."""
+    if data.device.type != "cpu":
+        s1, s2 = fletcher_sums(data).tolist()
+        return s1 << 32 | s2
+    raw = data.numpy()
+    whole = raw.size // (4 * _ROW) * 4 * _ROW
+    tail = np.zeros(_ROW if whole < raw.size else 0, dtype=np.uint32)  # the last row, zero-padded
+    tail.view(np.uint8)[: raw.size - whole] = raw[whole:]
+    rows = np.concatenate((raw[:whole].view(np.uint32), tail)).reshape(-1, _ROW).astype(np.uint64)
+    sums, inner = rows.sum(1), rows @ np.arange(1, _ROW + 1, dtype=np.uint64)
+    s1 = int(sums.sum()) % FLETCHER_PRIME
+    s2 = sum(r * _ROW * int(t) + int(i) for r, (t, i) in enumerate(zip(sums, inner, strict=True)))
+    return s1 << 32 | s2 % FLETCHER_PRIME
 
 
 def blocks_nbytes(kv_cache: torch.Tensor, num_blocks: int, encoding: str = "") -> int:
