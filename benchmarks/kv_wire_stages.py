@@ -3,8 +3,9 @@
 Part 1: each stage of a 4 MiB chunk (1B KV layout, bf16) run by 1, 2, 4 and 8 threads at once, aggregate
 GB/s — a stage that scales with threads releases the GIL, one that does not holds it. Stages: the CRC-32 of
 the payload (zlib), the frame join (one copy), `bytes` from a memoryview (one copy), and on CUDA the
-sender's gather + device→host copy (`read_blocks`), the receiver's host→device store (`write_blocks`), and
-the device-side checksum (`tensors.fletcher_sums`).
+sender's gather + device checksum + device→host copy (`wire_payload`), with the frame join, against
+copying the gather straight into a `bytes` frame; the receiver's host→device store (`write_blocks`), and
+the device-side checksum alone (`tensors.fletcher_sums`).
 Part 2: plain gRPC client streaming of 4 MiB messages to a server process (identity serializers, the
 project's channel options) over 1-8 channels: bare, with the sender's per-chunk work (gather, checksum,
 join), with the receiver's (checksum, store), and with both — the KV push's pipeline without its bookkeeping.
@@ -25,7 +26,13 @@ import zlib
 import grpc
 import torch
 
-from splitserve.kvtransfer.tensors import fletcher_sums, host_bytes, read_blocks, write_blocks
+from splitserve.kvtransfer.tensors import (
+    fletcher_sums,
+    host_bytes,
+    read_blocks,
+    wire_payload,
+    write_blocks,
+)
 from splitserve.kvtransfer.transport import channel, make_server, tune_malloc_for_transfers
 
 CHUNK = 4 * 2**20
@@ -51,7 +58,9 @@ def stages(device: str) -> dict:
     }
     if device == "cuda":
         torch.cuda.synchronize()
-        out["read_blocks (gather + D2H)"] = lambda: read_blocks(kv, ids)
+        out["wire_payload (gather + checksum + D2H)"] = lambda: staged(kv, ids)
+        out["... + frame join"] = lambda: staged(kv, ids, header)
+        out["gather + D2H into a bytes frame (pageable)"] = lambda: into_frame(kv, ids, header)
         out["write_blocks (H2D store)"] = lambda: (write_blocks(kv, ids, payload), torch.cuda.synchronize())
         blocks = kv[:, :BLOCKS_PER_CHUNK]
         out["device checksum"] = lambda: fletcher_sums(blocks.reshape(-1).view(torch.uint8)).tolist()
@@ -61,6 +70,21 @@ def stages(device: str) -> dict:
         host_blocks = kv[:, :BLOCKS_PER_CHUNK].reshape(-1).view(torch.uint8)
         out["fletcher on the host"] = lambda: fletcher_sums(host_blocks)
     return out
+
+
+def staged(kv: torch.Tensor, ids: list[int], header: bytes | None = None) -> bytes | None:
+    with wire_payload(kv, ids) as (payload, _):
+        return None if header is None else b"".join((header, payload))
+
+
+def into_frame(kv: torch.Tensor, ids: list[int], header: bytes) -> bytes:
+    """The alternative to pinned staging + join: the gather copied straight into a new `bytes` frame."""
+    frame = bytes(len(header) + CHUNK)
+    view = host_bytes(frame)  # written once, before anyone else sees the object
+    view[: len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+    blocks = kv.index_select(1, torch.tensor(ids, device=kv.device))
+    view[len(header) :].copy_(blocks.reshape(-1).view(torch.uint8))
+    return frame
 
 
 def scaling(fn, threads: int, repeats: int = 24) -> float:
@@ -126,12 +150,11 @@ def grpc_gbs(port: int, lanes: int, sender_work: bool, device: str) -> float:
             if not sender_work:
                 yield prepared
                 continue
-            payload = read_blocks(kv, ids)
-            if device == "cpu":
-                zlib.crc32(payload)
-            else:
-                fletcher_sums(kv[:, :BLOCKS_PER_CHUNK].reshape(-1).view(torch.uint8)).tolist()
-            yield b"".join((b"h" * 40, payload))
+            with wire_payload(kv, ids) as (payload, _):  # with the device checksum on CUDA
+                if device == "cpu":
+                    zlib.crc32(payload)
+                frame = b"".join((b"h" * 40, payload))
+            yield frame
 
     for call in calls:
         call(iter([prepared]))  # connections up

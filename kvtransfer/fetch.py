@@ -41,7 +41,7 @@ from splitserve.kvtransfer.errors import CorruptChunk, LayoutMismatch, Malformed
 from splitserve.kvtransfer.frames import decode_frame, encode_frame
 from splitserve.kvtransfer.same_host import SourceMaps, host_id
 from splitserve.kvtransfer.stream import ChunkSink
-from splitserve.kvtransfer.tensors import read_wire_payload
+from splitserve.kvtransfer.tensors import wire_payload
 from splitserve.protos import common_pb2, kvtransfer_pb2, workers_pb2
 
 log = logging.getLogger(__name__)
@@ -121,16 +121,18 @@ class FetchServer:
         for seq, span in enumerate(spans):
             ids = block_ids[span.first_block - first : span.first_block - first + span.num_blocks]
             last = seq == len(spans) - 1
+            total = count if seq == 0 else 0
             if same_host:
-                payload = b""
                 header = same_host_header(request.request_id, seq, span, ids, last,
                                           self.source if seq == 0 else None)  # fmt: skip
-            else:
-                payload, fletcher = read_wire_payload(caches[span.layer], ids, written)
+                header.total_blocks = total
+                yield header.SerializeToString()
+                continue
+            with wire_payload(caches[span.layer], ids, written) as (payload, fletcher):
                 header = chunk_header(request.request_id, seq, span, payload, last, fletcher=fletcher)
-            if seq == 0:
-                header.total_blocks = count
-            yield encode_frame(header, payload) if payload else header.SerializeToString()
+                header.total_blocks = total
+                frame = encode_frame(header, payload)
+            yield frame
 
 
 @dataclass(frozen=True)

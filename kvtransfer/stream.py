@@ -22,7 +22,7 @@ from splitserve.kvtransfer.chunks import (
 from splitserve.kvtransfer.errors import MalformedChunk, SinkClosed
 from splitserve.kvtransfer.frames import encode_frame
 from splitserve.kvtransfer.same_host import SourceMaps, copy_blocks
-from splitserve.kvtransfer.tensors import read_wire_payload, write_blocks
+from splitserve.kvtransfer.tensors import wire_payload, write_blocks
 from splitserve.protos import common_pb2, kvtransfer_pb2
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -50,9 +50,9 @@ def wire_frame(
 ) -> bytes:
     """The frame of one chunk: blocks `ids` of one layer's cache (once `after` has fired) on the host in
     the wire `encoding`, checksummed (on the device on CUDA), on its layer's lane of `num_lanes`."""
-    payload, fletcher = read_wire_payload(cache, ids, after, encoding)
-    header = chunk_header(lease_id, seq, span, payload, last, num_lanes, encoding, fletcher)
-    return encode_frame(header, payload)
+    with wire_payload(cache, ids, after, encoding) as (payload, fletcher):
+        header = chunk_header(lease_id, seq, span, payload, last, num_lanes, encoding, fletcher)
+        return encode_frame(header, payload)
 
 
 class ChunkSink:

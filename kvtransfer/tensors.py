@@ -9,9 +9,11 @@ divided by their block's scale as FP8 e4m3: a byte per value, quantized on the s
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -44,40 +46,80 @@ def read_blocks(
     kv_cache: torch.Tensor, block_ids: Sequence[int], after: torch.cuda.Event | None = None,
     encoding: str = "",
 ) -> memoryview:
-    """The K and V of `block_ids` (in that order) as bytes on the host, in the wire `encoding`. On CUDA
-    the gather (and the encoding) and the copy to pinned memory run on a side stream once `after` (e.g.
-    the end of the layer's forward) has fired, so they never wait behind the rest of a running step;
-    returns once the bytes are on the host."""
-    return read_wire_payload(kv_cache, block_ids, after, encoding)[0]
+    """The K and V of `block_ids` (in that order) as bytes on the host, in the wire `encoding` (a buffer
+    of its own; `wire_payload` is the senders' form, without the copy on CUDA)."""
+    with wire_payload(kv_cache, block_ids, after, encoding) as (payload, _):
+        return memoryview(bytes(payload)) if kv_cache.device.type == "cuda" else payload
 
 
-def read_wire_payload(
+@contextlib.contextmanager
+def wire_payload(
     kv_cache: torch.Tensor, block_ids: Sequence[int], after: torch.cuda.Event | None = None,
     encoding: str = "",
-) -> tuple[memoryview, int | None]:
-    """`read_blocks`, and on CUDA the payload's `fletcher` checksum computed on the device beside the
-    gather (None on CPU: the sender takes the payload's CRC-32 on the host instead)."""
+) -> Iterator[tuple[memoryview, int | None]]:
+    """The bytes of `read_blocks` and, on CUDA, their `fletcher` checksum computed on the device beside
+    the gather (None on CPU: the sender takes the payload's CRC-32 on the host instead). On CUDA the
+    gather (and the encoding), the checksum and the copy to pinned memory run on a side stream once
+    `after` (e.g. the end of the layer's forward) has fired, so they never wait behind the rest of a
+    running step; the bytes are on the host on entry, in a pinned staging buffer that is reused after
+    the block (frame them inside it)."""
     index = torch.tensor(block_ids, dtype=torch.int64)
     if kv_cache.device.type != "cuda":
         if encoding:
-            return memoryview(fp8_encode(kv_cache.index_select(1, index)).numpy()), None
+            yield memoryview(fp8_encode(kv_cache.index_select(1, index)).numpy()), None
+            return
         out = bytearray(blocks_nbytes(kv_cache, len(block_ids)))
         dst = torch.frombuffer(out, dtype=torch.uint8).view(kv_cache.dtype)
         torch.index_select(kv_cache, 1, index, out=dst.view(2, len(block_ids), *kv_cache.shape[2:]))
-        return memoryview(out), None
-    side = torch.cuda.Stream(kv_cache.device)
-    with torch.cuda.stream(side):
-        if after is not None:
-            side.wait_event(after)
-        blocks = kv_cache.index_select(1, index.to(kv_cache.device, non_blocking=True))
-        payload = fp8_encode(blocks) if encoding else blocks.reshape(-1).view(torch.uint8)
-        sums = fletcher_sums(payload)
-        host = torch.empty(payload.numel() + 16, dtype=torch.uint8, pin_memory=True)
-        host[: payload.numel()].copy_(payload, non_blocking=True)
-        host[payload.numel() :].view(torch.int64).copy_(sums, non_blocking=True)
-    side.synchronize()
-    s1, s2 = host[payload.numel() :].view(torch.int64).tolist()
-    return memoryview(host[: payload.numel()].numpy()), s1 << 32 | s2
+        yield memoryview(out), None
+        return
+    side = _side_stream(kv_cache.device)
+    with _staging.buffer(blocks_nbytes(kv_cache, len(block_ids), encoding) + 16) as host:
+        with torch.cuda.stream(side):
+            if after is not None:
+                side.wait_event(after)
+            blocks = kv_cache.index_select(1, index.to(kv_cache.device, non_blocking=True))
+            payload = fp8_encode(blocks) if encoding else blocks.reshape(-1).view(torch.uint8)
+            sums = fletcher_sums(payload)
+            host[: payload.numel()].copy_(payload, non_blocking=True)
+            host[payload.numel() :].view(torch.int64).copy_(sums, non_blocking=True)
+        side.synchronize()
+        s1, s2 = host[payload.numel() :].view(torch.int64).tolist()
+        yield memoryview(host[: payload.numel()].numpy()), s1 << 32 | s2
+
+
+class _PinnedBuffers:
+    """Pinned host buffers, reused (pinning memory costs far more than copying a chunk into it): at most
+    `keep` kept free, each grown to the largest chunk staged."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+        self._keep = keep
+
+    @contextlib.contextmanager
+    def buffer(self, nbytes: int) -> Iterator[torch.Tensor]:
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 2**20), dtype=torch.uint8, pin_memory=True)
+        try:
+            yield buf[:nbytes]
+        finally:
+            with self._lock:
+                if len(self._free) < self._keep:
+                    self._free.append(buf)
+
+
+_staging = _PinnedBuffers()
+_side_streams = threading.local()  # per thread, per device: the stream its reads run on
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    streams = _side_streams.__dict__.setdefault("streams", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
 
 
 FLETCHER_PRIME = 2**31 - 1
@@ -102,6 +144,8 @@ def fletcher_sums(data: torch.Tensor) -> torch.Tensor:
 
 def _words(data: torch.Tensor) -> torch.Tensor:
     """`data`'s little-endian 32-bit words as int64, zero-padded to whole rows of `_ROW`."""
+    if data.numel() % (4 * _ROW) == 0 and data.storage_offset() % 4 == 0 and data.data_ptr() % 4 == 0:
+        return data.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # whole rows already (4 MiB chunks)
     padded = data.new_zeros(data.numel() + -data.numel() % (4 * _ROW))  # aligned for the 32-bit view
     padded[: data.numel()] = data
     return padded.view(torch.int32).to(torch.int64) & 0xFFFFFFFF

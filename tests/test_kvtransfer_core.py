@@ -23,7 +23,7 @@ from splitserve.kvtransfer.tensors import (
     fletcher,
     host_bytes,
     read_blocks,
-    read_wire_payload,
+    wire_payload,
     write_blocks,
 )
 from splitserve.protos.common_pb2 import KVLayout
@@ -400,7 +400,8 @@ def test_a_store_checked_where_it_lands_refuses_corrupt_bytes_and_writes_nothing
 def test_a_gpu_payload_carries_its_device_checksum_and_round_trips_checked_on_the_device(encoding):
     src = [c.cuda() for c in caches(LAYOUT, 8, seed=10)]
     dst = [c.cuda() for c in caches(LAYOUT, 8, seed=11)]
-    payload, checksum = read_wire_payload(src[1], [5, 0, 7], encoding=encoding)
+    with wire_payload(src[1], [5, 0, 7], encoding=encoding) as (staged, checksum):
+        payload = bytes(staged)
     assert checksum == reference_fletcher(bytes(payload))
     write_blocks(dst[1], [1, 2, 3], payload, encoding, fletcher_sum=checksum)
     if not encoding:
