@@ -19,7 +19,9 @@ main thread):
      that prefill worker's request: time to the `Prefill` RPC's last reply (KV delivered) minus time to
      the reply for a prompt of the same length with no decode target, interleaved pairs, over several
      prompt lengths. Layer-wise streaming hides part of the wire behind the prefill, so this is what a
-     request pays for its transfer, not the raw wire rate (that is benchmarks/kv_transfer.py's).
+     request pays for its transfer, not the raw wire rate (that is benchmarks/kv_transfer.py's);
+  4. host-tier load: a prompt's blocks saved to a host tier (`HostKVTier`) over the prefill engine's caches
+     and loaded back into them, as a prefix hit from the tier does: bytes / the median time.
 Each formula is then fitted by least squares on relative residuals (a 0.5 ms point weighs as much as a
 50 ms one) with non-negative coefficients; every point is printed beside its prediction, and the JSON is
 written with its provenance (device, versions, model shape, fit errors, the raw points). The grids: GRIDS
@@ -56,6 +58,7 @@ import numpy as np
 import torch
 
 from splitserve.engine.engine import Engine
+from splitserve.engine.host_tier import HostKVTier
 from splitserve.engine.kv_cache_manager import cdiv
 from splitserve.engine.loop import EngineLoop
 from splitserve.engine.model_config import ModelConfig
@@ -396,8 +399,29 @@ class PrefillWorkers:
         stop_worker(self.decode_proc)
 
 
+def measure_host_load(engine: Engine, num_tokens: int, repeats: int) -> dict[str, float]:
+    """Host tier → KV memory for a `num_tokens` prompt's blocks, median of `repeats` loads after one warm-up
+    (the engine idle: its loop stopped)."""
+    num_blocks = min(cdiv(num_tokens, BLOCK_SIZE), engine.block_pool.num_usable_blocks)
+    tier = HostKVTier(engine.kv_caches, num_blocks)
+    block_ids = list(range(1, num_blocks + 1))
+    hashes = [i.to_bytes(32, "big") for i in block_ids]
+    tier.save(block_ids, hashes)
+    times = []
+    for _ in range(repeats + 1):
+        sync(engine)
+        start = time.perf_counter()
+        tier.load(hashes, block_ids)
+        sync(engine)
+        times.append(time.perf_counter() - start)
+    num_bytes = num_blocks * sum(c[:, 0].numel() * c.element_size() for c in engine.kv_caches)
+    seconds = statistics.median(times[1:])
+    return {"num_bytes": num_bytes, "seconds": seconds, "bytes_per_s": num_bytes / seconds}
+
+
 def measure_prefill_side(args, grid: Grid, tokens: Tokens, max_len: int):
-    """(prefill points, the Prefill RPC's overhead, transfer points) on one prefill engine."""
+    """(prefill points, the Prefill RPC's overhead, transfer points, the host-tier load) on one prefill
+    engine."""
     longest = min(max(max(grid.prefill_cached) + max(grid.prefill_new), max(grid.transfer_tokens)), max_len)
     engine = new_engine(args, 4 * cdiv(longest, BLOCK_SIZE) + 16, longest + BLOCK_SIZE, shared_memory=True)
     workers = PrefillWorkers(engine, args.model, min(max(grid.transfer_tokens), max_len))
@@ -407,7 +431,8 @@ def measure_prefill_side(args, grid: Grid, tokens: Tokens, max_len: int):
         transfers = workers.transfer_points(grid, tokens, max_len)
     finally:
         workers.close()
-    return prefill, overhead, transfers
+    host_load = measure_host_load(engine, min(max(grid.transfer_tokens), max_len), grid.repeats)
+    return prefill, overhead, transfers, host_load
 
 
 def fit_model(points: list[Point], kv_bytes_per_token: int) -> tuple[CostModel, dict[str, bool]]:
@@ -461,6 +486,9 @@ def report(model: CostModel, fitted: CostModel, points: list[Point], errors: dic
     for name, t in model.transfers.items():
         bound = "" if model.extra["transfer_rate_resolved"][name] else " (rate hidden by the noise: a bound)"
         print(f"transfer {name}: latency {t.latency_s * 1e3:.3f} ms, {t.bytes_per_s / 1e9:.3f} GB/s{bound}")
+    load = model.extra["host_load"]
+    print(f"host-tier load: {load['num_bytes'] / 1e6:.3f} MB in {load['seconds'] * 1e3:.3f} ms = "
+          f"{load['bytes_per_s'] / 1e9:.3f} GB/s")
     for part, e in errors.items():
         print(f"fit error {part}: max {e['max']:.1%}, median {e['median']:.1%}")
 
@@ -490,7 +518,7 @@ def main(argv: list[str] | None = None) -> CostModel:
     gc.collect()  # the decode engine's KV cache goes before the prefill side's are made
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    prefill, overhead, transfers = measure_prefill_side(args, grid, tokens, max_len)
+    prefill, overhead, transfers, host_load = measure_prefill_side(args, grid, tokens, max_len)
     points = prefill + decode + transfers
     fitted, resolved = fit_model(points, kv_block_bytes(cfg, 1, dtype))
     errors = fit_errors(fitted, points)
@@ -501,7 +529,8 @@ def main(argv: list[str] | None = None) -> CostModel:
     model = dataclasses.replace(
         fitted, prefill=served, device=machine(args.device), source=source + " --quick" * args.quick,
         measured=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        extra={**info, "grid": dataclasses.asdict(grid), "prefill_rpc": overhead,
+        host_load_bytes_per_s=host_load["bytes_per_s"],
+        extra={**info, "grid": dataclasses.asdict(grid), "prefill_rpc": overhead, "host_load": host_load,
                "prefill_engine_fixed_s": fitted.prefill.fixed_s, "transfer_rate_resolved": resolved,
                "fit_errors": errors, "points": raw, "wall_s": round(time.perf_counter() - started, 1)},
     )  # fmt: skip

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from splitserve.engine.block_hash import HashContext, hash_blocks
-from splitserve.engine.block_pool import BlockEvent, BlockEventKind
+from splitserve.engine.block_pool import BlockEvent, BlockEventKind, Holdings
 from splitserve.index.config import IndexConfig
 from splitserve.index.mirror import IndexMirror
 from splitserve.index.publisher import IndexPublisher
@@ -64,7 +64,7 @@ def main() -> None:
         for i, role in enumerate(ROLES):
             probe = probe_hash(MODEL_ID, BLOCK)
             info = WorkerInfo(f"w{i}", role, f"127.0.0.1:{9000 + i}", MODEL_ID, BLOCK, probe)
-            pub = IndexPublisher(config, info, lambda: [])
+            pub = IndexPublisher(config, info, lambda: Holdings([], []))
             pub.start()
             publishers.append(pub)
         # 1. ingest: every worker stores random prefixes of the prompts, 16 hashes per event
@@ -90,7 +90,7 @@ def main() -> None:
         workers = WorkerSet()
         for i, role in enumerate(ROLES):
             workers.add(f"w{i}", role, f"127.0.0.1:{port}")
-        router = Router(workers, {"cpd": make_policy("cpd")}, MODEL_ID, BLOCK, mirror.match)
+        router = Router(workers, {"cpd": make_policy("cpd")}, MODEL_ID, BLOCK, mirror.match_tiers)
         requests = [RoutedRequest(f"r{i}", prompts[i % len(prompts)], None) for i in range(args.decisions)]
         latencies = []
         begin = time.perf_counter()

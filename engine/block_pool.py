@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from splitserve.engine.block_hash import BlockHash
 
@@ -25,19 +25,28 @@ class OutOfKVBlocks(RuntimeError):
 
 
 class BlockEventKind(Enum):
-    STORED = "stored"
-    EVICTED = "evicted"
+    STORED = "stored"  # in KV memory now (computed, received, or loaded back from the host tier)
+    SPILLED = "spilled"  # evicted from KV memory, still held: in the host tier only
+    EVICTED = "evicted"  # held nowhere here any more
 
 
 @dataclass(frozen=True)
 class BlockEvent:
-    """Blocks entering or leaving this pool's prefix cache, in chain order for STORED."""
+    """Blocks entering, changing tier in, or leaving this pool's prefix cache, in chain order for STORED."""
 
     kind: BlockEventKind
     block_hashes: tuple[BlockHash, ...]
 
 
 BlockListener = Callable[[BlockEvent], None]
+
+
+class Holdings(NamedTuple):
+    """Every hash a pool holds (an index snapshot): `hashes` in either tier, `host` those of them held in
+    the host tier only."""
+
+    hashes: list[BlockHash]
+    host: list[BlockHash]
 
 
 class Spill(Protocol):
@@ -57,7 +66,7 @@ class BlockPool:
 
     A free block (ref count 0) may still hold a cached hash: it stays reusable by `lookup` until
     `allocate` evicts it, least recently freed first. Listeners are called synchronously, on the caller's
-    thread, with STORED/EVICTED events; they must not call back into the pool.
+    thread, with STORED/SPILLED/EVICTED events; they must not call back into the pool.
     """
 
     def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
@@ -105,11 +114,15 @@ class BlockPool:
         return list(self._free)
 
     def cached_hashes(self) -> list[BlockHash]:
-        """Every hash held now, in KV memory or spilled to the host tier (an index snapshot; call on the
-        pool's owning thread)."""
-        if self.spill is None:
-            return list(self._cached)
-        return list(self._cached) + [h for h in self.spill.hashes() if h not in self._cached]
+        """Every hash held now, in KV memory or spilled to the host tier (call on the pool's owning
+        thread)."""
+        return self.holdings().hashes
+
+    def holdings(self) -> Holdings:
+        """Every hash held now, those in the host tier only named: the index snapshot of this pool (call
+        on the pool's owning thread)."""
+        host = [] if self.spill is None else [h for h in self.spill.hashes() if h not in self._cached]
+        return Holdings(list(self._cached) + host, host)
 
     def lookup(self, block_hashes: Iterable[BlockHash]) -> list[int]:
         """Block ids of the longest cached prefix of the chain `block_hashes`. Changes nothing."""
@@ -138,8 +151,15 @@ class BlockPool:
                 evicted_ids.append(block_id)
             self._ref_counts[block_id] = 1
             block_ids.append(block_id)
-        if evicted and self.spill is not None:  # kept in the host tier: gone is what it dropped for room
-            evicted = [h for h in self.spill.save(evicted_ids, evicted) if h not in self._cached]
+        if evicted and self.spill is not None:
+            # Kept in the host tier (SPILLED), but for what it dropped to make room, some of them perhaps
+            # (gone, unless back in KV memory since).
+            dropped = self.spill.save(evicted_ids, evicted)
+            gone = set(dropped)
+            spilled = tuple(h for h in evicted if h not in gone)
+            evicted = [h for h in dropped if h not in self._cached]
+            if spilled:
+                self._emit(BlockEvent(BlockEventKind.SPILLED, spilled))
         if evicted:
             self._emit(BlockEvent(BlockEventKind.EVICTED, tuple(evicted)))
         return block_ids

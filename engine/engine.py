@@ -24,6 +24,7 @@ from splitserve.engine.model_config import ModelConfig, checkpoint_identity
 from splitserve.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from splitserve.engine.ops import select_ops
 from splitserve.engine.outputs import FinishReason, StepOutput
+from splitserve.engine.rates import DeviceTimer, PrefillRate
 from splitserve.engine.sampler import Sampler
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledBatch, Scheduler
@@ -57,6 +58,7 @@ class _InFlight:
     batch: ScheduledBatch
     tokens: torch.Tensor  # host int64 [num_sampling_seqs]; valid once `done` has fired
     done: torch.cuda.Event | None  # None on CPU, where the tokens are ready at once
+    timer: DeviceTimer | None  # a prefill step's compute and sampling (timed for `Engine.prefill_rate`)
 
 
 class Engine:
@@ -90,6 +92,7 @@ class Engine:
         self._sequences: dict[str, Sequence] = {}
         self._in_flight: _InFlight | None = None  # the launched step whose tokens are not read yet
         self._reserved: dict[str, Sequence] = {}  # waiting for their KV by transfer (reserve_kv)
+        self.prefill_rate = PrefillRate()  # its prefill steps as measured: a load figure
         log.info(
             "engine ready: %s %s on %s, %d KV blocks of %d tokens",
             cfg.family,
@@ -255,12 +258,15 @@ class Engine:
 
     def _launch(self, batch: ScheduledBatch) -> _InFlight:
         reports = self._kv_reports(batch)
+        timer = DeviceTimer(self.device) if batch.phase == "prefill" else None
         logits = self.runner.execute(batch, self._layer_hook(reports) if reports else None)
         items = batch.sampling_items
         params, generators = [it.seq.params for it in items], [it.seq.generator for it in items]
         self.sampler(logits, params, generators, out=self.runner.sampled[: len(items)])
+        if timer is not None:
+            timer.stop()
         tokens, done = self.runner.tokens_to_host(len(items))
-        return _InFlight(batch, tokens, done)
+        return _InFlight(batch, tokens, done, timer)
 
     def _kv_reports(self, batch: ScheduledBatch) -> list[tuple[Sequence, int, tuple[int, ...], bool]]:
         """For each watched sequence of a prefill step whose blocks this step completes: (sequence, first
@@ -300,6 +306,10 @@ class Engine:
     def _complete(self, step: _InFlight) -> list[StepOutput]:
         if step.done is not None:
             step.done.synchronize()
+        if step.timer is not None:  # done: its events are before `done`
+            num_tokens = step.batch.num_tokens
+            context = sum(it.start * it.num_new_tokens for it in step.batch.items) / max(1, num_tokens)
+            self.prefill_rate.observe(num_tokens, context, step.timer.seconds())
         outputs = self.scheduler.update(step.batch, step.tokens.tolist())
         for out in outputs:
             if out.finished:

@@ -6,7 +6,8 @@ Owns the host copies and their LRU order; the block pool decides what is evicted
 and the KV cache manager what is loaded back (`KVCacheManager.lookup`). Every copy is issued on the
 engine's thread and, on CUDA, on its current stream without waiting: a copy out is ordered before the
 step that overwrites the evicted block, a copy back before the step that reads it, and copies into and
-out of one host slot are ordered with each other, so the host never waits for them.
+out of one host slot are ordered with each other, so the host never waits for them. Loads are timed
+(`load_bytes_per_s`, a load figure the worker publishes): on CUDA by events read once they have fired.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from splitserve.engine.block_hash import BlockHash
+from splitserve.engine.rates import DeviceTimer, RateMeter
 
 
 class HostKVTier:
@@ -36,6 +38,9 @@ class HostKVTier:
         self._host = torch.empty((capacity, *self._block_shape), dtype=cache.dtype, pin_memory=pin)
         self._slot_of: OrderedDict[BlockHash, int] = OrderedDict()  # LRU first
         self._free = list(range(capacity - 1, -1, -1))  # popped from the end: slots 0, 1, 2, ...
+        self._block_bytes = self._host[0].numel() * self._host.element_size()
+        self._loads = RateMeter()
+        self._timing: list[tuple[DeviceTimer, int]] = []  # loads whose time is not known yet, and bytes
 
     @staticmethod
     def blocks_for(kv_caches: list[torch.Tensor], nbytes: float) -> int:
@@ -45,6 +50,12 @@ class HostKVTier:
 
     def __len__(self) -> int:
         return len(self._slot_of)
+
+    @property
+    def load_bytes_per_s(self) -> float:
+        """KV bytes/s its loads back into KV memory moved, as measured (0 before the first)."""
+        self._fold_timings()
+        return self._loads.per_s
 
     def hashes(self) -> list[BlockHash]:
         return list(self._slot_of)
@@ -87,7 +98,11 @@ class HostKVTier:
         """Copy held blocks back into KV memory blocks `block_ids` (they keep their host copies)."""
         self.keep(block_hashes)
         slots = [self._slot_of[h] for h in block_hashes]
+        timer = DeviceTimer(self._caches[0].device)
         self._copy(list(block_ids), slots, out=False)
+        timer.stop()
+        self._timing.append((timer, len(slots) * self._block_bytes))
+        self._fold_timings()
 
     def clear(self) -> list[BlockHash]:
         """Drop every block (the prefix cache starts over); returns their hashes."""
@@ -95,6 +110,12 @@ class HostKVTier:
         self._free.extend(self._slot_of.values())
         self._slot_of.clear()
         return dropped
+
+    def _fold_timings(self) -> None:
+        """Count the timed loads that have finished, oldest first."""
+        while self._timing and self._timing[0][0].done():
+            timer, nbytes = self._timing.pop(0)
+            self._loads.observe(nbytes, timer.seconds())
 
     def _copy(self, block_ids: list[int], slots: list[int], out: bool) -> None:
         """Blocks ↔ host slots through one contiguous staging tensor on the device ([blocks, layers, 2,

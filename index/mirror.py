@@ -5,7 +5,8 @@ the network. One thread keeps the mirror current: it rebuilds from Redis at star
 (noting the stream's last id BEFORE reading the sets, so a change made during the rebuild is replayed, and
 replaying set adds/removes in stream order onto a newer set converges), then tails the stream.
 
-Per worker it tracks (epoch, seq): a new epoch, a seq gap or an "R" record reloads that worker from its set.
+Per worker it tracks (epoch, seq): a new epoch, a seq gap or an "R" record reloads that worker from its
+sets (its blocks, and which of them are in its host tier only).
 Every `lease_check_s` it reconciles with the leases: a worker whose lease vanished is dropped, a live one
 it does not know is loaded, and a changed server run id (a Redis restart hidden by a reconnect) forces a
 rebuild. While Redis is slow or down the mirror keeps answering from its last state with `stale` True,
@@ -38,7 +39,7 @@ from splitserve.index.schema import (
     decode_record,
     decode_registration,
 )
-from splitserve.index.table import PrefixTable
+from splitserve.index.table import PrefixMatch, PrefixTable
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,14 @@ class IndexMirror:
     # -- queries (any thread, no I/O) ------------------------------------------------------------------
 
     def match(self, block_hashes: Sequence[BlockHash]) -> dict[str, int]:
-        """Live worker id → how many leading blocks of `block_hashes` it holds (0 for none)."""
+        """Live worker id → how many leading blocks of `block_hashes` it holds, either tier (0 for none)."""
         with self._lock:
             return self._table.match(block_hashes)
+
+    def match_tiers(self, block_hashes: Sequence[BlockHash]) -> dict[str, PrefixMatch]:
+        """`match`, with how many of those blocks each worker holds in its host tier only."""
+        with self._lock:
+            return self._table.match_tiers(block_hashes)
 
     def workers(self) -> dict[str, WorkerInfo]:
         with self._lock:
@@ -162,8 +168,10 @@ class IndexMirror:
         pipe = client.pipeline(transaction=False)
         for w, _ in live:
             pipe.smembers(keys.blocks(w))
-        for (w, reg), members in zip(live, pipe.execute(), strict=True):
-            table.replace(w, members)
+            pipe.smembers(keys.host(w))
+        replies = pipe.execute()
+        for (w, reg), members, host in zip(live, replies[::2], replies[1::2], strict=True):
+            table.replace(w, members, host)
             infos[w] = reg.info
             cursors[w] = _Cursor(reg.epoch, None, live=True)
         restarted = self._run_id is not None and run_id != self._run_id
@@ -174,7 +182,7 @@ class IndexMirror:
             for w in self._infos.keys() - infos.keys():
                 deadline = now + self.config.lease_ttl_s if restarted else self._grace.get(w, 0.0)
                 if deadline > now:
-                    table.replace(w, self._table.blocks_of(w))
+                    table.replace(w, self._table.blocks_of(w), self._table.host_blocks_of(w))
                     infos[w], grace[w] = self._infos[w], deadline
             old_infos, self._table, self._infos = self._infos, table, infos
             self._stats["rebuilds"] += 1
@@ -218,17 +226,20 @@ class IndexMirror:
         with self._lock:
             if rec.kind is RecordKind.STORED:
                 self._table.add(rec.worker_id, rec.block_hashes)
+            elif rec.kind is RecordKind.HOST:
+                self._table.add_host(rec.worker_id, rec.block_hashes)
             else:
                 self._table.remove(rec.worker_id, rec.block_hashes)
             self._stats["events_applied"] += 1
 
     def _resync_worker(self, worker_id: str, rec: Record | None = None) -> None:
-        """Reload one worker from its lease and set. After it, the worker's records continue from `rec`
+        """Reload one worker from its lease and sets. After it, the worker's records continue from `rec`
         (or, without one, from whatever comes next in its registered epoch)."""
         pipe = self._client.pipeline(transaction=True)
         pipe.get(self._keys.lease(worker_id))
         pipe.smembers(self._keys.blocks(worker_id))
-        lease, members = pipe.execute()
+        pipe.smembers(self._keys.host(worker_id))
+        lease, members, host = pipe.execute()
         reg = _decode_lease(worker_id, lease)
         if reg is not None:
             self._grace.pop(worker_id, None)
@@ -242,7 +253,7 @@ class IndexMirror:
                 self._drop(worker_id)
             return
         with self._lock:
-            self._table.replace(worker_id, members)
+            self._table.replace(worker_id, members, host)
             changed = self._infos.get(worker_id) != reg.info
             self._infos[worker_id] = reg.info
         if changed:

@@ -2,10 +2,13 @@
 
 `on_block_event` is a BlockPool listener, called on the engine thread: it only enqueues (bounded, never
 blocks, never touches the network). A sender thread writes queued events to Redis, one MULTI/EXEC per
-batch (each event's set change together with its stream record); a heartbeat thread renews the lease.
+batch (each event's set changes together with its stream record); a heartbeat thread renews the lease.
 
-Recovery is one mechanism, the resync: rewrite the worker's whole block set from `snapshot()` and publish
-an "R" record, in one transaction, together with (re-)registration. It runs at start, after any Redis
+Each event's tier goes with it: a block stored in KV memory is in the worker's blocks set and not in its
+host set; one spilled to the host tier is in both; one evicted is in neither.
+
+Recovery is one mechanism, the resync: rewrite the worker's block and host sets from `snapshot()` and
+publish an "R" record, in one transaction, together with (re-)registration. It runs at start, after any Redis
 error (a failed EXEC may or may not have applied, and a restarted Redis has lost everything), after the
 queue overflowed (events were dropped), and when the heartbeat finds the lease gone. Events queued before
 the snapshot is taken are discarded (the snapshot already reflects them); later ones are applied on top.
@@ -19,13 +22,13 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from itertools import islice
 
 import redis
 
 from splitserve.engine.block_hash import BlockHash
-from splitserve.engine.block_pool import BlockEvent, BlockEventKind
+from splitserve.engine.block_pool import BlockEvent, BlockEventKind, Holdings
 from splitserve.index.client import Backoff, open_client
 from splitserve.index.config import IndexConfig
 from splitserve.index.schema import (
@@ -41,10 +44,11 @@ from splitserve.index.schema import (
 
 log = logging.getLogger(__name__)
 
-Snapshot = Callable[[], Iterable[BlockHash]]
+Snapshot = Callable[[], Holdings]
 
 _SADD_CHUNK = 10_000
-_KINDS = {BlockEventKind.STORED: RecordKind.STORED, BlockEventKind.EVICTED: RecordKind.EVICTED}
+_KINDS = {BlockEventKind.STORED: RecordKind.STORED, BlockEventKind.SPILLED: RecordKind.HOST,
+          BlockEventKind.EVICTED: RecordKind.EVICTED}
 # Registration drops ids whose lease is gone from the worker list, atomically (a worker re-registering
 # at the same moment cannot lose its entry). KEYS[1]: the list; ARGV[1]: the lease key prefix.
 _PRUNE_DEAD = """
@@ -58,9 +62,10 @@ return 0
 class IndexPublisher:
     """Publishes one worker's registration, lease and block events. `start()` once, `stop()` once.
 
-    `snapshot()` returns every hash the worker's prefix cache holds now; it is called on the sender
-    thread, concurrently with the engine, and must be safe to call there. Redis being down never raises
-    out of this class nor blocks its caller: errors are counted in `stats` and logged once per outage.
+    `snapshot()` returns every hash the worker's prefix cache holds now, those in its host tier only
+    named (`BlockPool.holdings`); it is called on the sender thread, concurrently with the engine, and
+    must be safe to call there. Redis being down never raises out of this class nor blocks its caller:
+    errors are counted in `stats` and logged once per outage.
     """
 
     def __init__(self, config: IndexConfig, info: WorkerInfo, snapshot: Snapshot) -> None:
@@ -174,15 +179,21 @@ class IndexPublisher:
 
     def _send(self, batch: list[BlockEvent]) -> None:
         worker_id, ttl_ms = self.info.worker_id, self.config.lease_ttl_ms
-        blocks = self._keys.blocks(worker_id)
+        blocks, host = self._keys.blocks(worker_id), self._keys.host(worker_id)
         pipe = self._client.pipeline(transaction=True)
         for event in batch:
-            if event.kind is BlockEventKind.STORED:
-                pipe.sadd(blocks, *event.block_hashes)
+            hashes = event.block_hashes
+            if event.kind is BlockEventKind.EVICTED:
+                pipe.srem(blocks, *hashes)
             else:
-                pipe.srem(blocks, *event.block_hashes)
-            self._xadd(pipe, self._next_record(_KINDS[event.kind], event.block_hashes))
+                pipe.sadd(blocks, *hashes)
+            if event.kind is BlockEventKind.SPILLED:
+                pipe.sadd(host, *hashes)
+            else:
+                pipe.srem(host, *hashes)
+            self._xadd(pipe, self._next_record(_KINDS[event.kind], hashes))
         pipe.pexpire(blocks, ttl_ms)  # SADD re-creates an expired set without a TTL
+        pipe.pexpire(host, ttl_ms)
         pipe.pexpire(self._keys.lease(worker_id), ttl_ms)
         if not pipe.execute()[-1]:
             self._lease_lost()
@@ -190,26 +201,27 @@ class IndexPublisher:
             self._stats["events_sent"] += len(batch)
 
     def _resync(self) -> None:
-        """Register and rewrite the whole block set from a fresh snapshot, with an "R" record."""
+        """Register and rewrite the whole block and host sets from a fresh snapshot, with an "R" record."""
         self._needs_resync.clear()
         while True:  # queued events are older than the snapshot below, which reflects them
             try:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        hashes = list(self._snapshot())
+        holdings = self._snapshot()
         worker_id, ttl_ms = self.info.worker_id, self.config.lease_ttl_ms
-        blocks = self._keys.blocks(worker_id)
         pipe = self._client.pipeline(transaction=True)
         pipe.eval(_PRUNE_DEAD, 1, self._keys.workers, self._keys.lease(""))
         pipe.set(self._keys.lease(worker_id), encode_registration(Registration(self.info, self.epoch)),
                  px=ttl_ms)
         pipe.sadd(self._keys.workers, worker_id)
-        pipe.delete(blocks)
-        it = iter(hashes)
-        while chunk := list(islice(it, _SADD_CHUNK)):
-            pipe.sadd(blocks, *chunk)
-        pipe.pexpire(blocks, ttl_ms)
+        for key, hashes in ((self._keys.blocks(worker_id), holdings.hashes),
+                            (self._keys.host(worker_id), holdings.host)):  # fmt: skip
+            pipe.delete(key)
+            it = iter(hashes)
+            while chunk := list(islice(it, _SADD_CHUNK)):
+                pipe.sadd(key, *chunk)
+            pipe.pexpire(key, ttl_ms)
         self._xadd(pipe, self._next_record(RecordKind.RESET))
         pipe.execute()
         self._registered.set()
@@ -219,7 +231,7 @@ class IndexPublisher:
     def _deregister(self) -> None:
         worker_id = self.info.worker_id
         pipe = self._client.pipeline(transaction=True)
-        pipe.delete(self._keys.lease(worker_id), self._keys.blocks(worker_id))
+        pipe.delete(self._keys.lease(worker_id), self._keys.blocks(worker_id), self._keys.host(worker_id))
         pipe.srem(self._keys.workers, worker_id)
         self._xadd(pipe, self._next_record(RecordKind.RESET))  # mirrors reload it, find no lease, drop it
         pipe.execute()
@@ -235,6 +247,7 @@ class IndexPublisher:
                 pipe = self._client.pipeline(transaction=True)
                 pipe.pexpire(self._keys.lease(worker_id), ttl_ms)
                 pipe.pexpire(self._keys.blocks(worker_id), ttl_ms)
+                pipe.pexpire(self._keys.host(worker_id), ttl_ms)
                 pipe.sadd(self._keys.workers, worker_id)
                 lease_alive = pipe.execute()[0]
             except redis.RedisError as e:

@@ -5,14 +5,18 @@ Keys, under a namespace (default `spx`):
     {ns}:lease:{worker_id}  STRING msgpack registration (who the worker is, its epoch), PX = lease TTL,
                             renewed by the worker's heartbeat. Liveness and identity live in one key, so a
                             worker is never live without its description.
-    {ns}:blocks:{worker_id} SET of raw 32-byte block hashes the worker holds, same TTL as the lease, so a
-                            dead worker's blocks vanish with no cleanup.
+    {ns}:blocks:{worker_id} SET of raw 32-byte block hashes the worker holds (in either tier), same TTL as
+                            the lease, so a dead worker's blocks vanish with no cleanup.
+    {ns}:host:{worker_id}   SET of those of its hashes it holds in its host-memory tier only (loaded back
+                            before use; a subset of its blocks set), same TTL. Absent: none.
     {ns}:events             STREAM of msgpack records, one per block event, field `r`, trimmed ~MAXLEN.
 
-A record is {w: worker id, e: epoch, s: seq, k: "S"|"E"|"R", h: [hashes]}. `e` is random per publisher
-start; `s` counts that publisher's records from 1 with no gaps. "R" (reset) says the worker's set was
-rewritten (or deleted) wholesale: a reader reloads that worker from its set. Each record is written in the
-same MULTI/EXEC as the set change it describes, so the set and the stream never disagree about order.
+A record is {w: worker id, e: epoch, s: seq, k: "S"|"H"|"E"|"R", h: [hashes]}: "S" (stored) the hashes are
+held in KV memory (GPU) now, "H" (host) held in the host tier only now (spilled from KV memory), "E"
+(evicted) held no more. `e` is random per publisher start; `s` counts that publisher's records from 1 with
+no gaps. "R" (reset) says the worker's sets were rewritten (or deleted) wholesale: a reader reloads that
+worker from its sets. Each record is written in the same MULTI/EXEC as the set changes it describes, so the
+sets and the stream never disagree about order.
 msgpack only; nothing in the index is pickled. This module does no I/O.
 """
 
@@ -56,6 +60,9 @@ class Keys:
     def blocks(self, worker_id: str) -> str:
         return f"{self.namespace}:blocks:{worker_id}"
 
+    def host(self, worker_id: str) -> str:
+        return f"{self.namespace}:host:{worker_id}"
+
 
 def probe_hash(model_id: str, block_size: int) -> BlockHash:
     """The first block hash of the probe sequence 0..block_size-1 under `model_id` and the probe salt."""
@@ -97,6 +104,7 @@ class Registration(NamedTuple):
 
 class RecordKind(Enum):
     STORED = "S"
+    HOST = "H"
     EVICTED = "E"
     RESET = "R"
 

@@ -8,12 +8,17 @@ rest of the prefill), striped over one Push stream per lane (lane i carries the 
 l % lanes == i; each lane on its own channel, so its frames are prepared, sent, checked and stored beside
 the others': grpcio keeps one message in flight per stream), or same-host on one stream (chunks name the
 sender's block ids and the receiver copies them from the exported `KVSource`).
+
+A transfer is timed from its first chunk to the receiver's completing reply (`seconds`): with `bytes_sent`,
+what its bytes cost a request, the wait for the prefill's later layers included (`PrefillService` keeps
+the rate its pushes measured, per transport, for the router's cost model).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -70,6 +75,8 @@ class KVPush:
         self._sent = [0] * lanes  # bytes per lane
         self._lock = threading.Lock()
         self._lanes_pool = lanes_pool  # runs lanes 1.. (None: a pool of this transfer's own)
+        self._first_chunk_at: float | None = None  # perf_counter when its first chunk was ready
+        self.seconds = 0.0  # from its first chunk to the completing reply, once `run` has returned
 
     @property
     def bytes_sent(self) -> int:
@@ -88,11 +95,15 @@ class KVPush:
 
     def run(self) -> kvtransfer_pb2.PushReply:
         if self.num_lanes == 1:
-            return self._pushes[0](self._chunks(0))
-        if self._lanes_pool is None:
+            reply = self._pushes[0](self._chunks(0))
+        elif self._lanes_pool is None:
             with ThreadPoolExecutor(self.num_lanes - 1, thread_name_prefix="kv-lane") as own:
-                return self._striped(own)
-        return self._striped(self._lanes_pool)
+                reply = self._striped(own)
+        else:
+            reply = self._striped(self._lanes_pool)
+        if self._first_chunk_at is not None:
+            self.seconds = time.perf_counter() - self._first_chunk_at
+        return reply
 
     def _striped(self, lanes: ThreadPoolExecutor) -> kvtransfer_pb2.PushReply:
         """Lane 0 on this thread, the others on `lanes`; every lane's result waited for."""
@@ -136,6 +147,8 @@ class KVPush:
             for i, span in enumerate(spans):
                 offset = span.first_block - ready.start
                 ids = ready.block_ids[offset : offset + span.num_blocks]
+                with self._lock:
+                    self._first_chunk_at = self._first_chunk_at or time.perf_counter()
                 yield seq, span, ids, ready, final and i == len(spans) - 1
                 self._sent[lane] += span.num_blocks * self._block_bytes
                 seq += 1

@@ -12,6 +12,7 @@ from splitserve.engine.errors import InvalidRequest
 from splitserve.engine.kv_watch import KVWatch
 from splitserve.engine.loop import EngineLoop
 from splitserve.engine.outputs import StepOutput
+from splitserve.engine.rates import RateMeter
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kvtransfer.errors import Overloaded
 from splitserve.kvtransfer.fetch import Fetched, Fetcher
@@ -37,17 +38,28 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
     )  # fmt: skip
 
 
-def worker_load(loop: EngineLoop, fetcher: Fetcher | None = None) -> common_pb2.WorkerLoad:
-    """The live load of a loop's engine, with its prefix hits by tier and what `fetcher` fetched. Run it
-    on the loop thread."""
+def worker_load(
+    loop: EngineLoop, fetcher: Fetcher | None = None, push_rates: dict[str, RateMeter] | None = None
+) -> common_pb2.WorkerLoad:
+    """The live load of a loop's engine, with its prefix hits by tier, what `fetcher` fetched, and what
+    its work costs as measured (prefill rate by cached context, host-tier loads, and `push_rates`: the
+    bytes/s its KV pushes moved by transport). Run it on the loop thread."""
     sched, pool, hits = loop.engine.scheduler, loop.engine.block_pool, loop.engine.scheduler.prefix_stats
     tiers = common_pb2.KVTierStats(
         prompt_tokens=hits.prompt_tokens, gpu_hit_tokens=hits.memory_hit_tokens,
         host_hit_tokens=hits.host_hit_tokens, fetched_tokens=hits.fetched_tokens,
     )  # fmt: skip
+    costs = common_pb2.MeasuredCosts(prefill=[
+        common_pb2.PrefillRate(min_cached_tokens=start, tokens_per_s=rate)
+        for start, rate in loop.engine.prefill_rate.buckets()
+    ])  # fmt: skip
+    for transport, meter in (push_rates or {}).items():
+        if meter.per_s:
+            costs.push_bytes_per_s[transport] = meter.per_s
     host = loop.engine.host_tier
     if host is not None:
         tiers.host_tier_blocks, tiers.host_tier_capacity = len(host), host.capacity
+        costs.host_load_bytes_per_s = host.load_bytes_per_s
     if fetcher is not None:
         tiers.fetched_bytes = fetcher.fetched_bytes
         tiers.fetch_fallbacks.update(fetcher.fallbacks)
@@ -56,7 +68,7 @@ def worker_load(loop: EngineLoop, fetcher: Fetcher | None = None) -> common_pb2.
         queued_tokens=sched.num_queued_tokens, running_requests=len(sched.running),
         waiting_requests=len(sched.waiting), kv_usage=pool.usage, free_blocks=pool.num_free_blocks,
         max_running_requests=sched.config.max_num_seqs, step_ms=loop.step_s * 1e3,
-        step_tokens=sched.config.max_num_batched_tokens, tiers=tiers,
+        step_tokens=sched.config.max_num_batched_tokens, tiers=tiers, costs=costs,
     )  # fmt: skip
 
 

@@ -41,7 +41,7 @@ class KVLayout(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("queued_tokens", "running_requests", "waiting_requests", "kv_usage", "free_blocks", "max_running_requests", "step_ms", "step_tokens", "tiers")
+    __slots__ = ("queued_tokens", "running_requests", "waiting_requests", "kv_usage", "free_blocks", "max_running_requests", "step_ms", "step_tokens", "tiers", "costs")
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class WorkerLoad(_message.Message):
     STEP_MS_FIELD_NUMBER: _ClassVar[int]
     STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    COSTS_FIELD_NUMBER: _ClassVar[int]
     queued_tokens: int
     running_requests: int
     waiting_requests: int
@@ -60,7 +61,33 @@ class WorkerLoad(_message.Message):
     step_ms: float
     step_tokens: int
     tiers: KVTierStats
-    def __init__(self, queued_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., free_blocks: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., step_ms: _Optional[float] = ..., step_tokens: _Optional[int] = ..., tiers: _Optional[_Union[KVTierStats, _Mapping]] = ...) -> None: ...
+    costs: MeasuredCosts
+    def __init__(self, queued_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., free_blocks: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., step_ms: _Optional[float] = ..., step_tokens: _Optional[int] = ..., tiers: _Optional[_Union[KVTierStats, _Mapping]] = ..., costs: _Optional[_Union[MeasuredCosts, _Mapping]] = ...) -> None: ...
+
+class MeasuredCosts(_message.Message):
+    __slots__ = ("host_load_bytes_per_s", "prefill", "push_bytes_per_s")
+    class PushBytesPerSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    HOST_LOAD_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    PUSH_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    host_load_bytes_per_s: float
+    prefill: _containers.RepeatedCompositeFieldContainer[PrefillRate]
+    push_bytes_per_s: _containers.ScalarMap[str, float]
+    def __init__(self, host_load_bytes_per_s: _Optional[float] = ..., prefill: _Optional[_Iterable[_Union[PrefillRate, _Mapping]]] = ..., push_bytes_per_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class PrefillRate(_message.Message):
+    __slots__ = ("min_cached_tokens", "tokens_per_s")
+    MIN_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    min_cached_tokens: int
+    tokens_per_s: float
+    def __init__(self, min_cached_tokens: _Optional[int] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class KVTierStats(_message.Message):
     __slots__ = ("gpu_hit_tokens", "host_hit_tokens", "fetched_tokens", "fetched_bytes", "fetch_fallbacks", "host_tier_blocks", "host_tier_capacity", "prompt_tokens", "fetch_ms", "fetch_mb")

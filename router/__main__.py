@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     decision_log = DecisionLog(args.decision_log) if args.decision_log else None
     router = Router(
         workers, policies, model_id, args.block_size,
-        mirror.match if mirror is not None else (lambda hashes: {}),
+        mirror.match_tiers if mirror is not None else (lambda hashes: {}),
         ArmAssigner(shares) if args.ab else None, FailurePolicy(args.failure_policy),
         shadows={name: policy(name) for name in shadow_names},
         ledger=Ledger() if args.load_view == "inflight" else None, decision_log=decision_log,

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import grpc
 
 from splitserve.engine.block_hash import BlockHash, HashContext, hash_blocks
+from splitserve.index.table import PrefixMatch
 from splitserve.protos import common_pb2, workers_pb2, workers_pb2_grpc
-from splitserve.router.cost_model import DEFAULT_COST_MODEL, CostModel
+from splitserve.router.cost_model import DEFAULT_COST_MODEL, CostModel, Measured
 from splitserve.router.decision_log import Choice, DecisionLog, DecisionRecord, predicted_cached_tokens
 from splitserve.router.dispatch import Emitted, FailurePolicy, PrefillTarget, run_disaggregated
 from splitserve.router.fetch_plan import with_fetch
@@ -32,7 +33,8 @@ from splitserve.router.policy_types import blocks_to_reserve
 
 log = logging.getLogger(__name__)
 
-Matches = Callable[[Sequence[BlockHash]], dict[str, int]]  # worker id → leading blocks it holds
+# Worker id → the leading blocks it holds, and how many of them in its host tier only
+Matches = Callable[[Sequence[BlockHash]], dict[str, PrefixMatch]]
 
 
 @dataclass
@@ -222,19 +224,21 @@ class Router:
         self.fetch = fetch
         self._deciding = threading.Lock()
 
-    def views(self, matched: dict[str, int]) -> list[WorkerView]:
-        """Every healthy worker as the policies see it: its prefix match and its load (with this router's
-        own assignments folded in, when it keeps a ledger)."""
+    def views(self, matched: dict[str, PrefixMatch]) -> list[WorkerView]:
+        """Every healthy worker as the policies see it: its prefix match (by tier), its load (with this
+        router's own assignments folded in, when it keeps a ledger) and its measured costs."""
         views = []
         for h in self.workers.healthy():
             load = h.load if self.ledger is None else self.ledger.adjusted(h.worker_id, h.load)
+            match = matched.get(h.worker_id, PrefixMatch(0))
             views.append(WorkerView(
-                h.worker_id, h.role, matched.get(h.worker_id, 0), queued_tokens=load.queued_tokens,
-                running_requests=load.running_requests + load.waiting_requests, kv_usage=load.kv_usage,
-                free_blocks=load.free_blocks, device=h.device, waiting_prefills=load.waiting_requests,
-                max_running=load.max_running_requests or None, step_s=load.step_ms / 1e3,
-                step_tokens=load.step_tokens or None, fetch_s=load.tiers.fetch_ms / 1e3,
-                fetch_bytes=load.tiers.fetch_mb * 1e6,
+                h.worker_id, h.role, match.num_blocks, match.num_host_blocks,
+                queued_tokens=load.queued_tokens, kv_usage=load.kv_usage, free_blocks=load.free_blocks,
+                running_requests=load.running_requests + load.waiting_requests, device=h.device,
+                waiting_prefills=load.waiting_requests, max_running=load.max_running_requests or None,
+                step_s=load.step_ms / 1e3, step_tokens=load.step_tokens or None,
+                fetch_s=load.tiers.fetch_ms / 1e3, fetch_bytes=load.tiers.fetch_mb * 1e6,
+                measured=measured_costs(load.costs),
             ))  # fmt: skip
         return views
 
@@ -247,13 +251,14 @@ class Router:
         self._record(request, arm, decision, shape, views)
         return arm, decision
 
-    def _match(self, request: RoutedRequest) -> dict[str, int]:
-        """Worker id → leading blocks of the prompt it holds (the prompt's hashes, tenant-salted, against
-        the index mirror). Outside the decision lock: it depends on nothing another decision changes."""
+    def _match(self, request: RoutedRequest) -> dict[str, PrefixMatch]:
+        """Worker id → leading blocks of the prompt it holds, by tier (the prompt's hashes, tenant-salted,
+        against the index mirror). Outside the decision lock: it depends on nothing another decision
+        changes."""
         ctx = HashContext(self.model_id, request.tenant_salt)
         return self.matches(hash_blocks(request.prompt_token_ids, self.block_size, ctx))
 
-    def _route(self, request: RoutedRequest, matched: dict[str, int]):
+    def _route(self, request: RoutedRequest, matched: dict[str, PrefixMatch]):
         arm = next(iter(self.policies)) if self.arms is None else self.arms.arm_for(
             request.session_id or request.request_id)
         views = self.views(matched)
@@ -263,7 +268,8 @@ class Router:
         decision = policy.route(shape, views)
         if self.fetch:
             decision = with_fetch(decision, shape, views, self.costs, policy)
-        predicted = predicted_cached_tokens(decision, matched, self.block_size, shape.num_prompt_tokens)
+        blocks = {w: m.num_blocks for w, m in matched.items()}
+        predicted = predicted_cached_tokens(decision, blocks, self.block_size, shape.num_prompt_tokens)
         decision.terms["predicted_cached_tokens"] = float(predicted)
         return arm, decision, shape, views
 
@@ -302,13 +308,14 @@ class Router:
                 continue
         return choices
 
-    def _assign(self, decision: Decision, request: RoutedRequest, matched: dict[str, int]) -> Ticket:
+    def _assign(self, decision: Decision, request: RoutedRequest, matched: dict[str, PrefixMatch]) -> Ticket:
         """Enter the decision in the ledger: the prompt tokens left to compute at the prefill target, and the
         request and its KV blocks on the decode worker."""
         n, bs = len(request.prompt_token_ids), self.block_size
         target = decision.decode if decision.pool == LOCAL else decision.prefill
         new_tokens = n - int(decision.terms["predicted_cached_tokens"])
-        blocks = blocks_to_reserve(n, request.sampling.max_tokens, bs, matched.get(decision.decode, 0))
+        held = matched.get(decision.decode, PrefixMatch(0)).num_blocks
+        blocks = blocks_to_reserve(n, request.sampling.max_tokens, bs, held)
         entries = {decision.decode: (new_tokens if decision.pool == LOCAL else 0, 1, blocks)}
         if decision.pool != LOCAL:
             entries[target] = (new_tokens, 1, 0)
@@ -356,3 +363,12 @@ class Router:
         )  # fmt: skip
         policy = self.failure_policy
         yield from run_disaggregated(prefill, targets, decode.stub, policy, aborted=request.aborted)
+
+
+def measured_costs(costs: common_pb2.MeasuredCosts) -> Measured:
+    """What a worker's load report says its work costs, as the cost model takes it."""
+    return Measured(
+        host_load_bytes_per_s=costs.host_load_bytes_per_s,
+        prefill_tokens_per_s=tuple((r.min_cached_tokens, r.tokens_per_s) for r in costs.prefill),
+        push_bytes_per_s=tuple(sorted(costs.push_bytes_per_s.items())),
+    )

@@ -1,19 +1,28 @@
 """Predicted costs of serving work, in seconds: what the `cpd` policy weighs and what the simulator runs.
 
-One model, three parts, each a small formula fitted to measurements of this project's own engine and wire:
+One model, in parts, each a small formula fitted to measurements of this project's own engine and wire:
 - `PrefillCost`: a prefill of `num_new` tokens after `num_cached` cached ones (linear layers per new token,
   attention per new token per context token, a fixed cost per request);
 - `DecodeCost`: one decode step of a batch (a fixed cost, per sequence, per context token read);
 - `TransferCost`: moving KV bytes between workers, per transport (a latency plus bytes / bandwidth);
+- `host_load_bytes_per_s`: loading a prefix hit's KV back from a worker's host-memory tier into its KV
+  memory (bytes / bandwidth: a host→device copy on a GPU, a memcpy on CPU; optional in a file, the
+  H200's figure when absent);
 - `RequestPath`: what a request's path adds to its time to first token beyond the worker's prefill
   (client → router → worker and the first token back: RPCs, routing, tokens relayed), by route (through a
   prefill pool, or prefilled on the decode worker), measured end to end by `benchmarks/calibrate_path.py`
   (optional in a file: 0 when absent).
 
 A calibration file (JSON, written by `benchmarks/calibrate.py` on the machine it measures, or by hand from
-the figures in docs/benchmarks.md) holds the fitted numbers and where they came from. `load_calibration`
-raises `CalibrationError` naming the field that is missing or wrong; nothing is half-loaded. Torch-free:
-the router process imports this module.
+the figures in docs/benchmarks.md) holds the fitted numbers and where they came from.
+
+Workers measure their own costs too and publish them with their load (`Measured`: prefill tokens/s by
+cached context, host-tier load bytes/s, push bytes/s per transport). The formulas below that take a
+worker's `Measured` use its figure where it has one and the calibration's otherwise: `prefill_seconds`,
+`host_load_seconds`, `push`. The cpd policy, the fetch plan and the simulator all price work through them.
+
+`load_calibration` raises `CalibrationError` naming the field that is missing or wrong; nothing is
+half-loaded. Torch-free: the router process imports this module.
 """
 
 from __future__ import annotations
@@ -24,6 +33,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 CALIBRATION_VERSION = 1
+# Host tier → KV memory on one H200 (benchmarks/kv_tiers.py, 2026-12-02: a 4k prefix's 537 MB, Llama-3.1-8B
+# shape, in 10.4 ms, one DMA per run of host slots; a property of the host link more than of the layout):
+# what a calibration without the field assumes.
+H200_HOST_LOAD_BYTES_PER_S = 52e9
 
 
 class CalibrationError(ValueError):
@@ -76,6 +89,33 @@ class RequestPath:
 
 
 @dataclass(frozen=True)
+class Measured:
+    """What one worker measures its own work to cost: running estimates it publishes with its load
+    (`WorkerLoad.costs`). A figure of 0 (or a transport or bucket it lacks) is not measured yet."""
+
+    host_load_bytes_per_s: float = 0.0  # its prefix hits' KV loaded back from its host tier
+    # Prefill tokens/s by cached context: (cached tokens from, tokens/s) for every bucket, ascending; a
+    # bucket holds the contexts from its start up to the next one's.
+    prefill_tokens_per_s: tuple[tuple[int, float], ...] = ()
+    push_bytes_per_s: tuple[tuple[str, float], ...] = ()  # (transport, KV bytes/s its pushes moved)
+
+    def prefill_rate(self, num_cached: int) -> float:
+        """Tokens/s of its prefills after `num_cached` cached tokens (its bucket's); 0: unmeasured."""
+        rate = 0.0
+        for start, tokens_per_s in self.prefill_tokens_per_s:
+            if start > num_cached:
+                break
+            rate = tokens_per_s
+        return rate
+
+    def push_rate(self, transport: str) -> float:
+        return dict(self.push_bytes_per_s).get(transport, 0.0)
+
+
+UNMEASURED = Measured()
+
+
+@dataclass(frozen=True)
 class CostModel:
     """The fitted model and its provenance. `kv_bytes_per_token`: KV bytes one token occupies in every
     layer (2 × layers × kv heads × head dim × dtype size). `transfers`: by transport ("grpc", "same-host")."""
@@ -85,6 +125,7 @@ class CostModel:
     transfers: dict[str, TransferCost]
     kv_bytes_per_token: int
     path: RequestPath = RequestPath()
+    host_load_bytes_per_s: float = H200_HOST_LOAD_BYTES_PER_S
     device: str = "unknown"
     source: str = "defaults"  # how the numbers were obtained (a benchmark run, a docs table)
     measured: str = ""  # date of the measurement
@@ -97,14 +138,42 @@ class CostModel:
             raise ValueError(f"request path costs must be non-negative, got {self.path}")
         if not self.transfers:
             raise ValueError("a cost model needs at least one transfer transport")
+        if not self.host_load_bytes_per_s > 0:
+            raise ValueError(f"host_load_bytes_per_s must be positive, got {self.host_load_bytes_per_s}")
 
-    def transfer(self, transport: str | None = None) -> TransferCost:
-        """The named transport's cost; None: "same-host" if calibrated, else the first one."""
+    def transport(self, transport: str | None = None) -> str:
+        """The named transport, checked; None: "same-host" if calibrated, else the first one."""
         if transport is None:
             transport = "same-host" if "same-host" in self.transfers else next(iter(self.transfers))
         if transport not in self.transfers:
             raise KeyError(f"no transfer cost for transport {transport!r}; have {sorted(self.transfers)}")
-        return self.transfers[transport]
+        return transport
+
+    def transfer(self, transport: str | None = None) -> TransferCost:
+        """The named transport's cost (`transport` resolves None)."""
+        return self.transfers[self.transport(transport)]
+
+    def push(self, measured: Measured = UNMEASURED, transport: str | None = None) -> TransferCost:
+        """What a worker's push of KV over `transport` costs: the calibration's latency, and the bytes at
+        the rate that worker's pushes measured over it (the calibration's until it has one)."""
+        name = self.transport(transport)
+        rate = measured.push_rate(name)
+        return replace(self.transfers[name], bytes_per_s=rate) if rate > 0 else self.transfers[name]
+
+    def prefill_seconds(self, num_new: int, num_cached: int = 0, measured: Measured = UNMEASURED) -> float:
+        """A prefill of `num_new` tokens after `num_cached` cached ones on a worker: the calibration's
+        (`PrefillCost.seconds`), or once the worker has measured its rate at that context, the
+        calibration's fixed cost plus the new tokens at that rate. 0 for none."""
+        rate = measured.prefill_rate(num_cached)
+        if num_new <= 0 or rate <= 0:
+            return self.prefill.seconds(num_new, num_cached)
+        return self.prefill.fixed_s + num_new / rate
+
+    def host_load_seconds(self, num_tokens: int, measured: Measured = UNMEASURED) -> float:
+        """Loading `num_tokens` tokens' KV back from a worker's host tier: at the rate it measured, else
+        the calibration's."""
+        rate = measured.host_load_bytes_per_s or self.host_load_bytes_per_s
+        return self.kv_bytes(num_tokens) / rate
 
     def only(self, transport: str) -> CostModel:
         """This model with one transport (the one a deployment uses), so it is also the default."""
@@ -126,13 +195,14 @@ class CostModel:
 # (docs/calibration-h200.json, rounded): a prefill request costs ~11.5 ms before its tokens (engine step and
 # Prefill RPC), then 1.1 µs per token; a decode step 1.19 ms + 2.4 µs per sequence + 9.4 ns per context
 # token; KV 32 KiB per token (16 layers × 8 heads × 64 × 2 × 2 bytes); same-host CUDA IPC 14.9 GB/s, gRPC
-# 1.27 GB/s as a request pays them (layer-wise overlap included). The live router's model until a
-# calibration file says otherwise.
+# 1.27 GB/s as a request pays them (layer-wise overlap included); the host tier loads back at 52 GB/s. The
+# live router's model until a calibration file says otherwise.
 DEFAULT_COST_MODEL = CostModel(
     prefill=PrefillCost(fixed_s=11.5e-3, per_token_s=1.12e-6, per_token_ctx_s=5.8e-10),
     decode=DecodeCost(fixed_s=1.19e-3, per_seq_s=2.4e-6, per_ctx_token_s=9.4e-9),
     transfers={"same-host": TransferCost(5.8e-3, 14.9e9), "grpc": TransferCost(8.0e-3, 1.27e9)},
     kv_bytes_per_token=32768,
+    host_load_bytes_per_s=H200_HOST_LOAD_BYTES_PER_S,
     device="NVIDIA H200 (Llama-3.2-1B shape, bf16)",
     source="docs/calibration-h200.json (benchmarks/calibrate.py, rounded)",
     measured="2026-12-02",
@@ -193,7 +263,10 @@ def cost_model_from_json(data: object, where: str = "calibration") -> CostModel:
     if "path" in data:
         at = _section(data, "path", where)
         path = RequestPath(*(_number(at, k, f"{where}.path") for k in ("pool_s", "local_s")))
-    return CostModel(prefill, decode, transfers, int(kv), path, extra=extra, **text)
+    host_load = H200_HOST_LOAD_BYTES_PER_S
+    if "host_load_bytes_per_s" in data:
+        host_load = _number(data, "host_load_bytes_per_s", where, positive=True)
+    return CostModel(prefill, decode, transfers, int(kv), path, host_load, extra=extra, **text)
 
 
 def load_calibration(path: str | Path) -> CostModel:

@@ -5,7 +5,8 @@ each admissible prefill worker, or that decode worker itself (LOCAL) — the pol
 what the placement costs the cluster's users, and takes the cheapest:
 
     cost = queue wait + prefill compute            (this request's time to first token; a LOCAL prefill
-                                                    also waits for a free slot in the decode batch)
+                                                    also waits for a free slot in the decode batch; the
+                                                    compute loads a host-tier hit back first)
          + transfer tail                           (KV the decode worker lacks, not hidden by the prefill)
          + stall                                   (`stall_weight` × the wait for a decode slot left after
                                                     the first token, when prefilled elsewhere)
@@ -35,7 +36,11 @@ decode worker's own batch for a LOCAL prefill; for a prefill worker, only the de
 (workers register their device; on one GPU shared by every worker disaggregation isolates nothing, and
 the policy knows it).
 
-Prefill compute counts only the tokens the target lacks (its prefix match), so a warm turn goes where its
+Prefill compute counts only the tokens the target lacks (its prefix match), and what it holds in its host
+tier only costs a load at host→device bandwidth (far less than recomputing, not free). A worker's own
+measurements (`WorkerView.measured`: prefill tokens/s by cached context, host-tier load and push bytes/s)
+stand in for the calibration's figures where it has them (`CostModel.prefill_seconds`,
+`host_load_seconds`, `push`). So a warm turn goes where its
 context is — to the decode worker that holds the whole conversation when the batch there can absorb the
 suffix, else to whichever prefill worker holds most of it, net of its queue. Queues are in the inputs (and
 the router adds its own assignments between load polls), so a burst spreads instead of piling onto one
@@ -63,6 +68,7 @@ from splitserve.router.policy_types import (
     blocks_to_reserve,
     split_roles,
     usable_cached_tokens,
+    usable_host_tokens,
 )
 
 
@@ -88,9 +94,9 @@ class CPD:
     transfer tail; `stall_weight` — the same for a wait for a decode slot after the first token;
     `miss_weight` — see above; `fetch` — whether targets fetch leading blocks another worker holds (as the
     router does unless told not to), so that a prefill counts them as cached, after the fetch's time.
-    The transfer cost is the cost model's default transport's
-    (`CostModel.transfer()`): give the policy a model holding only the transport the workers use when it
-    is not the same-host one.
+    The transfer cost is the cost model's default transport's (`CostModel.transfer()`), at the prefill
+    worker's measured push rate over it once it has one (`CostModel.push`): give the policy a model
+    holding only the transport the workers use when it is not the same-host one.
     """
 
     warm_min_hit_ratio: float = 0.5
@@ -109,7 +115,6 @@ class CPD:
         weights = (self.interference_weight, self.transfer_weight, self.stall_weight)
         if min(*weights, self.local_prefill_max_tokens) < 0:
             raise ValueError("cpd weights and local_prefill_max_tokens must be non-negative")
-        self._transfer = self.costs.transfer()
 
     def route(self, request: RequestShape, workers: Sequence[WorkerView]) -> Decision:
         prefills, decodes = split_roles(workers)
@@ -147,7 +152,7 @@ class CPD:
         d_have, d_fetch_s = _with_fetch(d_cached, fetches[d.worker_id])
         local_new = n - d_have
         if local_new <= cap:
-            compute = prefill.seconds(local_new, d_have)
+            compute, load_s = self._compute(d, request, local_new, d_have)
             # Each local prefill waiting there pays its own step's fixed cost first (one per decode step).
             queued = d.queued_tokens * per_token + d.waiting_prefills * prefill.fixed_s + compute
             ttft = slot_s + d_fetch_s + _measured(d, local_new, d.waiting_prefills, queued)
@@ -157,26 +162,35 @@ class CPD:
             cost = ttft + interference + decode_s + miss
             yield _Option(cost, None, d, {
                 "cost_s": cost, "ttft_s": ttft, "interference_s": interference, "decode_s": decode_s,
-                "miss_s": miss, "slot_wait_s": slot_s, "fetch_s": d_fetch_s,
+                "miss_s": miss, "slot_wait_s": slot_s, "fetch_s": d_fetch_s, "host_load_s": load_s,
                 "cached_tokens": float(d_have), "decode_cached_tokens": float(d_cached),
             })  # fmt: skip
-        moved = self._transfer.seconds(self.costs.kv_bytes(n - d_cached))
+        num_bytes = self.costs.kv_bytes(n - d_cached)
         for p in prefills:
             cached, fetch_s = _with_fetch(_cached(p, request), fetches[p.worker_id])
-            compute = prefill.seconds(n - cached, cached)
+            compute, load_s = self._compute(p, request, n - cached, cached)
             queued = p.queued_tokens * per_token + p.running_requests * prefill.fixed_s + compute
             ttft = fetch_s + _measured(p, n - cached, p.running_requests, queued)
             miss = self.miss_weight * (n - cached) * per_token
-            tail = self.transfer_weight * max(self._transfer.latency_s, moved - compute)
+            push = self.costs.push(p.measured)
+            tail = self.transfer_weight * max(push.latency_s, push.seconds(num_bytes) - compute)
             interference = self.interference_weight * stalled.get(p.device, 0) * compute if p.device else 0.0
             stall = self.stall_weight * max(0.0, slot_s - ttft - tail)
             cost = ttft + tail + stall + interference + decode_s + miss
             yield _Option(cost, p, d, {
                 "cost_s": cost, "ttft_s": ttft, "transfer_tail_s": tail, "stall_s": stall,
                 "interference_s": interference, "decode_s": decode_s, "miss_s": miss, "slot_wait_s": slot_s,
-                "fetch_s": fetch_s, "cached_tokens": float(cached),
+                "fetch_s": fetch_s, "host_load_s": load_s, "cached_tokens": float(cached),
                 "decode_cached_tokens": float(d_cached),
             })  # fmt: skip
+
+    def _compute(self, w: WorkerView, request: RequestShape, num_new: int, num_cached: int):
+        """(`w`'s compute for the request, its host-tier load's share): loading what it holds in its host
+        tier only back, then prefilling `num_new` tokens after `num_cached` — at its measured rates where
+        it has them."""
+        host = usable_host_tokens(w, request.num_prompt_tokens, request.block_size)
+        load_s = self.costs.host_load_seconds(host, w.measured)
+        return load_s + self.costs.prefill_seconds(num_new, num_cached, w.measured), load_s
 
     def _decode_seconds(self, request: RequestShape, d: WorkerView) -> float:
         """The request's own decode steps on `d`, plus what its sequence adds to the others' steps there,

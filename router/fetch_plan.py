@@ -9,7 +9,9 @@ simulator runs. The fetch runs before the target's prefill, so its time is in th
 that has fetched before reports what its fetches took (mean time and bytes): what that time holds beyond
 the model's bandwidth term is its measured per-fetch overhead (RPCs, the engines' loop turns on both
 sides), and a fetch is predicted at the larger of the model's time and that overhead plus the bytes at
-the model's bandwidth.
+the model's bandwidth. A holder that holds some of the blocks in its host tier only loads them back
+first (`CostModel.host_load_seconds`); the compute a fetch saves is priced at the target's measured
+prefill rate where it has one (`CostModel.prefill_seconds`).
 
 Pure and torch-free: the live router, the cpd policy and the simulator call the same function.
 """
@@ -21,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from splitserve.router.cost_model import CostModel
-from splitserve.router.policy_types import Decision, RequestShape, WorkerView
+from splitserve.router.policy_types import Decision, RequestShape, WorkerView, host_blocks_between
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def plan_fetches(
 
     # The best two holders: a target's holder is the best one that is not itself.
     ranked = sorted(workers, key=lambda w: (held(w), -w.queued_tokens, w.worker_id), reverse=True)[:2]
-    transfer, prefill = costs.transfer(), costs.prefill
+    transfer, compute = costs.transfer(), costs.prefill_seconds
     plans: dict[str, FetchPlan | None] = {}
     for target in targets:
         own = held(target)
@@ -69,7 +71,10 @@ def plan_fetches(
         if target.fetch_s > 0:  # what this target's fetches measured
             overhead = max(0.0, target.fetch_s - target.fetch_bytes / transfer.bytes_per_s)
             seconds = max(seconds, overhead + num_bytes / transfer.bytes_per_s)
-        saved = prefill.seconds(n - cached, cached) - prefill.seconds(n - cached - tokens, cached + tokens)
+        loaded = host_blocks_between(holder, own, held(holder)) * bs  # the holder loads them back first
+        seconds += costs.host_load_seconds(loaded, holder.measured)
+        m = target.measured
+        saved = compute(n - cached, cached, m) - compute(n - cached - tokens, cached + tokens, m)
         if seconds < saved:
             plans[target.worker_id] = FetchPlan(holder.worker_id, held(holder), tokens, seconds, saved)
     return plans

@@ -98,13 +98,13 @@ class Ledger:
         usage = load.kv_usage if total is None else max(load.kv_usage, own.blocks / total)
         # waiting_requests: the reported queue, or at least the requests this router sent whose prefill
         # has not produced a token (the running count already holds both: the two stay comparable).
-        return common_pb2.WorkerLoad(
-            queued_tokens=max(load.queued_tokens, own.queued_tokens),
-            running_requests=max(running, own.running_requests) - max(load.waiting_requests, own.waiting),
-            waiting_requests=max(load.waiting_requests, own.waiting), kv_usage=usage, free_blocks=free,
-            max_running_requests=load.max_running_requests, step_ms=load.step_ms,
-            step_tokens=load.step_tokens,
-        )  # fmt: skip
+        seen = common_pb2.WorkerLoad()
+        seen.CopyFrom(load)  # the rest as reported: its limits, step time, tier stats, measured costs
+        seen.queued_tokens = max(load.queued_tokens, own.queued_tokens)
+        seen.waiting_requests = max(load.waiting_requests, own.waiting)
+        seen.running_requests = max(running, own.running_requests) - seen.waiting_requests
+        seen.kv_usage, seen.free_blocks = usage, free
+        return seen
 
 
 def _total_blocks(load: common_pb2.WorkerLoad) -> int | None:

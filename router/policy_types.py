@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from splitserve.router.cost_model import UNMEASURED, Measured
+
 FRESH, WARM, DECODE = "fresh", "warm", "decode"
 LOCAL = "decode-local"  # the decode worker prefills the request itself
 
@@ -21,11 +23,14 @@ class NoWorker(Exception):
 @dataclass(frozen=True)
 class WorkerView:
     """One live worker as a policy sees it. `matched_blocks`: leading blocks of this request's prompt
-    the worker holds. Load is what the worker reports (queued tokens include its running prefills)."""
+    the worker holds, in KV memory or its host tier; `matched_host_blocks`: how many of those are in its
+    host tier only (loaded back before use). Load is what the worker reports (queued tokens include its
+    running prefills); `measured`, what it measures its work to cost."""
 
     worker_id: str
     role: str  # FRESH, WARM or DECODE
     matched_blocks: int = 0
+    matched_host_blocks: int = 0
     queued_tokens: int = 0
     running_requests: int = 0
     kv_usage: float = 0.0
@@ -38,6 +43,7 @@ class WorkerView:
     step_tokens: int | None = None  # the most prompt tokens one of its steps computes (None: not reported)
     fetch_s: float = 0.0  # its fetches as it measures them: mean time and bytes (0: none yet)
     fetch_bytes: float = 0.0
+    measured: Measured = UNMEASURED
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,19 @@ def usable_cached_tokens(matched_blocks: int, num_prompt_tokens: int, block_size
     """The prompt tokens a prefix hit of `matched_blocks` saves, as the engine uses a hit: whole blocks,
     and the last prompt token always computed (it gives the first token)."""
     return min(matched_blocks, (num_prompt_tokens - 1) // block_size) * block_size
+
+
+def host_blocks_between(w: WorkerView, start: int, end: int) -> int:
+    """How many of the worker's matched blocks [start, end) it holds in its host tier only. The index
+    counts them, not where they are: they are taken to be the last of its match (a prefix's tail is
+    freed, so spilled, first)."""
+    return max(0, min(end, w.matched_blocks) - max(start, w.matched_blocks - w.matched_host_blocks))
+
+
+def usable_host_tokens(w: WorkerView, num_prompt_tokens: int, block_size: int) -> int:
+    """Of the worker's `usable_cached_tokens`, those it loads back from its host tier first."""
+    usable = usable_cached_tokens(w.matched_blocks, num_prompt_tokens, block_size) // block_size
+    return host_blocks_between(w, 0, usable) * block_size
 
 
 def blocks_to_reserve(num_prompt_tokens: int, max_tokens: int, block_size: int, matched_blocks: int) -> int:

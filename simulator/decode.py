@@ -8,7 +8,7 @@ As the live decode worker behaves:
   when it is issued, even if a shared device starts it later). A step over n decoding sequences
   holding c context tokens takes `costs.decode.step_seconds(n, c)`; when local prefills are pending it
   also computes one chunk of up to `local_chunk_tokens` of the oldest one, costing
-  `costs.prefill.seconds(chunk, tokens already cached or computed)` less `prefill.fixed_s` except on the
+  `costs.prefill_seconds(chunk, tokens already cached or computed)` less `prefill.fixed_s` except on the
   request's first chunk. Sequences arriving (a transfer landing, a local prefill finishing) join at the
   next step start, at most `decode_max_seqs` running at once (the rest wait, FIFO). A local prefill holds
   one of those slots from its first chunk on: as in the live engine, it waits for a free slot to start.
@@ -64,6 +64,7 @@ class DecodeWorker:
         self._device = device
         self._events = events
         self._decode = costs.decode
+        self._costs = costs
         self._prefill = costs.prefill
         self._max_seqs = config.decode_max_seqs
         self._ahead = not config.shared_device  # may issue steps ahead (see the module docstring)
@@ -195,7 +196,7 @@ class DecodeWorker:
             self._local_tokens -= req.num_computed
         size = min(self._chunk_tokens, req.input_len - req.num_computed)
         self._chunk = (req, size)
-        return self._prefill.seconds(size, req.num_computed) - self._prefill.fixed_s + fixed
+        return self._costs.prefill_seconds(size, req.num_computed) - self._prefill.fixed_s + fixed
 
     def _end_step(self, now: float, live: tuple[int, int]) -> None:
         epoch, step = live

@@ -4,7 +4,7 @@ Prefill worker (fresh or warm pool), as the live one behaves:
 - FIFO, one request at a time. At a request's service start its cached tokens are its leading full blocks
   that the worker's cache holds *then* (the cache may have changed while it queued), capped so the last
   prompt token is computed: min(matched, (input_len - 1) // block_len) × block_len. It pins those blocks
-  and reserves the prompt's other blocks; service takes `costs.prefill.seconds(new, cached)` on its device.
+  and reserves the prompt's other blocks; service takes `costs.prefill_seconds(new, cached)` on its device.
 - At the end the first token is sampled (TTFT = end − sent), the blocks are released (the transfer's tail
   holds none) and the prompt's full blocks cached (LRU touch). The KV the decode worker lacks — input_len
   − (the decode worker's matched blocks at decision time) × block_len tokens — is pushed layer by layer,
@@ -79,9 +79,8 @@ class PrefillWorker:
         self.cache = cache
         self._device = device
         self._events = events
-        self._prefill = costs.prefill
         self._costs = costs
-        self._transfer = costs.transfer(transport)
+        self._transfer = costs.push(transport=transport)  # as the policy prices a push
         self._block_len = block_len
         self._on_finish = on_finish
         self._queue: deque[SimRequest] = deque()
@@ -129,7 +128,7 @@ class PrefillWorker:
         assert acquired, "one request at a time, and `fits` was checked at decision time"
         req.cached_tokens = cached = usable_cached_tokens(matched, req.input_len, bl)
         num_new = req.input_len - cached
-        start, end = self._device.run(now, self._prefill.seconds(num_new, cached))
+        start, end = self._device.run(now, self._costs.prefill_seconds(num_new, cached))
         self._running, self._started_s = req, now
         self._run = (start, end, num_new, matched, num_new_blocks)
         self._events.at(end, PREFILL_END, self._end, req)

@@ -135,6 +135,9 @@ def test_quick_run_writes_a_calibration_that_loads_and_predicts_its_points(tiny_
                               "dtype": "float32"}  # fmt: skip
     assert set(extra["fit_errors"]) == {"prefill", "decode", "transfer grpc", "transfer same-host"}
     assert extra["prefill_rpc"]["overhead_s"] >= 0
+    load = extra["host_load"]  # the host tier's loads back into the engine's caches, measured here
+    assert model.host_load_bytes_per_s == load["bytes_per_s"] == load["num_bytes"] / load["seconds"]
+    assert load["num_bytes"] == -(-max(calibrate.GRIDS["quick"].transfer_tokens) // 16) * 16 * 512
 
     points = extra["points"]
     grid = calibrate.GRIDS["quick"]

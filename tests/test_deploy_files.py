@@ -35,7 +35,7 @@ from waiting import wait_until
 from splitserve.cli import build_parser
 from splitserve.cluster.spec import ClusterSpec
 from splitserve.engine.block_hash import BlockHash, HashContext, hash_blocks
-from splitserve.engine.block_pool import BlockEvent, BlockEventKind
+from splitserve.engine.block_pool import BlockEvent, BlockEventKind, Holdings
 from splitserve.index.config import REDIS_URL_ENV, ROUTER_REDIS_URL_ENV, IndexConfig
 from splitserve.index.mirror import IndexMirror
 from splitserve.index.publisher import IndexPublisher
@@ -416,7 +416,7 @@ def test_a_worker_publishes_and_a_router_mirrors_under_the_acl(server):
     info = WorkerInfo(worker_id, "fresh", "127.0.0.1:5000", "m", BLOCK_SIZE, probe_hash("m", BLOCK_SIZE))
     hashes = hash_blocks(list(range(6 * BLOCK_SIZE)), BLOCK_SIZE, HashContext("m"))
     mirror, late = IndexMirror(router_config), IndexMirror(router_config)
-    publisher = IndexPublisher(worker_config, info, snapshot=lambda: list(held))
+    publisher = IndexPublisher(worker_config, info, snapshot=lambda: Holdings(list(held), []))
     try:
         assert mirror.start()  # rebuild: INFO, XREVRANGE, SMEMBERS
         publisher.start()

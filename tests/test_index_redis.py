@@ -15,10 +15,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+import torch
 from waiting import wait_until
 
 from splitserve.engine.block_hash import BlockHash, HashContext, hash_blocks
-from splitserve.engine.block_pool import BlockEvent, BlockEventKind, BlockPool
+from splitserve.engine.block_pool import BlockEvent, BlockEventKind, BlockPool, Holdings
+from splitserve.engine.host_tier import HostKVTier
+from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.index.config import IndexConfig
 from splitserve.index.mirror import IndexMirror
 from splitserve.index.publisher import IndexPublisher
@@ -37,6 +40,7 @@ from splitserve.index.schema import (
     encode_registration,
     probe_hash,
 )
+from splitserve.index.table import PrefixMatch, PrefixTable
 
 BLOCK_SIZE = 4
 
@@ -46,20 +50,30 @@ def chain(num_blocks: int, model: str = "m") -> list[BlockHash]:
 
 
 class Worker:
-    """A worker's prefix cache reduced to its hash set, publishing its changes like a BlockPool does."""
+    """A worker's prefix cache reduced to its hash sets (all held, host tier only), publishing its changes
+    like a BlockPool does."""
 
     def __init__(self, config: IndexConfig, worker_id: str, role: str = "fresh") -> None:
         self.held: set[BlockHash] = set()
+        self.host: set[BlockHash] = set()
         info = WorkerInfo(worker_id, role, f"127.0.0.1:{5000 + len(worker_id)}", "m", BLOCK_SIZE,
                           probe_hash("m", BLOCK_SIZE))
-        self.publisher = IndexPublisher(config, info, snapshot=lambda: list(self.held))
+        self.publisher = IndexPublisher(config, info, snapshot=lambda: Holdings(list(self.held),
+                                                                                list(self.host)))
 
     def store(self, hashes: list[BlockHash]) -> None:
         self.held.update(hashes)
+        self.host.difference_update(hashes)
         self.publisher.on_block_event(BlockEvent(BlockEventKind.STORED, tuple(hashes)))
+
+    def spill(self, hashes: list[BlockHash]) -> None:
+        self.held.update(hashes)
+        self.host.update(hashes)
+        self.publisher.on_block_event(BlockEvent(BlockEventKind.SPILLED, tuple(hashes)))
 
     def evict(self, hashes: list[BlockHash]) -> None:
         self.held.difference_update(hashes)
+        self.host.difference_update(hashes)
         self.publisher.on_block_event(BlockEvent(BlockEventKind.EVICTED, tuple(hashes)))
 
     def start(self) -> Worker:
@@ -166,8 +180,7 @@ def test_records_and_registrations_round_trip_and_bad_ones_are_rejected():
 def test_block_pool_events_reach_the_mirror_stored_and_evicted(config, started):
     pool = BlockPool(num_blocks=9)
     info = WorkerInfo("w1", "decode", "h:1", "m", BLOCK_SIZE)
-    snapshot = lambda: [h for i in range(1, pool.num_blocks) if (h := pool.block_hash(i)) is not None]  # noqa: E731
-    publisher = IndexPublisher(config, info, snapshot)
+    publisher = IndexPublisher(config, info, pool.holdings)
     pool.add_listener(publisher.on_block_event)
     publisher.start()
     assert publisher.wait_registered(5.0)
@@ -186,6 +199,84 @@ def test_block_pool_events_reach_the_mirror_stored_and_evicted(config, started):
         assert mirror.stats["events_applied"] == 2 and mirror.stats["resyncs"] == 0  # in order: no reload
     finally:
         publisher.stop()
+
+
+def test_the_index_records_the_tier_spilled_loaded_back_and_dropped(config, started):
+    """A real pool with a real host tier: blocks evicted to the tier stay indexed as host-tier, loading
+    them back makes them KV-memory blocks again, and what leaves the tier (dropped for room, a reset) is
+    removed — in Redis's sets and in the mirror."""
+    pool = BlockPool(num_blocks=9)
+    pool.spill = HostKVTier([torch.zeros(2, 9, BLOCK_SIZE, 1, 2)], capacity=4)
+    kv = KVCacheManager(pool, BLOCK_SIZE, "m")
+    publisher = IndexPublisher(config, WorkerInfo("w1", "decode", "h:1", "m", BLOCK_SIZE), pool.holdings)
+    pool.add_listener(publisher.on_block_event)
+    publisher.start()
+    assert publisher.wait_registered(5.0)
+    mirror = started(IndexMirror(config))
+    keys, r = Keys(config.namespace), client_for(config)
+    try:
+        hashes = chain(6)
+        blocks = pool.allocate(6)
+        pool.cache(blocks, hashes)
+        pool.free(blocks[::-1])
+        wait_until(lambda: mirror.match_tiers(hashes) == {"w1": PrefixMatch(6, 0)})
+        other = pool.allocate(5)  # 2 never-used blocks, then blocks 5, 4, 3 of the chain: to the tier
+        wait_until(lambda: mirror.match_tiers(hashes) == {"w1": PrefixMatch(6, 3)})
+        assert mirror.match(hashes) == {"w1": 6}  # held, in either tier
+        assert r.smembers(keys.blocks("w1")) == set(hashes) and r.smembers(keys.host("w1")) == set(hashes[3:])
+        pool.free(other[::-1])
+        found, num_loaded = kv.lookup(hashes)  # loads 2 back (at most half the tier per lookup)
+        assert (len(found), num_loaded) == (5, 2)
+        wait_until(lambda: mirror.match_tiers(hashes) == {"w1": PrefixMatch(6, 1)})
+        assert r.smembers(keys.host("w1")) == {hashes[5]}
+        spilled = pool.allocate(8)  # every block out of KV memory: the tier keeps the 4 spilled last
+        wait_until(lambda: mirror.match_tiers(hashes) == {"w1": PrefixMatch(4, 4)})
+        assert set(pool.spill.hashes()) == set(hashes[:4])  # 4 and 5 dropped for room: gone
+        assert r.smembers(keys.blocks("w1")) == r.smembers(keys.host("w1")) == set(hashes[:4])
+        pool.free(spilled)
+        pool.reset_cache()  # the tier empties: gone everywhere
+        wait_until(lambda: mirror.match_tiers(hashes) == {"w1": PrefixMatch(0, 0)})
+        assert not r.exists(keys.blocks("w1"), keys.host("w1"))
+    finally:
+        publisher.stop()
+
+
+def test_a_resync_and_a_late_mirror_restore_the_tiers_from_the_snapshot(config, started):
+    hashes = chain(6)
+    w = started(Worker(config, "w1"))
+    w.store(hashes[:5])
+    w.spill(hashes[3:5])
+    w.store(hashes[4:5])  # loaded back
+    wait_until(lambda: w.publisher.stats["events_sent"] == 3)
+    mirror = started(IndexMirror(config))  # a rebuild: both sets
+    assert mirror.match_tiers(hashes) == {"w1": PrefixMatch(5, 1)}
+    keys, r = Keys(config.namespace), client_for(config)
+    r.delete(keys.host("w1"))  # lost: only the publisher's resync can put it back
+    w.publisher.stop(deregister=False)
+    again = Worker(config, "w1")
+    again.held, again.host = set(hashes[:6]), set(hashes[2:6])
+    started(again)  # registers from its snapshot: an "R" the mirror reloads the worker on
+    wait_until(lambda: mirror.match_tiers(hashes) == {"w1": PrefixMatch(6, 4)})
+    assert r.smembers(keys.host("w1")) == set(hashes[2:6]) and r.pttl(keys.host("w1")) > 0
+    again.evict(hashes[5:])
+    wait_until(lambda: mirror.match_tiers(hashes) == {"w1": PrefixMatch(5, 3)})
+    again.publisher.stop()
+    assert not r.exists(keys.host("w1"))  # deregistered with the rest
+
+
+def test_the_prefix_table_keeps_host_blocks_among_a_workers_blocks():
+    table, hashes = PrefixTable(), chain(5)
+    table.add_host("a", hashes[:2])  # held, host tier only
+    table.add("a", hashes[1:4])  # hashes[1] back in KV memory
+    assert table.match_tiers(hashes) == {"a": PrefixMatch(4, 1)}
+    table.add_host("b", hashes[:3])
+    table.remove("b", hashes[1:2])
+    assert table.match_tiers(hashes) == {"a": PrefixMatch(4, 1), "b": PrefixMatch(1, 1)}
+    assert table.host_blocks_of("b") == {hashes[0], hashes[2]}
+    table.replace("a", set(hashes), host={hashes[4], chain(1, model="other")[0]})  # foreign host: ignored
+    assert table.match_tiers(hashes)["a"] == PrefixMatch(5, 1) and table.host_blocks_of("a") == {hashes[4]}
+    table.drop("a")
+    assert table.match_tiers(hashes) == {"b": PrefixMatch(1, 1)} and table.host_blocks_of("a") == set()
 
 
 def test_match_counts_each_workers_leading_blocks(config, started):
@@ -274,12 +365,14 @@ def test_a_worker_whose_heartbeat_stops_disappears_after_its_lease(redis_server,
     dead, alive = Worker(config, "dead").start(), started(Worker(config, "alive"))
     for w in (dead, alive):
         w.store(hashes)
-    wait_until(lambda: mirror.match(hashes) == {"dead": 3, "alive": 3})
+    dead.spill(hashes[2:])
+    wait_until(lambda: mirror.match_tiers(hashes) == {"dead": PrefixMatch(3, 1), "alive": PrefixMatch(3)})
     dead.publisher.stop(deregister=False)
     t0 = time.monotonic()
     wait_until(lambda: mirror.match(hashes) == {"alive": 3}, timeout_s=3.0)
     assert time.monotonic() - t0 > 0.5  # it counted until its lease ran out, not beyond
-    assert not client_for(config).exists(Keys(config.namespace).blocks("dead"))  # expired with the lease
+    keys = Keys(config.namespace)
+    assert not client_for(config).exists(keys.blocks("dead"), keys.host("dead"))  # expired with the lease
     assert ("dead", False) in changes and ("alive", True) in changes
 
 

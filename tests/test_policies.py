@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from splitserve.router.cost_model import CostModel, DecodeCost, PrefillCost, TransferCost
+from splitserve.router.cost_model import (
+    H200_HOST_LOAD_BYTES_PER_S,
+    UNMEASURED,
+    CalibrationError,
+    CostModel,
+    DecodeCost,
+    Measured,
+    PrefillCost,
+    TransferCost,
+    cost_model_from_json,
+    load_calibration,
+)
 from splitserve.router.fetch_plan import plan_fetch
 from splitserve.router.policies import (
     DECODE,
@@ -109,9 +121,9 @@ COSTS = CostModel(prefill=PrefillCost(0.0, 1e-3, 0.0), decode=DecodeCost(0.01, 1
 
 
 def cpd(**options):
-    """cpd on COSTS; without the miss penalty or fetches unless asked (the checks below are of the other
-    terms)."""
-    return make_policy("cpd", costs=COSTS, **{"miss_weight": 0.0, "fetch": False, **options})
+    """cpd on COSTS (unless given others); without the miss penalty or fetches unless asked (the checks
+    below are of the other terms)."""
+    return make_policy("cpd", **{"costs": COSTS, "miss_weight": 0.0, "fetch": False, **options})
 
 
 def test_cpd_sends_a_warm_turn_to_the_worker_that_holds_its_context():
@@ -271,3 +283,80 @@ def test_cpd_prices_a_queue_by_the_step_time_the_worker_measures_when_longer():
     w1 = {"matched_blocks": 50, "queued_tokens": 150, "step_s": 0.1, "step_tokens": 100}
     workers = [w for w in cluster(w1=w1) if w.worker_id != "w2" and w.role != FRESH]
     assert policy.route(REQ, workers).terms["ttft_s"] == pytest.approx(0.4)
+
+
+# COSTS with a host tier that loads KV back at 10 MB/s: 10 µs a token, a hundredth of computing it.
+HOST_COSTS = dataclasses.replace(COSTS, host_load_bytes_per_s=1e7)
+
+
+def test_cpd_prices_a_host_tier_hit_as_a_load_far_cheaper_than_recompute_but_not_free():
+    # d2 holds the conversation's 60 blocks in KV memory, d1 the same in its host tier only: both prefill
+    # the 40-token suffix (0.040 s), d1 after loading 960 tokens back (96 kB at 10 MB/s: 0.0096 s). (Were
+    # the load free, the tie would go to d1, the first by id.)
+    workers = cluster(d1={"matched_blocks": 60, "matched_host_blocks": 60}, d2={"matched_blocks": 60})
+    decision = cpd(costs=HOST_COSTS).route(REQ, workers)
+    assert (decision.pool, decision.decode, decision.terms["host_load_s"]) == (LOCAL, "d2", 0.0)
+    # Only d2 holds it: loading (0.0096 s) beats recomputing 1000 tokens on d1 (1 s) by far.
+    workers = cluster(d2={"matched_blocks": 60, "matched_host_blocks": 60})
+    decision = cpd(costs=HOST_COSTS).route(REQ, workers)
+    assert (decision.pool, decision.decode) == (LOCAL, "d2")
+    assert decision.terms["host_load_s"] == pytest.approx(0.0096)
+    assert decision.terms["ttft_s"] == pytest.approx(0.0496) and decision.terms["cached_tokens"] == 960.0
+    # 20 of its 60 in the host tier (the tail of the match): 320 tokens loaded, 0.0032 s.
+    workers = cluster(d2={"matched_blocks": 60, "matched_host_blocks": 20})
+    assert cpd(costs=HOST_COSTS).route(REQ, workers).terms["host_load_s"] == pytest.approx(0.0032)
+
+
+def test_cpd_uses_what_a_worker_measured_in_place_of_the_calibration():
+    fast = Measured(prefill_tokens_per_s=((0, 2000.0), (1024, 500.0)))  # twice COSTS' 1000 tokens/s at first
+    # The fresh pool only (nothing cached anywhere): f1 measured 2000 tokens/s, f2 nothing (the model's 1000).
+    workers = cluster(f1={"measured": fast})
+    decision = cpd(local_prefill_max_tokens=0).route(REQ, workers)
+    assert decision.prefill == "f1" and decision.terms["ttft_s"] == pytest.approx(0.5)
+    # Past 1024 cached tokens its measured bucket says 500 tokens/s: 1400 new tokens take 2.8 s (not 1.4).
+    request = RequestShape(num_prompt_tokens=3000, block_size=16)
+    workers = [w for w in cluster(w1={"matched_blocks": 100, "measured": fast}) if w.worker_id != "w2"]
+    decision = cpd(local_prefill_max_tokens=0).route(request, workers)
+    assert decision.prefill == "w1" and decision.terms["ttft_s"] == pytest.approx(2.8)
+    # Its pushes measured 100 kB/s (the model says 1 MB/s): the 1000 tokens' 100 kB take 1 s, 0.5 s of it
+    # after its 0.5 s prefill.
+    pushes = dataclasses.replace(fast, push_bytes_per_s=(("grpc", 1e5),))
+    decision = cpd(local_prefill_max_tokens=0).route(REQ, cluster(f1={"measured": pushes}))
+    assert decision.prefill == "f1" and decision.terms["transfer_tail_s"] == pytest.approx(0.5)
+    # A host tier it measured at 1 MB/s: 960 tokens back in 0.096 s (the model's 10 MB/s: 0.0096).
+    slow_tier = cluster(d2={"matched_blocks": 60, "matched_host_blocks": 60,
+                            "measured": Measured(host_load_bytes_per_s=1e6)})  # fmt: skip
+    assert cpd(costs=HOST_COSTS).route(REQ, slow_tier).terms["host_load_s"] == pytest.approx(0.096)
+
+
+def test_the_cost_model_formulas_fall_back_to_the_calibration_bucket_by_bucket():
+    m = Measured(host_load_bytes_per_s=0.0, prefill_tokens_per_s=((0, 0.0), (1024, 500.0)),
+                 push_bytes_per_s=(("same-host", 5e6),))  # fmt: skip
+    assert COSTS.prefill_seconds(100, 10, m) == COSTS.prefill.seconds(100, 10)  # its bucket: unmeasured
+    assert COSTS.prefill_seconds(100, 2000, m) == pytest.approx(0.2)  # fixed 0 + 100 / 500
+    assert COSTS.prefill_seconds(0, 2000, m) == 0.0
+    assert COSTS.host_load_seconds(1000, m) == 1000 * 100 / COSTS.host_load_bytes_per_s
+    assert COSTS.push(m) == COSTS.transfer("grpc")  # measured over another transport only
+    assert COSTS.push(m, "grpc") == COSTS.push(UNMEASURED)
+
+
+def test_a_fetch_from_a_host_tier_holder_pays_its_load_and_saves_at_the_targets_measured_rate():
+    workers = cluster(d1={"matched_blocks": 70, "matched_host_blocks": 70}, w1={"matched_blocks": 20,
+                      "measured": Measured(prefill_tokens_per_s=((0, 2000.0),))})  # fmt: skip
+    plan = plan_fetch(REQ, workers[2], workers, HOST_COSTS)
+    # 42 blocks (672 tokens, 67.2 kB): 0.0672 s on the wire, 0.00672 s out of d1's host tier first; they
+    # save 672 tokens of w1's compute at the 2000 tokens/s it measured: 0.336 s.
+    assert (plan.holder, plan.num_tokens) == ("d1", 672)
+    assert plan.seconds == pytest.approx(0.0672 + 0.00672) and plan.saved_s == pytest.approx(0.336)
+
+
+def test_a_calibration_carries_its_host_load_rate_or_assumes_the_h200s():
+    written = cost_model_from_json(HOST_COSTS.to_json())
+    assert written.host_load_bytes_per_s == 1e7 and written == HOST_COSTS
+    older = {k: v for k, v in HOST_COSTS.to_json().items() if k != "host_load_bytes_per_s"}
+    assert cost_model_from_json(older).host_load_bytes_per_s == H200_HOST_LOAD_BYTES_PER_S == 52e9
+    with pytest.raises(CalibrationError, match=r"calibration\.host_load_bytes_per_s: must be positive"):
+        cost_model_from_json(HOST_COSTS.to_json() | {"host_load_bytes_per_s": 0})
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    assert load_calibration(docs / "calibration-cpu.json").host_load_bytes_per_s == 5.06e9  # measured there
+    assert load_calibration(docs / "calibration-h200.json").host_load_bytes_per_s == 52e9

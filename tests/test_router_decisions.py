@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.index.table import PrefixMatch
 from splitserve.kvtransfer.requests import sampling_to_proto
 from splitserve.protos import common_pb2
 from splitserve.router.core import ArmAssigner, Routed, RoutedRequest, Router, WorkerHandle, WorkerSet
@@ -68,9 +69,12 @@ def test_the_ledger_folds_into_reported_loads_without_counting_twice():
     ledger = Ledger()
     ticket = ledger.assign({"d0": (100, 1, 30), "f0": (400, 0, 0)})
     reported = common_pb2.WorkerLoad(queued_tokens=50, running_requests=0, free_blocks=90, kv_usage=0.1,
-                                     max_running_requests=64, step_ms=3.5, step_tokens=2048)
+                                     max_running_requests=64, step_ms=3.5, step_tokens=2048,
+                                     tiers=common_pb2.KVTierStats(fetch_ms=12.0, host_hit_tokens=64),
+                                     costs=common_pb2.MeasuredCosts(host_load_bytes_per_s=5e9))  # fmt: skip
     seen = ledger.adjusted("d0", reported)  # 100 usable blocks: 90 free by report, 70 after our 30
     assert (seen.max_running_requests, seen.step_ms, seen.step_tokens) == (64, 3.5, 2048)  # as reported
+    assert (seen.tiers, seen.costs) == (reported.tiers, reported.costs)  # what it measured, too
     # Its request waits for its prefill there (the local one): counted as waiting, within the running ones.
     assert (seen.queued_tokens, seen.running_requests + seen.waiting_requests, seen.waiting_requests,
             seen.free_blocks) == (100, 1, 1, 70)  # fmt: skip
@@ -90,7 +94,7 @@ def test_the_ledger_folds_into_reported_loads_without_counting_twice():
 def test_every_decision_is_logged_with_its_terms_and_the_other_arms_shadow_choices(tmp_path):
     roles = {"f0": "fresh", "w0": "warm", "d0": "decode", "d1": "decode"}
     shares = {"cpd": 0.5, "round_robin": 0.5}
-    held = {"d1": 20, "w0": 20}  # 320 tokens in the index on d1 and w0
+    held = {"d1": PrefixMatch(20), "w0": PrefixMatch(20)}  # 320 tokens in the index on d1 and w0
     log = DecisionLog(tmp_path / "decisions.jsonl")
     router = Router(worker_set(roles), {n: make_policy(n) for n in shares}, "m", 16, lambda h: held,
                     ArmAssigner(shares), shadows={n: make_policy(n) for n in (*shares, "least_loaded")},
@@ -110,6 +114,7 @@ def test_every_decision_is_logged_with_its_terms_and_the_other_arms_shadow_choic
         assert rec.terms == d.terms and rec.prompt_tokens == 330
         assert set(rec.shadow) == {"cpd", "round_robin", "least_loaded"} - {rec.arm}
         target = d.decode if d.pool == LOCAL else d.prefill
-        assert rec.predicted_cached_tokens == held.get(target, 0) * 16 == d.terms["predicted_cached_tokens"]
+        held_blocks = held.get(target, PrefixMatch(0)).num_blocks
+        assert rec.predicted_cached_tokens == held_blocks * 16 == d.terms["predicted_cached_tokens"]
     cpd = [r for r in records if r.arm == "cpd"]
     assert cpd and all(r.choice.pool == LOCAL and r.choice.decode == "d1" for r in cpd)  # 10-token suffix

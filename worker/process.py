@@ -121,7 +121,7 @@ def start_publisher(args: argparse.Namespace, loop, role: str, address: str):
     info = WorkerInfo(args.worker_id or address, role, address, engine.model_id, block_size,
                       probe_hash(engine.model_id, block_size), compute_device(engine))  # fmt: skip
     publisher = IndexPublisher(IndexConfig(args.redis_url), info,
-                               lambda: loop.call(engine.block_pool.cached_hashes))  # fmt: skip
+                               lambda: loop.call(engine.block_pool.holdings))  # fmt: skip
     loop.call(engine.block_pool.add_listener, publisher.on_block_event)
     publisher.start()
     return publisher

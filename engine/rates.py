@@ -1,0 +1,125 @@
+"""What a worker's own work costs as it measures it: the running estimates it publishes with its load
+(`WorkerLoad.costs`), which the router's cost model uses in place of its calibration where present.
+
+- `RateMeter`: the amount per second of one kind of work (KV bytes loaded back from the host tier, KV bytes
+  pushed): the moving averages (`average_step_time`) of the amounts and of their times, divided, so a
+  large piece of work weighs more than a small one. Thread-safe.
+- `PrefillRate`: prefill tokens/s by cached context, fitted per context bucket to the engine's prefill
+  steps (a step's time = a fixed cost + its tokens / the rate), so that the rate holds for prompts longer
+  or shorter than those seen. Engine thread only.
+- `DeviceTimer`: the time of work issued to the compute device: the host clock on CPU (where the work is
+  done when the call returns), CUDA events on a GPU, read once they have fired (no one waits for them).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+
+import torch
+
+from splitserve.engine.config import average_step_time
+
+# Cached-context buckets of `PrefillRate`, by their first context length (tokens): attention makes a token
+# after 8k cached ones costlier than one after none.
+PREFILL_CONTEXT_BUCKETS = (0, 1024, 4096, 16384)
+
+
+class RateMeter:
+    """Amount per second of one kind of work as measured; 0 before the first observation."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._mean_amount = 0.0
+        self._mean_s = 0.0
+
+    def observe(self, amount: float, seconds: float) -> None:
+        """One piece of work: `amount` (bytes, tokens) done in `seconds`. Empty or untimed ones count not."""
+        if amount <= 0 or seconds <= 0:
+            return
+        with self._lock:
+            self._mean_amount = average_step_time(self._mean_amount, amount)
+            self._mean_s = average_step_time(self._mean_s, seconds)
+
+    @property
+    def per_s(self) -> float:
+        with self._lock:
+            return self._mean_amount / self._mean_s if self._mean_s else 0.0
+
+
+class _LineFit:
+    """Exponentially weighted least squares of a step's seconds on its tokens: t = fixed + tokens × slope.
+    Each observation weighs `decay` times the one after it (about 1 / (1 - decay) steps remembered)."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.num_steps = 0
+        self._w = self._x = self._t = self._xx = self._xt = 0.0
+
+    def add(self, x: float, t: float) -> None:
+        d = self.decay
+        self._w, self._x, self._t = d * self._w + 1, d * self._x + x, d * self._t + t
+        self._xx, self._xt = d * self._xx + x * x, d * self._xt + x * t
+        self.num_steps += 1
+
+    def tokens_per_s(self) -> float:
+        """1 / slope when the sizes seen tell a step's fixed cost from its tokens' (they spread, and the fit
+        has a positive slope and a non-negative fixed cost); else every second counted per token (the mean
+        tokens over the mean time: a lower bound of the rate)."""
+        mean_x, mean_t = self._x / self._w, self._t / self._w
+        var = self._xx / self._w - mean_x * mean_x
+        if var > (0.1 * mean_x) ** 2:
+            slope = (self._xt / self._w - mean_x * mean_t) / var
+            if slope > 0 and mean_t - slope * mean_x >= 0:
+                return 1.0 / slope
+        return mean_x / mean_t
+
+
+class PrefillRate:
+    """Prefill tokens/s of this engine by cached context: one `_LineFit` per bucket of
+    `PREFILL_CONTEXT_BUCKETS`, over the prefill steps whose tokens follow that much context (token-weighted
+    mean), reported once it has `min_steps` of them."""
+
+    def __init__(self, decay: float = 0.9, min_steps: int = 3) -> None:
+        self.min_steps = min_steps
+        self._fits = [_LineFit(decay) for _ in PREFILL_CONTEXT_BUCKETS]
+
+    def observe(self, num_tokens: int, num_cached: float, seconds: float) -> None:
+        """A prefill step computed `num_tokens` tokens after `num_cached` others (their mean) in `seconds`."""
+        if num_tokens <= 0 or seconds <= 0:
+            return
+        bucket = bisect.bisect_right(PREFILL_CONTEXT_BUCKETS, num_cached) - 1
+        self._fits[bucket].add(num_tokens, seconds)
+
+    def buckets(self) -> list[tuple[int, float]]:
+        """(first cached-context length, tokens/s) of every bucket, ascending; 0 where not measured yet."""
+        return [(start, fit.tokens_per_s() if fit.num_steps >= self.min_steps else 0.0)
+                for start, fit in zip(PREFILL_CONTEXT_BUCKETS, self._fits, strict=True)]  # fmt: skip
+
+
+class DeviceTimer:
+    """Times work issued to `device` between construction and `stop()`. On CUDA the events are recorded on
+    the current stream; `seconds` is valid once `done()` (at once on CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._seconds = 0.0
+        if self._cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._cuda:
+            self._end.record()
+        else:
+            self._seconds = time.perf_counter() - self._t0
+
+    def done(self) -> bool:
+        return not self._cuda or self._end.query()
+
+    def seconds(self) -> float:
+        return self._start.elapsed_time(self._end) / 1e3 if self._cuda else self._seconds
