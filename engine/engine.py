@@ -307,8 +307,10 @@ class Engine:
         if step.done is not None:
             step.done.synchronize()
         if step.timer is not None:  # done: its events are before `done`
-            num_tokens = step.batch.num_tokens
-            context = sum(it.start * it.num_new_tokens for it in step.batch.items) / max(1, num_tokens)
+            # Its prompt chunks' tokens (a decode row's time is a fixed cost of the step, to the fit)
+            chunks = [it for it in step.batch.items if it.start < it.seq.num_prompt_tokens]
+            num_tokens = sum(it.num_new_tokens for it in chunks)
+            context = sum(it.start * it.num_new_tokens for it in chunks) / max(1, num_tokens)
             self.prefill_rate.observe(num_tokens, context, step.timer.seconds())
         outputs = self.scheduler.update(step.batch, step.tokens.tolist())
         for out in outputs:

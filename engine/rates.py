@@ -1,14 +1,19 @@
 """What a worker's own work costs as it measures it: the running estimates it publishes with its load
 (`WorkerLoad.costs`), which the router's cost model uses in place of its calibration where present.
 
-- `RateMeter`: the amount per second of one kind of work (KV bytes loaded back from the host tier, KV bytes
-  pushed): the moving averages (`average_step_time`) of the amounts and of their times, divided, so a
-  large piece of work weighs more than a small one. Thread-safe.
-- `PrefillRate`: prefill tokens/s by cached context, fitted per context bucket to the engine's prefill
-  steps (a step's time = a fixed cost + its tokens / the rate), so that the rate holds for prompts longer
-  or shorter than those seen. Engine thread only.
+- `RateMeter`: the amount per second of one kind of work whose fixed cost is negligible (KV bytes loaded
+  back from the host tier: one DMA per run of slots): the moving averages (`average_step_time`) of the
+  amounts and of their times, divided, so a large piece of work weighs more than a small one.
+- `LineFit`: the rate of work that has a fixed cost too (a prefill step, a KV push's tail): an exponentially
+  weighted least-squares line of seconds on amount, whose slope's inverse is the rate. It reports a rate
+  only once the amounts seen spread enough to tell the fixed cost from the rate's; never a lower bound (every
+  second counted per unit, which the cost model's own fixed cost would then count twice).
+- `PrefillRate`: prefill tokens/s by cached context, one `LineFit` per context bucket over the engine's
+  prefill steps (a step's time = a fixed cost + its prompt tokens / the rate), so that the rate holds for
+  prompts longer or shorter than those seen.
 - `DeviceTimer`: the time of work issued to the compute device: the host clock on CPU (where the work is
   done when the call returns), CUDA events on a GPU, read once they have fired (no one waits for them).
+All are thread-safe.
 """
 
 from __future__ import annotations
@@ -48,54 +53,62 @@ class RateMeter:
             return self._mean_amount / self._mean_s if self._mean_s else 0.0
 
 
-class _LineFit:
-    """Exponentially weighted least squares of a step's seconds on its tokens: t = fixed + tokens × slope.
-    Each observation weighs `decay` times the one after it (about 1 / (1 - decay) steps remembered)."""
+class LineFit:
+    """Exponentially weighted least squares of seconds on amount: t = fixed + amount × slope. Each
+    observation weighs `decay` times the one after it (about 1 / (1 - decay) remembered)."""
 
-    def __init__(self, decay: float) -> None:
-        self.decay = decay
+    def __init__(self, decay: float = 0.9, min_steps: int = 3, min_share: float = 0.25) -> None:
+        self.decay, self.min_steps, self.min_share = decay, min_steps, min_share
+        self._lock = threading.Lock()
         self.num_steps = 0
         self._w = self._x = self._t = self._xx = self._xt = 0.0
 
-    def add(self, x: float, t: float) -> None:
+    def observe(self, amount: float, seconds: float) -> None:
+        """One piece of work; empty or untimed ones count not."""
+        if amount <= 0 or seconds <= 0:
+            return
         d = self.decay
-        self._w, self._x, self._t = d * self._w + 1, d * self._x + x, d * self._t + t
-        self._xx, self._xt = d * self._xx + x * x, d * self._xt + x * t
-        self.num_steps += 1
+        with self._lock:
+            self._w, self._x, self._t = d * self._w + 1, d * self._x + amount, d * self._t + seconds
+            self._xx, self._xt = d * self._xx + amount * amount, d * self._xt + amount * seconds
+            self.num_steps += 1
 
-    def tokens_per_s(self) -> float:
-        """1 / slope when the sizes seen tell a step's fixed cost from its tokens' (they spread, and the fit
-        has a positive slope and a non-negative fixed cost); else every second counted per token (the mean
-        tokens over the mean time: a lower bound of the rate)."""
-        mean_x, mean_t = self._x / self._w, self._t / self._w
-        var = self._xx / self._w - mean_x * mean_x
-        if var > (0.1 * mean_x) ** 2:
+    @property
+    def per_s(self) -> float:
+        """1 / slope once `min_steps` are seen whose amounts spread (a coefficient of variation over 0.1) and
+        the fit has a positive slope, a non-negative fixed cost, and its amounts' part of the mean time is at
+        least `min_share` of it (else the slope is mostly noise on a fixed cost: small KV pushes whose tail
+        is the wire's latency); else 0 (not measured)."""
+        with self._lock:
+            if self.num_steps < self.min_steps:
+                return 0.0
+            mean_x, mean_t = self._x / self._w, self._t / self._w
+            var = self._xx / self._w - mean_x * mean_x
+            if var <= (0.1 * mean_x) ** 2:
+                return 0.0
             slope = (self._xt / self._w - mean_x * mean_t) / var
-            if slope > 0 and mean_t - slope * mean_x >= 0:
-                return 1.0 / slope
-        return mean_x / mean_t
+            if slope <= 0 or slope * mean_x > mean_t or slope * mean_x < self.min_share * mean_t:
+                return 0.0
+            return 1.0 / slope
 
 
 class PrefillRate:
-    """Prefill tokens/s of this engine by cached context: one `_LineFit` per bucket of
-    `PREFILL_CONTEXT_BUCKETS`, over the prefill steps whose tokens follow that much context (token-weighted
-    mean), reported once it has `min_steps` of them."""
+    """Prefill tokens/s of this engine by cached context: one `LineFit` per bucket of
+    `PREFILL_CONTEXT_BUCKETS`, over the prefill steps whose prompt tokens follow that much context
+    (token-weighted mean)."""
 
     def __init__(self, decay: float = 0.9, min_steps: int = 3) -> None:
-        self.min_steps = min_steps
-        self._fits = [_LineFit(decay) for _ in PREFILL_CONTEXT_BUCKETS]
+        self._fits = [LineFit(decay, min_steps) for _ in PREFILL_CONTEXT_BUCKETS]
 
     def observe(self, num_tokens: int, num_cached: float, seconds: float) -> None:
-        """A prefill step computed `num_tokens` tokens after `num_cached` others (their mean) in `seconds`."""
-        if num_tokens <= 0 or seconds <= 0:
-            return
+        """A prefill step computed `num_tokens` prompt tokens after `num_cached` others (their mean) in
+        `seconds`."""
         bucket = bisect.bisect_right(PREFILL_CONTEXT_BUCKETS, num_cached) - 1
-        self._fits[bucket].add(num_tokens, seconds)
+        self._fits[bucket].observe(num_tokens, seconds)
 
     def buckets(self) -> list[tuple[int, float]]:
         """(first cached-context length, tokens/s) of every bucket, ascending; 0 where not measured yet."""
-        return [(start, fit.tokens_per_s() if fit.num_steps >= self.min_steps else 0.0)
-                for start, fit in zip(PREFILL_CONTEXT_BUCKETS, self._fits, strict=True)]  # fmt: skip
+        return [(start, fit.per_s) for start, fit in zip(PREFILL_CONTEXT_BUCKETS, self._fits, strict=True)]
 
 
 class DeviceTimer:

@@ -127,7 +127,9 @@ def _replay(address: str, config: ABConfig, rate: float | None, arm: str) -> Rep
 
 def _arm_run(address: str, config: ABConfig, rate: float | None, arm: str) -> ArmRun:
     run = _replay(address, config, rate, arm)
-    return ArmRun(arm, rate, run.results, run.duration_s)
+    with Client(address) as client:  # what the workers measured and hit, per tier, as the run ended
+        workers = client.status().get("workers", [])
+    return ArmRun(arm, rate, run.results, run.duration_s, workers)
 
 
 def _warm_up(address: str, config: ABConfig) -> None:

@@ -34,6 +34,9 @@ class ArmRun:
     rate: float | None
     results: list[RequestResult]
     duration_s: float | None = None
+    # The router's view of every worker as the run ended (`Client.status()["workers"]`: load, prefix hits
+    # by tier since start, measured costs); None where there is no live cluster (the simulator).
+    workers: list[dict] | None = None
 
 
 def write_report(out_dir: str | Path, runs: dict[str, list[ArmRun]], *, oracle_hit_rate: float,
@@ -120,7 +123,8 @@ def _arm_entry(sweep: Sweep, headline: tuple[ArmRun, dict], oracle: float, slo: 
     return {**summary, "oracle_hit_rate": oracle,
             "hit_rate_vs_oracle": None if hit_rate is None or oracle == 0 else hit_rate / oracle,
             "sustainable_rate": sustainable, "rate": run.rate,
-            "sweep": [{"rate": r.rate, **s} for r, s in sweep]}  # fmt: skip
+            "sweep": [{"rate": r.rate, **s, **({"workers": r.workers} if r.workers is not None else {})}
+                      for r, s in sweep]}  # fmt: skip
 
 
 # --- report.md ---------------------------------------------------------------------------------------------

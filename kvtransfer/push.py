@@ -9,9 +9,10 @@ l % lanes == i; each lane on its own channel, so its frames are prepared, sent, 
 the others': grpcio keeps one message in flight per stream), or same-host on one stream (chunks name the
 sender's block ids and the receiver copies them from the exported `KVSource`).
 
-A transfer is timed from its first chunk to the receiver's completing reply (`seconds`): with `bytes_sent`,
-what its bytes cost a request, the wait for the prefill's later layers included (`PrefillService` keeps
-the rate its pushes measured, per transport, for the router's cost model).
+A transfer's tail is measured (`tail`): the bytes still to send when the engine reported its last layer
+ready, and the time from then to the receiver's completing reply. That is the wire's own cost, whatever the
+prefill's length: `PrefillService` fits the wire's rate per transport to its pushes' tails, for the
+router's cost model (whose transfer tail is max(latency, bytes / rate − the prefill's compute)).
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ class KVPush:
         self._sent = [0] * lanes  # bytes per lane
         self._lock = threading.Lock()
         self._lanes_pool = lanes_pool  # runs lanes 1.. (None: a pool of this transfer's own)
-        self._first_chunk_at: float | None = None  # perf_counter when its first chunk was ready
-        self.seconds = 0.0  # from its first chunk to the completing reply, once `run` has returned
+        self._last_ready: tuple[float, int] | None = None  # (perf_counter, bytes sent): last report
+        self.tail = (0, 0.0)  # (bytes, seconds) after the last layer's report, once `run` has returned
 
     @property
     def bytes_sent(self) -> int:
@@ -86,6 +87,8 @@ class KVPush:
         if ready.layer == 0:  # one pin per block, whatever the number of layers
             with self._lock:
                 self.pinned.extend(ready.block_ids)
+        if ready.last and ready.layer == self.layout.num_layers - 1:
+            self._last_ready = (time.perf_counter(), self.bytes_sent)
         self._reports[lane_of(ready.layer, self.num_lanes)].put(ready)
 
     def abort(self) -> None:
@@ -101,8 +104,9 @@ class KVPush:
                 reply = self._striped(own)
         else:
             reply = self._striped(self._lanes_pool)
-        if self._first_chunk_at is not None:
-            self.seconds = time.perf_counter() - self._first_chunk_at
+        if self._last_ready is not None:
+            at, sent = self._last_ready
+            self.tail = (self.bytes_sent - sent, time.perf_counter() - at)
         return reply
 
     def _striped(self, lanes: ThreadPoolExecutor) -> kvtransfer_pb2.PushReply:
@@ -147,8 +151,6 @@ class KVPush:
             for i, span in enumerate(spans):
                 offset = span.first_block - ready.start
                 ids = ready.block_ids[offset : offset + span.num_blocks]
-                with self._lock:
-                    self._first_chunk_at = self._first_chunk_at or time.perf_counter()
                 yield seq, span, ids, ready, final and i == len(spans) - 1
                 self._sent[lane] += span.num_blocks * self._block_bytes
                 seq += 1

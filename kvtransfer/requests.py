@@ -12,7 +12,7 @@ from splitserve.engine.errors import InvalidRequest
 from splitserve.engine.kv_watch import KVWatch
 from splitserve.engine.loop import EngineLoop
 from splitserve.engine.outputs import StepOutput
-from splitserve.engine.rates import RateMeter
+from splitserve.engine.rates import LineFit
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kvtransfer.errors import Overloaded
 from splitserve.kvtransfer.fetch import Fetched, Fetcher
@@ -39,11 +39,11 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
 
 
 def worker_load(
-    loop: EngineLoop, fetcher: Fetcher | None = None, push_rates: dict[str, RateMeter] | None = None
+    loop: EngineLoop, fetcher: Fetcher | None = None, push_rates: dict[str, LineFit] | None = None
 ) -> common_pb2.WorkerLoad:
     """The live load of a loop's engine, with its prefix hits by tier, what `fetcher` fetched, and what
     its work costs as measured (prefill rate by cached context, host-tier loads, and `push_rates`: the
-    bytes/s its KV pushes moved by transport). Run it on the loop thread."""
+    wire bytes/s its KV pushes' tails measured, by transport). Run it on the loop thread."""
     sched, pool, hits = loop.engine.scheduler, loop.engine.block_pool, loop.engine.scheduler.prefix_stats
     tiers = common_pb2.KVTierStats(
         prompt_tokens=hits.prompt_tokens, gpu_hit_tokens=hits.memory_hit_tokens,

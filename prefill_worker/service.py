@@ -9,7 +9,7 @@ reports until the transfer is over; the blocks are given back whatever the outco
 reached only through its `EngineLoop`; its prefix cache makes repeated prefixes cheap. A request whose
 route names a `kv_holder` first fetches the leading blocks that worker holds and this one lacks
 (`kvtransfer.fetch`); this worker serves its own blocks to others the same way (KVTransfer/Fetch).
-What its completed pushes moved per second, by transport, is published with its load (`push_rates`).
+The wire's rate its completed pushes' tails measured, by transport, is published with its load (`push_rates`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import grpc
 
 from splitserve.engine.kv_watch import KVWatch
 from splitserve.engine.loop import EngineLoop
-from splitserve.engine.rates import RateMeter
+from splitserve.engine.rates import LineFit
 from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES
 from splitserve.kvtransfer.fetch import Fetched, Fetcher, FetchServer
 from splitserve.kvtransfer.push import KVPush
@@ -74,7 +74,7 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
         self.fetcher = Fetcher(loop, self.layout, self._channel, sources)
         self.holder = FetchServer(loop, self.layout, self.source, max_chunk_bytes)
         self._lock = threading.Lock()
-        self.push_rates = {transport: RateMeter() for transport in ("grpc", "same-host")}  # KV bytes/s
+        self.push_rates = {transport: LineFit() for transport in ("grpc", "same-host")}  # wire bytes/s
         self._pushes = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kv-push")
         self._lanes = ThreadPoolExecutor(max_workers=256, thread_name_prefix="kv-lane")  # striped lanes 1..
 
@@ -140,7 +140,7 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
             if transfer is not None:
                 transfer.result()
                 reply.bytes_sent = push.bytes_sent
-                self.push_rates[push.transport].observe(push.bytes_sent, push.seconds)
+                self.push_rates[push.transport].observe(*push.tail)
             completed = True
             reply.transfer_tail_ms = (time.perf_counter() - start) * 1e3 - first.first_token_ms
             yield reply

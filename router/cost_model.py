@@ -97,7 +97,7 @@ class Measured:
     # Prefill tokens/s by cached context: (cached tokens from, tokens/s) for every bucket, ascending; a
     # bucket holds the contexts from its start up to the next one's.
     prefill_tokens_per_s: tuple[tuple[int, float], ...] = ()
-    push_bytes_per_s: tuple[tuple[str, float], ...] = ()  # (transport, KV bytes/s its pushes moved)
+    push_bytes_per_s: tuple[tuple[str, float], ...] = ()  # (transport, wire bytes/s from its tails)
 
     def prefill_rate(self, num_cached: int) -> float:
         """Tokens/s of its prefills after `num_cached` cached tokens (its bucket's); 0: unmeasured."""

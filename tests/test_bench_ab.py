@@ -80,3 +80,17 @@ def test_every_decision_is_logged_with_the_other_arm_as_shadow(ab_run):
         assert len(records) == len(trace.requests)  # the warm-up pass ran on a router of its own
         assert sorted(r["prompt_tokens"] for r in records) == sorted(q.input_len for q in trace.requests)
         assert all(r["arm"] == arm and set(r["shadow"]) == {other} for r in records)
+
+
+def test_each_run_records_the_workers_tier_hits_and_measured_costs(ab_run):
+    out, trace, _ = ab_run
+    results = json.loads((out / "results.json").read_text())
+    for arm, r in results["arms"].items():
+        (run,) = r["sweep"]
+        loads = {w["worker_id"]: w["load"] for w in run["workers"]}
+        assert len(loads) == 3, arm
+        # Every prompt token of the run was scheduled on some worker, counted with its hits by tier.
+        prompt = sum(int(load["tiers"]["prompt_tokens"]) for load in loads.values())
+        assert prompt >= sum(req.input_len for req in trace.requests), arm
+        rates = [p.get("tokens_per_s", 0.0) for load in loads.values() for p in load["costs"]["prefill"]]
+        assert max(rates) > 0, (arm, loads)  # the workers that prefilled measured their rate
