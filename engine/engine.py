@@ -8,8 +8,9 @@ wrap it in their own loop. Knows nothing about tokenization or networking.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,9 +24,9 @@ from splitserve.engine.kv_watch import KVReady, KVWatch
 from splitserve.engine.model_config import ModelConfig, checkpoint_identity
 from splitserve.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from splitserve.engine.ops import select_ops
-from splitserve.engine.outputs import FinishReason, StepOutput
+from splitserve.engine.outputs import FinishReason, StepOutput, TokenLogprob
 from splitserve.engine.rates import DeviceTimer, PrefillRate
-from splitserve.engine.sampler import Sampler
+from splitserve.engine.sampler import Logprobs, Sampler, SampleRow
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledBatch, Scheduler
 from splitserve.engine.sequence import Sequence
@@ -58,6 +59,7 @@ class _InFlight:
     batch: ScheduledBatch
     tokens: torch.Tensor  # host int64 [num_sampling_seqs]; valid once `done` has fired
     done: torch.cuda.Event | None  # None on CPU, where the tokens are ready at once
+    logprobs: Logprobs | None  # host copies of the rows' logprobs (valid with the tokens), if any asked
     timer: DeviceTimer | None  # a prefill step's compute and sampling (timed for `Engine.prefill_rate`)
 
 
@@ -88,7 +90,8 @@ class Engine:
             self.block_pool.spill = HostKVTier(self.runner.kv_caches, host_blocks)
         self.kv = KVCacheManager(self.block_pool, config.cache.block_size, self.model_id)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, cfg.eos_token_ids)
-        self.sampler = Sampler(self.device, config.seed)
+        self.sampler = Sampler(self.device)
+        self._seeds = random.Random(config.seed)  # the draws' keys of requests without a seed
         self._sequences: dict[str, Sequence] = {}
         self._in_flight: _InFlight | None = None  # the launched step whose tokens are not read yet
         self._reserved: dict[str, Sequence] = {}  # waiting for their KV by transfer (reserve_kv)
@@ -207,7 +210,6 @@ class Engine:
             return StepOutput(request_id, (), FinishReason.ABORT, 0)
         seq.num_computed_tokens = seq.num_prompt_tokens  # the prompt's KV is in place: never recomputed
         seq.token_ids.append(first_token_id)
-        self.sampler.skip_draw(seq.params, seq.generator, self.model_config.vocab_size)
         seq.ever_scheduled = True  # cached-token accounting belongs to the worker that prefilled
         self.kv.commit(seq)
         reason = self.scheduler.stop_reason(seq, first_token_id)
@@ -229,11 +231,8 @@ class Engine:
 
     def _new_sequence(self, request_id, prompt_token_ids, params, cache_salt) -> Sequence:
         self._validate(request_id, prompt_token_ids, params)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(params.seed)
-        return Sequence(request_id, list(prompt_token_ids), params, cache_salt, generator)
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        return Sequence(request_id, list(prompt_token_ids), params, cache_salt, seed)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks. Returns False for unknown or finished ids."""
@@ -251,8 +250,12 @@ class Engine:
         N-1 and return its outputs. The host's work for step N (scheduling, input preparation, launch)
         thus overlaps the device's work for step N-1; pending tokens reach step N on the device."""
         batch = self.scheduler.schedule()
+        outputs = []
+        if batch is not None and self._in_flight is not None and _needs_landed_tokens(batch):
+            outputs, self._in_flight = self._complete(self._in_flight), None
         launched = self._launch(batch) if batch is not None else None
-        outputs = self._complete(self._in_flight) if self._in_flight is not None else []
+        if self._in_flight is not None:
+            outputs = self._complete(self._in_flight)
         self._in_flight = launched
         return outputs
 
@@ -261,12 +264,15 @@ class Engine:
         timer = DeviceTimer(self.device) if batch.phase == "prefill" else None
         logits = self.runner.execute(batch, self._layer_hook(reports) if reports else None)
         items = batch.sampling_items
-        params, generators = [it.seq.params for it in items], [it.seq.generator for it in items]
-        self.sampler(logits, params, generators, out=self.runner.sampled[: len(items)])
+        _, logprobs = self.sampler(
+            logits, [_sample_row(it) for it in items], out=self.runner.sampled[: len(items)]
+        )
         if timer is not None:
             timer.stop()
+        if logprobs is not None:  # queued before the tokens' copy: `done` covers both
+            logprobs = logprobs.map(self.runner.to_host)
         tokens, done = self.runner.tokens_to_host(len(items))
-        return _InFlight(batch, tokens, done, timer)
+        return _InFlight(batch, tokens, done, logprobs, timer)
 
     def _kv_reports(self, batch: ScheduledBatch) -> list[tuple[Sequence, int, tuple[int, ...], bool]]:
         """For each watched sequence of a prefill step whose blocks this step completes: (sequence, first
@@ -313,10 +319,32 @@ class Engine:
             context = sum(it.start * it.num_new_tokens for it in chunks) / max(1, num_tokens)
             self.prefill_rate.observe(num_tokens, context, step.timer.seconds())
         outputs = self.scheduler.update(step.batch, step.tokens.tolist())
+        if step.logprobs is not None:
+            outputs = self._with_logprobs(step, outputs)
         for out in outputs:
             if out.finished:
                 del self._sequences[out.request_id]
         return outputs
+
+    def _with_logprobs(self, step: _InFlight, outputs: list[StepOutput]) -> list[StepOutput]:
+        """The outputs, each new token with its logprobs where its request asked for them."""
+        rows = {
+            it.seq.request_id: (k, it.seq.params.logprobs) for k, it in enumerate(step.batch.sampling_items)
+        }
+        sampled, rank, top_ids, top = step.logprobs.map(torch.Tensor.tolist)
+        with_lp = []
+        for out in outputs:
+            k, n = rows[out.request_id]
+            if n is not None and out.new_token_ids:
+                entry = TokenLogprob(
+                    out.new_token_ids[0],
+                    sampled[k],
+                    rank[k],
+                    tuple(zip(top_ids[k][:n], top[k][:n], strict=True)),
+                )
+                out = replace(out, logprobs=(entry,))
+            with_lp.append(out)
+        return with_lp
 
     def _check_token_ids(self, token_ids: list[int]) -> None:
         vocab = self.model_config.vocab_size
@@ -349,3 +377,20 @@ class Engine:
                 f"with chunked prefill off a request of up to {most_tokens} tokens exceeds "
                 f"max_num_batched_tokens={sched.max_num_batched_tokens}"
             )
+
+
+def _sample_row(item) -> SampleRow:
+    """What the sampler needs of a scheduled item: its parameters, key and the position it draws for; the
+    tokens seen for a penalized one (all landed: see `_needs_landed_tokens`)."""
+    seq = item.seq
+    position = item.start + item.num_new_tokens
+    if not seq.params.penalized:
+        return SampleRow(seq.params, seq.seed, position)
+    n = seq.num_prompt_tokens
+    return SampleRow(seq.params, seq.seed, position, seq.token_ids[:n], seq.token_ids[n:])
+
+
+def _needs_landed_tokens(batch: ScheduledBatch) -> bool:
+    """Whether a penalized sequence of the batch samples while its previous token is still in flight: its
+    penalties need every token it has, so that step is completed first (no lookahead for such batches)."""
+    return any(it.seq.params.penalized and it.seq.num_pending > 1 for it in batch.sampling_items)

@@ -211,6 +211,14 @@ class ModelRunner:
         hidden = self.model(input_ids, longs[2 * t : 3 * t], self.kv_caches, meta, layer_done)
         return self.model.compute_logits(hidden[longs[4 * t :]])
 
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Start copying a small device tensor to the host (pinned; valid once the next `tokens_to_host`
+        event has fired); on CPU, the tensor itself."""
+        if self.device.type != "cuda":
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return host.copy_(tensor, non_blocking=True)
+
     def tokens_to_host(self, num_rows: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """Start copying the first `num_rows` sampled tokens to the host. Returns the host tensor and,
         on CUDA, the event after which it holds them."""

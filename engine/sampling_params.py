@@ -9,13 +9,19 @@ from dataclasses import dataclass
 
 from splitserve.engine.errors import InvalidRequest
 
+MAX_LOGPROBS = 20  # the most top logprobs a request may ask for (OpenAI's limit)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop.
 
-    temperature 0 means greedy. `top_k` None and `top_p` 1.0 disable those filters. `stop` strings are
-    matched on detokenized text by the caller that owns the tokenizer; `stop_token_ids` and EOS are
+    temperature 0 means greedy. `top_k` None, `top_p` 1.0 and `min_p` 0.0 disable those filters;
+    `repetition_penalty` 1.0 and `presence_penalty` / `frequency_penalty` 0.0 disable the penalties (as in
+    vLLM: repetition on prompt and output tokens, the others on output tokens). `seed` makes the draws a
+    pure function of (seed, token position). `logprobs` N (0–20) returns each sampled token's logprob and
+    rank and the N most likely tokens' (the raw model distribution); None returns none. `stop` strings
+    are matched on detokenized text by the caller that owns the tokenizer; `stop_token_ids` and EOS are
     matched by the engine. Invalid values raise `InvalidRequest` (a `ValueError`).
     """
 
@@ -23,7 +29,12 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
+    logprobs: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -50,6 +61,21 @@ class SamplingParams:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise InvalidRequest(f"top_k must be None (disabled) or an integer >= 1, got {self.top_k!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise InvalidRequest(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.logprobs is not None and not (
+            isinstance(self.logprobs, int)
+            and not isinstance(self.logprobs, bool)
+            and 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise InvalidRequest(
+                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            )
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
             raise InvalidRequest(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -60,3 +86,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

@@ -13,8 +13,6 @@ from splitserve.engine.outputs import FinishReason
 from splitserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    import torch
-
     from splitserve.engine.kv_watch import KVWatch
 
 
@@ -42,13 +40,13 @@ class Sequence:
         prompt_token_ids: list[int],
         params: SamplingParams,
         cache_salt: str | None = None,
-        generator: torch.Generator | None = None,
+        seed: int = 0,
         kv_watch: KVWatch | None = None,
     ) -> None:
         self.request_id = request_id
         self.params = params
         self.cache_salt = cache_salt
-        self.generator = generator
+        self.seed = seed  # its draws' key (the request's own seed, or one the engine gave it)
         self.kv_watch = kv_watch  # report the prompt's KV layer by layer as it is computed
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)

@@ -13,7 +13,7 @@ from typing import Any
 from splitserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from splitserve.engine.engine import Engine
 from splitserve.engine.errors import InvalidRequest
-from splitserve.engine.outputs import CompletionOutput, FinishReason, RequestOutput
+from splitserve.engine.outputs import CompletionOutput, FinishReason, Logprob, RequestOutput, TokenLogprob
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.tokenizer import Detokenizer, Tokenizer
 
@@ -69,6 +69,16 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(c) for c in conversations]
         return self.generate(prompts, sampling_params)
 
+    def _logprob_entry(self, lp: TokenLogprob) -> dict[int, Logprob]:
+        """vLLM's per-token logprobs dict: the sampled token's, then the most likely tokens'."""
+        entry = {lp.token_id: Logprob(lp.logprob, lp.rank, self._token_text(lp.token_id))}
+        for rank, (token_id, logprob) in enumerate(lp.top, start=1):
+            entry.setdefault(token_id, Logprob(logprob, rank, self._token_text(token_id)))
+        return entry
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" not in prompt:
@@ -80,10 +90,14 @@ class LLM:
         detoks = {rid: Detokenizer(self.tokenizer, p) for rid, p in zip(ids, params_list, strict=True)}
         results: dict[str, CompletionOutput] = {}
         cached: dict[str, int] = {}
+        asked = [rid for rid, p in zip(ids, params_list, strict=True) if p.logprobs is not None]
+        logprobs: dict[str, list[dict[int, Logprob]]] = {rid: [] for rid in asked}
         while len(results) < len(ids):
             for out in self.engine.step():
                 detok = detoks[out.request_id]
                 cached[out.request_id] = out.num_cached_tokens
+                if out.logprobs:
+                    logprobs[out.request_id] += [self._logprob_entry(lp) for lp in out.logprobs]
                 reason, stop_reason = out.finish_reason, None
                 if detok.add(out.new_token_ids):
                     self.engine.abort_request(out.request_id)
@@ -91,9 +105,12 @@ class LLM:
                 elif reason is FinishReason.STOP and out.new_token_ids[-1] in detok.params.stop_token_ids:
                     stop_reason = out.new_token_ids[-1]
                 if reason is not None:
-                    results[out.request_id] = CompletionOutput(
-                        0, detok.text, list(detok.token_ids), reason, stop_reason
-                    )
+                    done = CompletionOutput(0, detok.text, list(detok.token_ids), reason, stop_reason)
+                    if out.request_id in logprobs:
+                        done.logprobs = logprobs[out.request_id][: len(done.token_ids)]
+                        done.cumulative_logprob = sum(
+                            entry[t].logprob for entry, t in zip(done.logprobs, done.token_ids, strict=False))
+                    results[out.request_id] = done
         return [
             RequestOutput(rid, prompt, token_ids, [results[rid]], cached.get(rid, 0), finished=True)
             for rid, (prompt, token_ids) in zip(ids, requests, strict=True)
