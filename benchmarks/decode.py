@@ -58,19 +58,21 @@ def kv_bytes(llm: LLM, num_tokens: int) -> int:
     return 2 * cfg.num_layers * num_tokens * cfg.kv_size * llm.engine.dtype.itemsize
 
 
-def decode_step_ms(llm: LLM, batch: int, context: int, steps: int = 60, profile: bool = False):
+def decode_step_ms(llm: LLM, batch: int, context: int, steps: int = 60, profile: bool = False,
+                   sampling: dict | None = None):  # fmt: skip
     """(ms per engine decode step, ms per graph replay) for `batch` sequences at about `context` tokens.
 
     Steps run back to back, in steady state: the engine overlaps each step's host work with the
     previous step's device work, so timing steps one at a time with a sync around each would measure
     something else. Step time is the median of three runs of steps // 3 steps. The replay time is the
     captured GPU work alone (no scheduling, input copies or sampling), timed while the sequences still
-    run, on the last step's inputs (a replay rewrites the same K/V into the same slots)."""
+    run, on the last step's inputs (a replay rewrites the same K/V into the same slots). `sampling`:
+    the requests' sampling parameters (greedy when None)."""
     engine = llm.engine
     vocab = engine.model_config.vocab_size
     # More tokens than the run needs (sequences that finish prefill early decode while others still
     # prefill): every sequence is still running, so each timed step is a full batch. Aborted at the end.
-    params = SamplingParams(temperature=0.0, max_tokens=4 * steps + 64, ignore_eos=True)
+    params = SamplingParams(max_tokens=4 * steps + 64, ignore_eos=True, **(sampling or {"temperature": 0.0}))
     gen = torch.Generator().manual_seed(batch * 7919 + context)
     for i in range(batch):
         prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()

@@ -125,7 +125,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 chunk = router_pb2.RouterChunk(token_ids=out.token_ids, finish_reason=out.finish_reason)
                 if detok is not None:
                     seen = len(detok.text)
-                    if detok.add(out.token_ids):
+                    if detok.add(out.token_ids, final=bool(out.finish_reason)):
                         chunk.finish_reason = "stop"  # a stop string: the workers stop when we hang up
                     chunk.text = detok.text[seen:]
                 if completion == 0 and out.token_ids:  # the first token

@@ -67,10 +67,15 @@ def _raise(message: str):
 
 
 class Detokenizer:
-    """The text of one request's output so far, cut at the first stop string.
+    """The text of one request's output so far, cut at the first stop string; incremental, O(new tokens)
+    a step.
 
-    Re-decodes the whole output on each update, which keeps byte-level BPE merges and multi-byte
-    characters right; output lengths here make that cheaper than bookkeeping offsets.
+    Offsets into the output's tokens, as vLLM keeps them: `text` holds the decoding of tokens [0, read);
+    each update decodes only the window [prefix, end) and appends what it adds to the decoding of
+    [prefix, read) — the window starts a token back, so a tokenizer that drops a word's leading space at
+    the start of a decode keeps it. While the window's text ends in an incomplete UTF-8 character (a byte-
+    level token split it), nothing is appended; the final update (`final`) appends whatever is left, so
+    the finished text equals decoding the whole output at once.
     """
 
     def __init__(self, tokenizer: Decoder, params: SamplingParams) -> None:
@@ -80,14 +85,20 @@ class Detokenizer:
         self.text = ""
         self.stop_string: str | None = None
         self._longest_stop = max((len(s) for s in params.stop), default=0)
+        self._prefix = self._read = 0  # token offsets: the window's start, the end of what `text` holds
 
-    def add(self, token_ids: tuple[int, ...] | list[int]) -> bool:
-        """Append tokens; returns True when a stop string has just been found."""
+    def add(self, token_ids: tuple[int, ...] | list[int], final: bool = False) -> bool:
+        """Append tokens (`final`: the request's last); True when a stop string has just been found."""
         if self.stop_string is not None:
             return False
         self.token_ids.extend(token_ids)
         previous_len = len(self.text)
-        self.text = self.tokenizer.decode(self.token_ids, self.params.skip_special_tokens)
+        skip = self.params.skip_special_tokens
+        done = self.tokenizer.decode(self.token_ids[self._prefix : self._read], skip)
+        window = self.tokenizer.decode(self.token_ids[self._prefix :], skip)
+        if final or (len(window) > len(done) and not window.endswith("\ufffd")):
+            self.text += window[len(done) :]
+            self._prefix, self._read = self._read, len(self.token_ids)
         if not self.params.stop:
             return False
         search_from = max(0, previous_len - self._longest_stop + 1)

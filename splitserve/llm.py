@@ -99,7 +99,7 @@ class LLM:
                 if out.logprobs:
                     logprobs[out.request_id] += [self._logprob_entry(lp) for lp in out.logprobs]
                 reason, stop_reason = out.finish_reason, None
-                if detok.add(out.new_token_ids):
+                if detok.add(out.new_token_ids, final=out.finished):
                     self.engine.abort_request(out.request_id)
                     reason, stop_reason = FinishReason.STOP, detok.stop_string
                 elif reason is FinishReason.STOP and out.new_token_ids[-1] in detok.params.stop_token_ids:
