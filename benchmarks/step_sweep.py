@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--contexts", default="600,2048")
     p.add_argument("--modes", default="greedy,sampled,penalized")
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--model", help="a checkpoint instead of one made here")
     p.add_argument("--json")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -109,7 +110,7 @@ def main() -> None:
                    "tie_word_embeddings": False} if args.shape == "8b" else {}  # fmt: skip
         spec = (TinyModelSpec.llama_3_2_1b_shape(max_position_embeddings=max_len, **eight_b) if cuda
                 else TinyModelSpec(arch="llama", max_position_embeddings=max_len))  # fmt: skip
-        path = make_tiny_model(Path(tmp) / "model", spec)
+        path = args.model or make_tiny_model(Path(tmp) / "model", spec)
         num_blocks = sum(batches[-1:]) * (max(contexts) + 4 * args.steps + 80) // 16 + 64
         llm = LLM(str(path), device=args.device, dtype="bfloat16" if cuda else "float32",
                   num_blocks=num_blocks, max_num_seqs=max(batches), max_num_batched_tokens=8192)  # fmt: skip

@@ -178,3 +178,27 @@ def test_lists_are_accepted_and_stored_as_tuples():
     p = SamplingParams(stop=["a", "b"], stop_token_ids=[1, 2])
     assert p.stop == ("a", "b") and p.stop_token_ids == (1, 2)
     assert SamplingParams(stop="x").stop == ("x",)
+
+
+@pytest.mark.gpu
+def test_on_cuda_draws_follow_the_distribution_and_do_not_depend_on_the_batch():
+    cuda = torch.device("cuda")
+    sampler = Sampler(cuda)
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5])
+    params = SamplingParams(temperature=0.9, top_k=6, top_p=0.95, min_p=0.05)
+    n = 20_000
+    tokens, _ = sampler(logits.repeat(n, 1).to(cuda), rows([params] * n, list(range(n)), [5] * n))
+    counts = torch.bincount(tokens.cpu(), minlength=8).double()
+    expected = reference_filtered(logits, params)
+    live = expected > 0
+    assert (counts[~live] == 0).all()
+    assert float((((counts - n * expected) ** 2)[live] / (n * expected[live])).sum()) < CHI2_7DF_1E4
+    big = torch.randn(300, 128_256, device=cuda).to(torch.bfloat16)  # a Llama-3 vocabulary
+    p = SamplingParams(temperature=0.8, top_p=0.9, seed=5)
+    alone = int(sampler(big[7:8], rows([p], [5], [33]))[0][0])
+    mixed = [SamplingParams(temperature=1.0, min_p=0.1), SamplingParams(temperature=0.0)] * 150
+    mixed[7] = p
+    seeds = list(range(300))
+    seeds[7] = 5
+    positions = [33] * 300
+    assert int(sampler(big, rows(mixed, seeds, positions))[0][7]) == alone
