@@ -24,7 +24,9 @@ def sampling_from_proto(p: common_pb2.SamplingParams, **overrides) -> SamplingPa
     fields = {
         "max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p or 1.0,
         "top_k": p.top_k or None, "seed": p.seed if p.HasField("seed") else None,
-        "stop_token_ids": tuple(p.stop_token_ids), "ignore_eos": p.ignore_eos,
+        "stop_token_ids": tuple(p.stop_token_ids), "ignore_eos": p.ignore_eos, "min_p": p.min_p,
+        "repetition_penalty": p.repetition_penalty or 1.0, "presence_penalty": p.presence_penalty,
+        "frequency_penalty": p.frequency_penalty,
     }  # fmt: skip
     return SamplingParams(**{**fields, **overrides})
 
@@ -34,7 +36,8 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(
         max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
         top_k=params.top_k or 0, seed=params.seed, stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=params.ignore_eos,
+        ignore_eos=params.ignore_eos, min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
     )  # fmt: skip
 
 

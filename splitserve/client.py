@@ -110,6 +110,10 @@ def build_request(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int | None = None,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     seed: int | None = None,
     stop: str | Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
@@ -121,7 +125,9 @@ def build_request(
     """The request the clients' `generate` and `stream` send; their keyword arguments are these."""
     sampling = common_pb2.SamplingParams(
         temperature=temperature, top_p=top_p, top_k=top_k or 0, max_tokens=max_tokens,
-        stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos,
+        stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, min_p=min_p,
+        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
     )  # fmt: skip
     if seed is not None:
         sampling.seed = seed

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from workers_cluster import GREEDY, Cluster, offline
 
-from splitserve import SamplingParams
+from splitserve import LLM, SamplingParams
 from splitserve.kvtransfer.chunks import encode_chunk, plan_chunks
 from splitserve.kvtransfer.requests import sampling_to_proto
 from splitserve.protos import common_pb2, kvtransfer_pb2, workers_pb2
@@ -225,3 +225,21 @@ def test_a_corrupt_lane_fails_the_striped_transfer_with_its_own_error_and_frees_
         for ch in channels:
             ch.close()
         c.close()
+
+
+def test_seeded_sampling_with_filters_and_penalties_across_real_workers_equals_one_engine(tiny_model):
+    """Every sampling field crosses the wire (min-p, penalties), and a seeded request's draws are keyed by
+    (seed, position): the prefill worker's first token and the decode worker's rest are what one engine
+    samples."""
+    model = tiny_model("llama")
+    params = {"temperature": 0.9, "top_p": 0.95, "min_p": 0.02, "repetition_penalty": 1.3,
+              "presence_penalty": 0.4, "frequency_penalty": 0.3, "seed": 99, "ignore_eos": True}  # fmt: skip
+    prompt = list(range(5, 47))
+    single = LLM(str(model), num_blocks=200, block_size=8)
+    expected = single.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=12, **params))
+    cluster = Cluster(model, "grpc")
+    try:
+        tokens, _ = cluster.generate("pen", prompt, 12, sampling=params)
+    finally:
+        cluster.close()
+    assert tokens == expected[0].outputs[0].token_ids

@@ -71,10 +71,11 @@ class Cluster:
         """Each engine's free blocks (prefill, decode[, warm])."""
         return tuple(loop.call(lambda e=loop.engine: e.block_pool.num_free_blocks) for loop in self.loops)
 
-    def generate(self, rid, prompt, max_tokens, prefiller=None, holder=None):
+    def generate(self, rid, prompt, max_tokens, prefiller=None, holder=None, sampling=None):
         """As a router does: Generate starts on the first token, while the KV may still be travelling.
-        Returns (tokens, the prefill worker's transfer report). `holder`: a KVHolder to fetch from."""
-        sampling = sampling_to_proto(SamplingParams(max_tokens=max_tokens, **GREEDY))
+        Returns (tokens, the prefill worker's transfer report). `holder`: a KVHolder to fetch from;
+        `sampling`: SamplingParams fields (greedy when None)."""
+        sampling = sampling_to_proto(SamplingParams(max_tokens=max_tokens, **(sampling or GREEDY)))
         replies = (prefiller or self.prefiller).Prefill(workers_pb2.PrefillRequest(
             request_id=rid, prompt_token_ids=prompt, sampling=sampling, decode_address=self.decode_address,
             kv_holder=holder))
