@@ -106,6 +106,10 @@ class PrefillRate:
         bucket = bisect.bisect_right(PREFILL_CONTEXT_BUCKETS, num_cached) - 1
         self._fits[bucket].observe(num_tokens, seconds)
 
+    def steps(self) -> list[int]:
+        """How many prefill steps each bucket has observed (whether or not they determine a rate)."""
+        return [fit.num_steps for fit in self._fits]
+
     def buckets(self) -> list[tuple[int, float]]:
         """(first cached-context length, tokens/s) of every bucket, ascending; 0 where not measured yet."""
         return [(start, fit.per_s) for start, fit in zip(PREFILL_CONTEXT_BUCKETS, self._fits, strict=True)]

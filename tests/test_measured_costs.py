@@ -95,7 +95,11 @@ def test_an_engines_prefills_and_host_tier_loads_are_measured_and_published(mode
     finally:
         loop.stop()
     rates = {r.min_cached_tokens: r.tokens_per_s for r in costs.prefill}
-    assert rates[0] > 0 and rates[1024] == rates[4096] == rates[16384] == 0.0  # 4 prompts, short contexts
+    # Every prefill step was timed, in the short-context bucket; whether 4 steps of a tiny model tell a
+    # fixed cost from a rate depends on the machine's noise, so the figure is checked against the fit.
+    assert engine.prefill_rate.steps() == [4, 0, 0, 0]
+    assert rates == pytest.approx(dict(engine.prefill_rate.buckets()))
+    assert rates[1024] == rates[4096] == rates[16384] == 0.0
     assert costs.host_load_bytes_per_s > 0 and not costs.push_bytes_per_s  # an engine pushes nothing
     # As the router's cost model takes them: a worker's figures in place of the calibration's.
     m = measured_costs(costs)
@@ -141,7 +145,9 @@ def test_a_prefill_workers_pushes_are_measured_per_transport_and_reach_the_route
         measured = views["fresh-0"].measured
         pushed = load.costs.push_bytes_per_s[cluster.transport]
         assert measured.push_rate(cluster.transport) == pytest.approx(pushed)
-        assert measured.prefill_rate(0) > 0 and views["decode-0"].measured.push_bytes_per_s == ()
+        published = tuple((r.min_cached_tokens, r.tokens_per_s) for r in load.costs.prefill)
+        assert measured.prefill_tokens_per_s == published
+        assert views["decode-0"].measured.push_bytes_per_s == ()
         push = DEFAULT_COST_MODEL.push(measured, cluster.transport)
         assert push.bytes_per_s == pytest.approx(pushed)
         assert push.latency_s == DEFAULT_COST_MODEL.transfer(cluster.transport).latency_s
