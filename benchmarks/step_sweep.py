@@ -108,9 +108,11 @@ def main() -> None:
         max_len = max(contexts) + 4 * args.steps + 128
         eight_b = {"hidden_size": 4096, "intermediate_size": 14336, "num_layers": 32, "head_dim": 128,
                    "tie_word_embeddings": False} if args.shape == "8b" else {}  # fmt: skip
-        spec = (TinyModelSpec.llama_3_2_1b_shape(max_position_embeddings=max_len, **eight_b) if cuda
-                else TinyModelSpec(arch="llama", max_position_embeddings=max_len))  # fmt: skip
-        path = args.model or make_tiny_model(Path(tmp) / "model", spec)
+        path = args.model
+        if path is None:  # llama3 rope scaling wants at least its original 8192 positions
+            spec = (TinyModelSpec.llama_3_2_1b_shape(max_position_embeddings=max(max_len, 8192), **eight_b)
+                    if cuda else TinyModelSpec(arch="llama", max_position_embeddings=max_len))  # fmt: skip
+            path = make_tiny_model(Path(tmp) / "model", spec)
         num_blocks = sum(batches[-1:]) * (max(contexts) + 4 * args.steps + 80) // 16 + 64
         llm = LLM(str(path), device=args.device, dtype="bfloat16" if cuda else "float32",
                   num_blocks=num_blocks, max_num_seqs=max(batches), max_num_batched_tokens=8192)  # fmt: skip

@@ -74,7 +74,11 @@ def main() -> None:
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192)  # fmt: skip
         vocab = llm.engine.model_config.vocab_size
         prompts = [[rng.randrange(vocab) for _ in range(n)] for n in ins]
-        run(llm, prompts[:8], [8] * 8, MODES["greedy"])  # warm-up: allocator, kernels, graphs
+        # Warm-up, unmeasured: a full batch of the prompts, so the allocator, the kernels of every prefill
+        # shape and the CUDA graphs of every batch size it meets are ready before the clock starts.
+        warm = min(len(prompts), args.max_num_seqs)
+        for mode in args.modes.split(","):
+            run(llm, prompts[:warm], [16] * warm, MODES[mode])
         name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
         which = model if args.model else ("1B shape" if cuda else "tiny")
         print(f"{name}; torch {torch.__version__}; {which}; "
