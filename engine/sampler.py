@@ -144,28 +144,33 @@ class Sampler:
         negative one multiplied), presence and frequency penalties on the output's tokens (minus the
         penalty once, and once per occurrence), as vLLM and OpenAI define them."""
         num_rows, vocab = logits.shape
-        counts = torch.zeros((num_rows, vocab), dtype=torch.float32)
-        seen = torch.zeros((num_rows, vocab), dtype=torch.bool)
-        rep = torch.ones(num_rows)
-        presence, frequency = torch.zeros(num_rows), torch.zeros(num_rows)
+        device = logits.device
+        out_rows, out_ids, seen_rows, seen_ids = [], [], [], []
+        rep, presence, frequency = np.ones(num_rows), np.zeros(num_rows), np.zeros(num_rows)
         for i, r in enumerate(rows):
             p = r.params
             if not p.penalized:
                 continue
-            out = torch.tensor(r.output or [], dtype=torch.int64)
-            counts[i].index_add_(0, out, torch.ones(len(out)))
-            seen[i, torch.tensor(r.prompt or [], dtype=torch.int64)] = True
+            out_rows.append(np.full(len(r.output or ()), i))
+            out_ids.append(np.asarray(r.output or (), dtype=np.int64))
+            seen_rows.append(np.full(len(r.prompt or ()), i))
+            seen_ids.append(np.asarray(r.prompt or (), dtype=np.int64))
             rep[i], presence[i], frequency[i] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
-        counts, seen = counts.to(logits.device), seen.to(logits.device)
+
+        def on_device(parts: list[np.ndarray], dtype=torch.int64) -> torch.Tensor:
+            return torch.from_numpy(np.concatenate(parts)).to(device=device, dtype=dtype)
+
+        # Counts built on the device from the token ids alone (one small copy, not a [rows, vocab] one).
+        counts = torch.zeros((num_rows, vocab), dtype=torch.float32, device=device)
+        out = (on_device(out_rows), on_device(out_ids))
+        counts.index_put_(out, torch.ones(len(out[0]), device=device), accumulate=True)
+        seen = counts > 0
+        seen[on_device(seen_rows), on_device(seen_ids)] = True
         rep, presence, frequency = (
-            rep.to(logits.device),
-            presence.to(logits.device),
-            frequency.to(logits.device),
+            on_device([x], torch.float32).unsqueeze(1) for x in (rep, presence, frequency)
         )
-        seen |= counts > 0
-        r = rep.unsqueeze(1)
-        logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
-        return logits - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0).float()
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+        return logits - frequency * counts - presence * (counts > 0).float()
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> Logprobs:
@@ -186,7 +191,8 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     before = probs.cumsum(dim=-1) - probs  # mass strictly before each rank
     rank = torch.arange(vocab, device=logits.device)
     k = torch.where(top_k > 0, top_k, float(vocab)).unsqueeze(1)
-    keep = (rank < k) & (before < top_p.unsqueeze(1))
+    # A row without top-p keeps every token (rounding can bring the mass before the tail to 1).
+    keep = (rank < k) & ((before < top_p.unsqueeze(1)) | (top_p >= 1.0).unsqueeze(1))
     num_kept = keep.sum(dim=-1, keepdim=True).clamp_(min=1)
     cutoff = ordered.gather(1, num_kept - 1)
     return logits.masked_fill(logits < cutoff, float("-inf"))
