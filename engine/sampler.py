@@ -20,6 +20,7 @@ logits before any processing), as OpenAI and vLLM report them by default.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,10 +46,10 @@ def uniforms(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-@dataclass(frozen=True)
-class SampleRow:
+class SampleRow(NamedTuple):
     """One row of a step's logits to sample: its request's parameters, seed and the position of the token
-    drawn; for penalties, the token ids it has seen (`prompt` and `output`, only read when it has any)."""
+    drawn; for penalties, the token ids it has seen (`prompt` and `output`, only read when it has any).
+    A named tuple: one is made per sequence per step, and a frozen dataclass costs ~4× as much to make."""
 
     params: SamplingParams
     seed: int
