@@ -19,7 +19,7 @@ from splitserve.engine.loop import EngineLoop
 from splitserve.kvtransfer.errors import CorruptChunk, LayoutMismatch, LeaseNotFound, MalformedChunk
 from splitserve.kvtransfer.fetch import Fetcher, FetchServer
 from splitserve.kvtransfer.receiver import ClaimAbandoned, KVReceiver, WrongLease
-from splitserve.kvtransfer.requests import queue_request, worker_load
+from splitserve.kvtransfer.requests import logprobs_to_proto, queue_request, worker_load
 from splitserve.kvtransfer.same_host import export_source
 from splitserve.kvtransfer.transport import channel
 from splitserve.protos import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, workers_pb2, workers_pb2_grpc
@@ -110,7 +110,8 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
             out = outputs.get()
             reason = out.finish_reason.value if out.finished else ""
             tokens, cached = list(out.new_token_ids), out.num_cached_tokens
-            chunk = workers_pb2.TokenChunk(token_ids=tokens, finish_reason=reason, num_cached_tokens=cached)
+            chunk = workers_pb2.TokenChunk(token_ids=tokens, finish_reason=reason, num_cached_tokens=cached,
+                                           logprobs=logprobs_to_proto(out.logprobs))  # fmt: skip
             if first and not request.lease_id:
                 chunk.num_fetched_blocks, chunk.fetch_fallback = fetched.num_blocks, fetched.fallback
             first = False

@@ -26,7 +26,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams, **overrides) -> SamplingPa
         "top_k": p.top_k or None, "seed": p.seed if p.HasField("seed") else None,
         "stop_token_ids": tuple(p.stop_token_ids), "ignore_eos": p.ignore_eos, "min_p": p.min_p,
         "repetition_penalty": p.repetition_penalty or 1.0, "presence_penalty": p.presence_penalty,
-        "frequency_penalty": p.frequency_penalty,
+        "frequency_penalty": p.frequency_penalty, "logprobs": p.logprobs if p.HasField("logprobs") else None,
     }  # fmt: skip
     return SamplingParams(**{**fields, **overrides})
 
@@ -38,7 +38,15 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         top_k=params.top_k or 0, seed=params.seed, stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos, min_p=params.min_p, repetition_penalty=params.repetition_penalty,
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        logprobs=params.logprobs,
     )  # fmt: skip
+
+
+def logprobs_to_proto(logprobs) -> list[common_pb2.TokenLogprob]:
+    """A step output's `TokenLogprob`s (None: none asked) as they travel."""
+    return [common_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
+                                    top_ids=[t for t, _ in lp.top], top_logprobs=[v for _, v in lp.top])
+            for lp in logprobs or ()]  # fmt: skip
 
 
 def worker_load(

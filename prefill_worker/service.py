@@ -27,7 +27,7 @@ from splitserve.engine.rates import LineFit
 from splitserve.kvtransfer.chunks import DEFAULT_CHUNK_BYTES
 from splitserve.kvtransfer.fetch import Fetched, Fetcher, FetchServer
 from splitserve.kvtransfer.push import KVPush
-from splitserve.kvtransfer.requests import queue_request, worker_load
+from splitserve.kvtransfer.requests import logprobs_to_proto, queue_request, worker_load
 from splitserve.kvtransfer.same_host import SourceMaps, export_source, host_id
 from splitserve.kvtransfer.stream import kv_layout
 from splitserve.kvtransfer.transport import channel, push_stub
@@ -171,11 +171,14 @@ class PrefillService(workers_pb2_grpc.PrefillWorkerServicer):
 
     @staticmethod
     def _first_reply(out, start: float, fetched: Fetched) -> workers_pb2.PrefillReply:
-        return workers_pb2.PrefillReply(
+        reply = workers_pb2.PrefillReply(
             first_token_id=out.new_token_ids[0], num_cached_tokens=out.num_cached_tokens,
             first_token_ms=(time.perf_counter() - start) * 1e3, num_fetched_blocks=fetched.num_blocks,
             fetch_fallback=fetched.fallback,
         )  # fmt: skip
+        if out.logprobs:
+            reply.first_token_logprob.CopyFrom(logprobs_to_proto(out.logprobs)[0])
+        return reply
 
     def _reserve_request(self, request: workers_pb2.PrefillRequest) -> kvtransfer_pb2.ReserveRequest:
         salt = request.cache_salt if request.HasField("cache_salt") else None

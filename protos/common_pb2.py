@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitserve/protos/common.proto\x12\rsplitserve.v1\"\xff\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x42\x07\n\x05_seed\"{\n\x08KVLayout\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\"\x9a\x02\n\nWorkerLoad\x12\x15\n\rqueued_tokens\x18\x01 \x01(\x04\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x18\n\x10waiting_requests\x18\x03 \x01(\r\x12\x10\n\x08kv_usage\x18\x04 \x01(\x02\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\r\x12\x1c\n\x14max_running_requests\x18\x06 \x01(\r\x12\x0f\n\x07step_ms\x18\x07 \x01(\x02\x12\x13\n\x0bstep_tokens\x18\x08 \x01(\r\x12)\n\x05tiers\x18\t \x01(\x0b\x32\x1a.splitserve.v1.KVTierStats\x12+\n\x05\x63osts\x18\n \x01(\x0b\x32\x1c.splitserve.v1.MeasuredCosts\"\xdc\x01\n\rMeasuredCosts\x12\x1d\n\x15host_load_bytes_per_s\x18\x01 \x01(\x02\x12+\n\x07prefill\x18\x02 \x03(\x0b\x32\x1a.splitserve.v1.PrefillRate\x12I\n\x10push_bytes_per_s\x18\x03 \x03(\x0b\x32/.splitserve.v1.MeasuredCosts.PushBytesPerSEntry\x1a\x34\n\x12PushBytesPerSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\">\n\x0bPrefillRate\x12\x19\n\x11min_cached_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctokens_per_s\x18\x02 \x01(\x02\"\xde\x02\n\x0bKVTierStats\x12\x16\n\x0egpu_hit_tokens\x18\x01 \x01(\x04\x12\x17\n\x0fhost_hit_tokens\x18\x02 \x01(\x04\x12\x16\n\x0e\x66\x65tched_tokens\x18\x03 \x01(\x04\x12\x15\n\rfetched_bytes\x18\x04 \x01(\x04\x12G\n\x0f\x66\x65tch_fallbacks\x18\x05 \x03(\x0b\x32..splitserve.v1.KVTierStats.FetchFallbacksEntry\x12\x18\n\x10host_tier_blocks\x18\x06 \x01(\x04\x12\x1a\n\x12host_tier_capacity\x18\x07 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x08 \x01(\x04\x12\x10\n\x08\x66\x65tch_ms\x18\t \x01(\x02\x12\x10\n\x08\x66\x65tch_mb\x18\n \x01(\x02\x1a\x35\n\x13\x46\x65tchFallbacksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\r\n\x0bLoadRequest\"\x13\n\x11ResetCacheRequest\"-\n\x0fResetCacheReply\x12\x1a\n\x12num_evicted_blocks\x18\x01 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitserve/protos/common.proto\x12\rsplitserve.v1\"\xa3\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x0f\n\x07top_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"{\n\x08KVLayout\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\"\x9a\x02\n\nWorkerLoad\x12\x15\n\rqueued_tokens\x18\x01 \x01(\x04\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x18\n\x10waiting_requests\x18\x03 \x01(\r\x12\x10\n\x08kv_usage\x18\x04 \x01(\x02\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\r\x12\x1c\n\x14max_running_requests\x18\x06 \x01(\r\x12\x0f\n\x07step_ms\x18\x07 \x01(\x02\x12\x13\n\x0bstep_tokens\x18\x08 \x01(\r\x12)\n\x05tiers\x18\t \x01(\x0b\x32\x1a.splitserve.v1.KVTierStats\x12+\n\x05\x63osts\x18\n \x01(\x0b\x32\x1c.splitserve.v1.MeasuredCosts\"\xdc\x01\n\rMeasuredCosts\x12\x1d\n\x15host_load_bytes_per_s\x18\x01 \x01(\x02\x12+\n\x07prefill\x18\x02 \x03(\x0b\x32\x1a.splitserve.v1.PrefillRate\x12I\n\x10push_bytes_per_s\x18\x03 \x03(\x0b\x32/.splitserve.v1.MeasuredCosts.PushBytesPerSEntry\x1a\x34\n\x12PushBytesPerSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\">\n\x0bPrefillRate\x12\x19\n\x11min_cached_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctokens_per_s\x18\x02 \x01(\x02\"\xde\x02\n\x0bKVTierStats\x12\x16\n\x0egpu_hit_tokens\x18\x01 \x01(\x04\x12\x17\n\x0fhost_hit_tokens\x18\x02 \x01(\x04\x12\x16\n\x0e\x66\x65tched_tokens\x18\x03 \x01(\x04\x12\x15\n\rfetched_bytes\x18\x04 \x01(\x04\x12G\n\x0f\x66\x65tch_fallbacks\x18\x05 \x03(\x0b\x32..splitserve.v1.KVTierStats.FetchFallbacksEntry\x12\x18\n\x10host_tier_blocks\x18\x06 \x01(\x04\x12\x1a\n\x12host_tier_capacity\x18\x07 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x08 \x01(\x04\x12\x10\n\x08\x66\x65tch_ms\x18\t \x01(\x02\x12\x10\n\x08\x66\x65tch_mb\x18\n \x01(\x02\x1a\x35\n\x13\x46\x65tchFallbacksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\r\n\x0bLoadRequest\"\x13\n\x11ResetCacheRequest\"-\n\x0fResetCacheReply\x12\x1a\n\x12num_evicted_blocks\x18\x01 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,25 +36,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVTIERSTATS_FETCHFALLBACKSENTRY']._loaded_options = None
   _globals['_KVTIERSTATS_FETCHFALLBACKSENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=50
-  _globals['_SAMPLINGPARAMS']._serialized_end=305
-  _globals['_KVLAYOUT']._serialized_start=307
-  _globals['_KVLAYOUT']._serialized_end=430
-  _globals['_WORKERLOAD']._serialized_start=433
-  _globals['_WORKERLOAD']._serialized_end=715
-  _globals['_MEASUREDCOSTS']._serialized_start=718
-  _globals['_MEASUREDCOSTS']._serialized_end=938
-  _globals['_MEASUREDCOSTS_PUSHBYTESPERSENTRY']._serialized_start=886
-  _globals['_MEASUREDCOSTS_PUSHBYTESPERSENTRY']._serialized_end=938
-  _globals['_PREFILLRATE']._serialized_start=940
-  _globals['_PREFILLRATE']._serialized_end=1002
-  _globals['_KVTIERSTATS']._serialized_start=1005
-  _globals['_KVTIERSTATS']._serialized_end=1355
-  _globals['_KVTIERSTATS_FETCHFALLBACKSENTRY']._serialized_start=1302
-  _globals['_KVTIERSTATS_FETCHFALLBACKSENTRY']._serialized_end=1355
-  _globals['_LOADREQUEST']._serialized_start=1357
-  _globals['_LOADREQUEST']._serialized_end=1370
-  _globals['_RESETCACHEREQUEST']._serialized_start=1372
-  _globals['_RESETCACHEREQUEST']._serialized_end=1391
-  _globals['_RESETCACHEREPLY']._serialized_start=1393
-  _globals['_RESETCACHEREPLY']._serialized_end=1438
+  _globals['_SAMPLINGPARAMS']._serialized_end=341
+  _globals['_TOKENLOGPROB']._serialized_start=343
+  _globals['_TOKENLOGPROB']._serialized_end=445
+  _globals['_KVLAYOUT']._serialized_start=447
+  _globals['_KVLAYOUT']._serialized_end=570
+  _globals['_WORKERLOAD']._serialized_start=573
+  _globals['_WORKERLOAD']._serialized_end=855
+  _globals['_MEASUREDCOSTS']._serialized_start=858
+  _globals['_MEASUREDCOSTS']._serialized_end=1078
+  _globals['_MEASUREDCOSTS_PUSHBYTESPERSENTRY']._serialized_start=1026
+  _globals['_MEASUREDCOSTS_PUSHBYTESPERSENTRY']._serialized_end=1078
+  _globals['_PREFILLRATE']._serialized_start=1080
+  _globals['_PREFILLRATE']._serialized_end=1142
+  _globals['_KVTIERSTATS']._serialized_start=1145
+  _globals['_KVTIERSTATS']._serialized_end=1495
+  _globals['_KVTIERSTATS_FETCHFALLBACKSENTRY']._serialized_start=1442
+  _globals['_KVTIERSTATS_FETCHFALLBACKSENTRY']._serialized_end=1495
+  _globals['_LOADREQUEST']._serialized_start=1497
+  _globals['_LOADREQUEST']._serialized_end=1510
+  _globals['_RESETCACHEREQUEST']._serialized_start=1512
+  _globals['_RESETCACHEREQUEST']._serialized_end=1531
+  _globals['_RESETCACHEREPLY']._serialized_start=1533
+  _globals['_RESETCACHEREPLY']._serialized_end=1578
 # @@protoc_insertion_point(module_scope)

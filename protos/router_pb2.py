@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.protos import common_pb2 as splitserve_dot_protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitserve/protos/router.proto\x12\rsplitserve.v1\x1a\x1esplitserve/protos/common.proto\"(\n\x12RouterAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"!\n\x10RouterAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\xce\x01\n\rRouterRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12,\n\x08messages\x18\x06 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\x12\x0c\n\x04stop\x18\x07 \x03(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\xaf\x01\n\x05Route\x12\x0b\n\x03\x61rm\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x16\n\x0eprefill_worker\x18\x03 \x01(\t\x12\x15\n\rdecode_worker\x18\x04 \x01(\t\x12.\n\x05terms\x18\x05 \x03(\x0b\x32\x1f.splitserve.v1.Route.TermsEntry\x1a,\n\nTermsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa0\x01\n\x0bRouterChunk\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12#\n\x05route\x18\x03 \x01(\x0b\x32\x14.splitserve.v1.Route\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\"\xc6\x01\n\x0bRouterReply\x12\x0c\n\x04text\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12#\n\x05route\x18\x05 \x01(\x0b\x32\x14.splitserve.v1.Route\x12\x0f\n\x07ttft_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\"\x0f\n\rHealthRequest\"3\n\x0bHealthReply\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x13\n\x0bindex_stale\x18\x02 \x01(\x08\"\x0f\n\rStatusRequest\"z\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\'\n\x04load\x18\x05 \x01(\x0b\x32\x19.splitserve.v1.WorkerLoad\"~\n\x08\x41rmStats\x12\x0b\n\x03\x61rm\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x03 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x04\x12\x15\n\rcached_tokens\x18\x05 \x01(\x04\x12\x13\n\x0bttft_ms_sum\x18\x06 \x01(\x01\"w\n\x0bStatusReply\x12,\n\x07workers\x18\x01 \x03(\x0b\x32\x1b.splitserve.v1.WorkerStatus\x12%\n\x04\x61rms\x18\x02 \x03(\x0b\x32\x17.splitserve.v1.ArmStats\x12\x13\n\x0bindex_stale\x18\x03 \x01(\x08\x32\xc1\x03\n\x06Router\x12\x44\n\x08Generate\x12\x1c.splitserve.v1.RouterRequest\x1a\x1a.splitserve.v1.RouterReply\x12L\n\x0eGenerateStream\x12\x1c.splitserve.v1.RouterRequest\x1a\x1a.splitserve.v1.RouterChunk0\x01\x12K\n\x05\x41\x62ort\x12!.splitserve.v1.RouterAbortRequest\x1a\x1f.splitserve.v1.RouterAbortReply\x12\x42\n\x06Health\x12\x1c.splitserve.v1.HealthRequest\x1a\x1a.splitserve.v1.HealthReply\x12\x42\n\x06Status\x12\x1c.splitserve.v1.StatusRequest\x1a\x1a.splitserve.v1.StatusReply\x12N\n\nResetCache\x12 .splitserve.v1.ResetCacheRequest\x1a\x1e.splitserve.v1.ResetCacheReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitserve/protos/router.proto\x12\rsplitserve.v1\x1a\x1esplitserve/protos/common.proto\"(\n\x12RouterAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"!\n\x10RouterAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\xce\x01\n\rRouterRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12,\n\x08messages\x18\x06 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\x12\x0c\n\x04stop\x18\x07 \x03(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\xaf\x01\n\x05Route\x12\x0b\n\x03\x61rm\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x16\n\x0eprefill_worker\x18\x03 \x01(\t\x12\x15\n\rdecode_worker\x18\x04 \x01(\t\x12.\n\x05terms\x18\x05 \x03(\x0b\x32\x1f.splitserve.v1.Route.TermsEntry\x1a,\n\nTermsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xcf\x01\n\x0bRouterChunk\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12#\n\x05route\x18\x03 \x01(\x0b\x32\x14.splitserve.v1.Route\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\"\xf5\x01\n\x0bRouterReply\x12\x0c\n\x04text\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12#\n\x05route\x18\x05 \x01(\x0b\x32\x14.splitserve.v1.Route\x12\x0f\n\x07ttft_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12-\n\x08logprobs\x18\t \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\"\x0f\n\rHealthRequest\"3\n\x0bHealthReply\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x13\n\x0bindex_stale\x18\x02 \x01(\x08\"\x0f\n\rStatusRequest\"z\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\'\n\x04load\x18\x05 \x01(\x0b\x32\x19.splitserve.v1.WorkerLoad\"~\n\x08\x41rmStats\x12\x0b\n\x03\x61rm\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x03 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x04\x12\x15\n\rcached_tokens\x18\x05 \x01(\x04\x12\x13\n\x0bttft_ms_sum\x18\x06 \x01(\x01\"w\n\x0bStatusReply\x12,\n\x07workers\x18\x01 \x03(\x0b\x32\x1b.splitserve.v1.WorkerStatus\x12%\n\x04\x61rms\x18\x02 \x03(\x0b\x32\x17.splitserve.v1.ArmStats\x12\x13\n\x0bindex_stale\x18\x03 \x01(\x08\x32\xc1\x03\n\x06Router\x12\x44\n\x08Generate\x12\x1c.splitserve.v1.RouterRequest\x1a\x1a.splitserve.v1.RouterReply\x12L\n\x0eGenerateStream\x12\x1c.splitserve.v1.RouterRequest\x1a\x1a.splitserve.v1.RouterChunk0\x01\x12K\n\x05\x41\x62ort\x12!.splitserve.v1.RouterAbortRequest\x1a\x1f.splitserve.v1.RouterAbortReply\x12\x42\n\x06Health\x12\x1c.splitserve.v1.HealthRequest\x1a\x1a.splitserve.v1.HealthReply\x12\x42\n\x06Status\x12\x1c.splitserve.v1.StatusRequest\x1a\x1a.splitserve.v1.StatusReply\x12N\n\nResetCache\x12 .splitserve.v1.ResetCacheRequest\x1a\x1e.splitserve.v1.ResetCacheReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,21 +49,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTE_TERMSENTRY']._serialized_start=627
   _globals['_ROUTE_TERMSENTRY']._serialized_end=671
   _globals['_ROUTERCHUNK']._serialized_start=674
-  _globals['_ROUTERCHUNK']._serialized_end=834
-  _globals['_ROUTERREPLY']._serialized_start=837
-  _globals['_ROUTERREPLY']._serialized_end=1035
-  _globals['_HEALTHREQUEST']._serialized_start=1037
-  _globals['_HEALTHREQUEST']._serialized_end=1052
-  _globals['_HEALTHREPLY']._serialized_start=1054
-  _globals['_HEALTHREPLY']._serialized_end=1105
-  _globals['_STATUSREQUEST']._serialized_start=1107
-  _globals['_STATUSREQUEST']._serialized_end=1122
-  _globals['_WORKERSTATUS']._serialized_start=1124
-  _globals['_WORKERSTATUS']._serialized_end=1246
-  _globals['_ARMSTATS']._serialized_start=1248
-  _globals['_ARMSTATS']._serialized_end=1374
-  _globals['_STATUSREPLY']._serialized_start=1376
-  _globals['_STATUSREPLY']._serialized_end=1495
-  _globals['_ROUTER']._serialized_start=1498
-  _globals['_ROUTER']._serialized_end=1947
+  _globals['_ROUTERCHUNK']._serialized_end=881
+  _globals['_ROUTERREPLY']._serialized_start=884
+  _globals['_ROUTERREPLY']._serialized_end=1129
+  _globals['_HEALTHREQUEST']._serialized_start=1131
+  _globals['_HEALTHREQUEST']._serialized_end=1146
+  _globals['_HEALTHREPLY']._serialized_start=1148
+  _globals['_HEALTHREPLY']._serialized_end=1199
+  _globals['_STATUSREQUEST']._serialized_start=1201
+  _globals['_STATUSREQUEST']._serialized_end=1216
+  _globals['_WORKERSTATUS']._serialized_start=1218
+  _globals['_WORKERSTATUS']._serialized_end=1340
+  _globals['_ARMSTATS']._serialized_start=1342
+  _globals['_ARMSTATS']._serialized_end=1468
+  _globals['_STATUSREPLY']._serialized_start=1470
+  _globals['_STATUSREPLY']._serialized_end=1589
+  _globals['_ROUTER']._serialized_start=1592
+  _globals['_ROUTER']._serialized_end=2041
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.protos import common_pb2 as splitserve_dot_protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsplitserve/protos/workers.proto\x12\rsplitserve.v1\x1a\x1esplitserve/protos/common.proto\"\xed\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x05 \x01(\t\x12\x10\n\x08lease_ms\x18\x06 \x01(\r\x12*\n\tkv_holder\x18\x07 \x01(\x0b\x32\x17.splitserve.v1.KVHolderB\r\n\x0b_cache_salt\"B\n\x08KVHolder\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x11\n\tworker_id\x18\x03 \x01(\t\"\xac\x02\n\x0cPrefillReply\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x17\n\x0fnum_blocks_sent\x18\x04 \x01(\r\x12\x1a\n\x12num_blocks_skipped\x18\x05 \x01(\r\x12\x16\n\x0e\x66irst_token_ms\x18\x06 \x01(\x01\x12\x18\n\x10transfer_tail_ms\x18\x07 \x01(\x01\x12\x15\n\rtransfer_done\x18\x08 \x01(\x08\x12\x12\n\nbytes_sent\x18\t \x01(\x04\x12\x11\n\ttransport\x18\n \x01(\t\x12\x1a\n\x12num_fetched_blocks\x18\x0b \x01(\r\x12\x16\n\x0e\x66\x65tch_fallback\x18\x0c \x01(\t\"\x86\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x08lease_id\x18\x05 \x01(\t\x12\x1b\n\x0e\x66irst_token_id\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12*\n\tkv_holder\x18\x07 \x01(\x0b\x32\x17.splitserve.v1.KVHolderB\r\n\x0b_cache_saltB\x11\n\x0f_first_token_id\"\x85\x01\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x1a\n\x12num_fetched_blocks\x18\x04 \x01(\r\x12\x16\n\x0e\x66\x65tch_fallback\x18\x05 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xe7\x01\n\rPrefillWorker\x12G\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1b.splitserve.v1.PrefillReply0\x01\x12=\n\x04Load\x12\x1a.splitserve.v1.LoadRequest\x1a\x19.splitserve.v1.WorkerLoad\x12N\n\nResetCache\x12 .splitserve.v1.ResetCacheRequest\x1a\x1e.splitserve.v1.ResetCacheReply2\xa7\x02\n\x0c\x44\x65\x63odeWorker\x12G\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x19.splitserve.v1.TokenChunk0\x01\x12?\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x19.splitserve.v1.AbortReply\x12=\n\x04Load\x12\x1a.splitserve.v1.LoadRequest\x1a\x19.splitserve.v1.WorkerLoad\x12N\n\nResetCache\x12 .splitserve.v1.ResetCacheRequest\x1a\x1e.splitserve.v1.ResetCacheReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsplitserve/protos/workers.proto\x12\rsplitserve.v1\x1a\x1esplitserve/protos/common.proto\"\xed\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x05 \x01(\t\x12\x10\n\x08lease_ms\x18\x06 \x01(\r\x12*\n\tkv_holder\x18\x07 \x01(\x0b\x32\x17.splitserve.v1.KVHolderB\r\n\x0b_cache_salt\"B\n\x08KVHolder\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x11\n\tworker_id\x18\x03 \x01(\t\"\xe6\x02\n\x0cPrefillReply\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x17\n\x0fnum_blocks_sent\x18\x04 \x01(\r\x12\x1a\n\x12num_blocks_skipped\x18\x05 \x01(\r\x12\x16\n\x0e\x66irst_token_ms\x18\x06 \x01(\x01\x12\x18\n\x10transfer_tail_ms\x18\x07 \x01(\x01\x12\x15\n\rtransfer_done\x18\x08 \x01(\x08\x12\x12\n\nbytes_sent\x18\t \x01(\x04\x12\x11\n\ttransport\x18\n \x01(\t\x12\x1a\n\x12num_fetched_blocks\x18\x0b \x01(\r\x12\x16\n\x0e\x66\x65tch_fallback\x18\x0c \x01(\t\x12\x38\n\x13\x66irst_token_logprob\x18\r \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\"\x86\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x08lease_id\x18\x05 \x01(\t\x12\x1b\n\x0e\x66irst_token_id\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12*\n\tkv_holder\x18\x07 \x01(\x0b\x32\x17.splitserve.v1.KVHolderB\r\n\x0b_cache_saltB\x11\n\x0f_first_token_id\"\xb4\x01\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x1a\n\x12num_fetched_blocks\x18\x04 \x01(\r\x12\x16\n\x0e\x66\x65tch_fallback\x18\x05 \x01(\t\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xe7\x01\n\rPrefillWorker\x12G\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1b.splitserve.v1.PrefillReply0\x01\x12=\n\x04Load\x12\x1a.splitserve.v1.LoadRequest\x1a\x19.splitserve.v1.WorkerLoad\x12N\n\nResetCache\x12 .splitserve.v1.ResetCacheRequest\x1a\x1e.splitserve.v1.ResetCacheReply2\xa7\x02\n\x0c\x44\x65\x63odeWorker\x12G\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x19.splitserve.v1.TokenChunk0\x01\x12?\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x19.splitserve.v1.AbortReply\x12=\n\x04Load\x12\x1a.splitserve.v1.LoadRequest\x1a\x19.splitserve.v1.WorkerLoad\x12N\n\nResetCache\x12 .splitserve.v1.ResetCacheRequest\x1a\x1e.splitserve.v1.ResetCacheReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,17 +37,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVHOLDER']._serialized_start=322
   _globals['_KVHOLDER']._serialized_end=388
   _globals['_PREFILLREPLY']._serialized_start=391
-  _globals['_PREFILLREPLY']._serialized_end=691
-  _globals['_GENERATEREQUEST']._serialized_start=694
-  _globals['_GENERATEREQUEST']._serialized_end=956
-  _globals['_TOKENCHUNK']._serialized_start=959
-  _globals['_TOKENCHUNK']._serialized_end=1092
-  _globals['_ABORTREQUEST']._serialized_start=1094
-  _globals['_ABORTREQUEST']._serialized_end=1128
-  _globals['_ABORTREPLY']._serialized_start=1130
-  _globals['_ABORTREPLY']._serialized_end=1157
-  _globals['_PREFILLWORKER']._serialized_start=1160
-  _globals['_PREFILLWORKER']._serialized_end=1391
-  _globals['_DECODEWORKER']._serialized_start=1394
-  _globals['_DECODEWORKER']._serialized_end=1689
+  _globals['_PREFILLREPLY']._serialized_end=749
+  _globals['_GENERATEREQUEST']._serialized_start=752
+  _globals['_GENERATEREQUEST']._serialized_end=1014
+  _globals['_TOKENCHUNK']._serialized_start=1017
+  _globals['_TOKENCHUNK']._serialized_end=1197
+  _globals['_ABORTREQUEST']._serialized_start=1199
+  _globals['_ABORTREQUEST']._serialized_end=1233
+  _globals['_ABORTREPLY']._serialized_start=1235
+  _globals['_ABORTREPLY']._serialized_end=1262
+  _globals['_PREFILLWORKER']._serialized_start=1265
+  _globals['_PREFILLWORKER']._serialized_end=1496
+  _globals['_DECODEWORKER']._serialized_start=1499
+  _globals['_DECODEWORKER']._serialized_end=1794
 # @@protoc_insertion_point(module_scope)

@@ -36,7 +36,7 @@ class KVHolder(_message.Message):
     def __init__(self, address: _Optional[str] = ..., num_blocks: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class PrefillReply(_message.Message):
-    __slots__ = ("first_token_id", "num_cached_tokens", "lease_id", "num_blocks_sent", "num_blocks_skipped", "first_token_ms", "transfer_tail_ms", "transfer_done", "bytes_sent", "transport", "num_fetched_blocks", "fetch_fallback")
+    __slots__ = ("first_token_id", "num_cached_tokens", "lease_id", "num_blocks_sent", "num_blocks_skipped", "first_token_ms", "transfer_tail_ms", "transfer_done", "bytes_sent", "transport", "num_fetched_blocks", "fetch_fallback", "first_token_logprob")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class PrefillReply(_message.Message):
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     NUM_FETCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FETCH_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     num_cached_tokens: int
     lease_id: str
@@ -61,7 +62,8 @@ class PrefillReply(_message.Message):
     transport: str
     num_fetched_blocks: int
     fetch_fallback: str
-    def __init__(self, first_token_id: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., lease_id: _Optional[str] = ..., num_blocks_sent: _Optional[int] = ..., num_blocks_skipped: _Optional[int] = ..., first_token_ms: _Optional[float] = ..., transfer_tail_ms: _Optional[float] = ..., transfer_done: _Optional[bool] = ..., bytes_sent: _Optional[int] = ..., transport: _Optional[str] = ..., num_fetched_blocks: _Optional[int] = ..., fetch_fallback: _Optional[str] = ...) -> None: ...
+    first_token_logprob: _common_pb2.TokenLogprob
+    def __init__(self, first_token_id: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., lease_id: _Optional[str] = ..., num_blocks_sent: _Optional[int] = ..., num_blocks_skipped: _Optional[int] = ..., first_token_ms: _Optional[float] = ..., transfer_tail_ms: _Optional[float] = ..., transfer_done: _Optional[bool] = ..., bytes_sent: _Optional[int] = ..., transport: _Optional[str] = ..., num_fetched_blocks: _Optional[int] = ..., fetch_fallback: _Optional[str] = ..., first_token_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "cache_salt", "lease_id", "first_token_id", "kv_holder")
@@ -82,18 +84,20 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., cache_salt: _Optional[str] = ..., lease_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., kv_holder: _Optional[_Union[KVHolder, _Mapping]] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
-    __slots__ = ("token_ids", "finish_reason", "num_cached_tokens", "num_fetched_blocks", "fetch_fallback")
+    __slots__ = ("token_ids", "finish_reason", "num_cached_tokens", "num_fetched_blocks", "fetch_fallback", "logprobs")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_FETCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FETCH_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
     num_cached_tokens: int
     num_fetched_blocks: int
     fetch_fallback: str
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ..., num_fetched_blocks: _Optional[int] = ..., fetch_fallback: _Optional[str] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ..., num_fetched_blocks: _Optional[int] = ..., fetch_fallback: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -347,7 +347,7 @@ class Router:
             ))  # fmt: skip
             try:
                 for i, chunk in enumerate(stream):
-                    yield Emitted(list(chunk.token_ids), chunk.finish_reason,
+                    yield Emitted(list(chunk.token_ids), chunk.finish_reason, logprobs=list(chunk.logprobs),
                                   num_cached_tokens=chunk.num_cached_tokens if i == 0 else 0)  # fmt: skip
             finally:
                 stream.cancel()  # no-op once finished; if the caller went away, the decode worker aborts

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import grpc
@@ -54,6 +54,7 @@ class Emitted:
     finish_reason: str = ""
     prefill: str = ""  # the prefill worker that produced the KV (on the first output)
     num_cached_tokens: int = 0  # prompt tokens the prefill worker found cached (on the first output)
+    logprobs: list = field(default_factory=list)  # common_pb2.TokenLogprob per token, when asked for
 
 
 def run_disaggregated(
@@ -81,7 +82,9 @@ def run_disaggregated(
             first = next(replies)
             if first_token is None:
                 first_token = first.first_token_id
-                yield Emitted([first_token], prefill=target.name, num_cached_tokens=first.num_cached_tokens)
+                logprobs = [first.first_token_logprob] if first.HasField("first_token_logprob") else []
+                yield Emitted([first_token], prefill=target.name, num_cached_tokens=first.num_cached_tokens,
+                              logprobs=logprobs)  # fmt: skip
             generate = _generate_request(request, first.lease_id, first_token)
             stream = decoder.Generate(generate, timeout=timeout_s)
             next(replies)  # the transfer's end; the decode worker starts by itself once the KV is in
@@ -107,7 +110,7 @@ def run_disaggregated(
             continue
         try:
             for chunk in stream:
-                yield Emitted(list(chunk.token_ids), chunk.finish_reason)
+                yield Emitted(list(chunk.token_ids), chunk.finish_reason, logprobs=list(chunk.logprobs))
         finally:
             stream.cancel()  # no-op once finished; if the caller went away, the decode worker aborts
         return

@@ -75,6 +75,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         reply = router_pb2.RouterReply(request_id=rid)
         for chunk in self._grpc(request, context, rid):
             reply.text += chunk.text
+            reply.logprobs.extend(chunk.logprobs)
             reply.token_ids.extend(chunk.token_ids)
             if chunk.HasField("route"):
                 reply.route.CopyFrom(chunk.route)
@@ -122,7 +123,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     route = _route(out)
                     decode.append(out.decision.decode)
                     continue
-                chunk = router_pb2.RouterChunk(token_ids=out.token_ids, finish_reason=out.finish_reason)
+                chunk = router_pb2.RouterChunk(token_ids=out.token_ids, finish_reason=out.finish_reason,
+                                               logprobs=out.logprobs)  # fmt: skip
                 if detok is not None:
                     seen = len(detok.text)
                     if detok.add(out.token_ids, final=bool(out.finish_reason)):

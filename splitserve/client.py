@@ -83,6 +83,17 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's logprob (the model's raw distribution), its rank there (1: the most likely) and
+    the `logprobs` most likely tokens as (token id, logprob), descending."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Chunk:
     text: str
     token_ids: list[int]
@@ -90,6 +101,7 @@ class Chunk:
     usage: Usage | None = None  # on the last chunk
     ttft_ms: float | None = None  # on the first chunk
     route: dict | None = None  # on the first chunk: arm, pool, workers, score terms
+    logprobs: list[TokenLogprob] | None = None  # one per token, when asked for (`logprobs=N`)
 
 
 @dataclass
@@ -101,6 +113,7 @@ class Completion:
     ttft_ms: float | None = None  # as the router measured it (receipt to first token)
     total_ms: float = 0.0  # as this client measured it
     route: dict = field(default_factory=dict)  # arm, pool, workers, score terms
+    logprobs: list[TokenLogprob] | None = None  # one per token, when asked for (`logprobs=N`)
 
 
 def build_request(
@@ -114,6 +127,7 @@ def build_request(
     repetition_penalty: float = 1.0,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
+    logprobs: int | None = None,
     seed: int | None = None,
     stop: str | Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
@@ -131,6 +145,8 @@ def build_request(
     )  # fmt: skip
     if seed is not None:
         sampling.seed = seed
+    if logprobs is not None:
+        sampling.logprobs = logprobs
     stops = [stop] if isinstance(stop, str) else list(stop)
     request = router_pb2.RouterRequest(sampling=sampling, session_id=session_id or "", stop=stops,
                                        request_id=request_id or "")  # fmt: skip
@@ -150,8 +166,11 @@ def _chunk(msg: router_pb2.RouterChunk) -> Chunk:
         u = msg.usage
         usage = Usage(u.prompt_tokens, u.cached_tokens, u.completion_tokens)
     first = msg.HasField("route")
+    logprobs = [TokenLogprob(lp.token_id, lp.logprob, lp.rank,
+                             tuple(zip(lp.top_ids, lp.top_logprobs, strict=True)))
+                for lp in msg.logprobs] or None  # fmt: skip
     return Chunk(msg.text, list(msg.token_ids), msg.finish_reason or None, usage,
-                 msg.ttft_ms if first else None, _route(msg) if first else None)  # fmt: skip
+                 msg.ttft_ms if first else None, _route(msg) if first else None, logprobs)  # fmt: skip
 
 
 def _route(msg: router_pb2.RouterChunk) -> dict:
@@ -164,6 +183,8 @@ def _add(out: Completion, msg: router_pb2.RouterChunk) -> None:
     chunk = _chunk(msg)
     out.text += chunk.text
     out.token_ids.extend(chunk.token_ids)
+    if chunk.logprobs:
+        out.logprobs = (out.logprobs or []) + chunk.logprobs
     if chunk.ttft_ms is not None:
         out.ttft_ms, out.route = chunk.ttft_ms, _route(msg)
     if chunk.finish_reason:

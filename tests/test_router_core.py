@@ -71,8 +71,9 @@ def run(router, rid, prompt, max_tokens, session=None):
     return routed, [t for o in emitted for t in o.token_ids], emitted
 
 
-@pytest.mark.parametrize("policy", ["round_robin", "least_loaded", "prefix_affinity", "cpd", "cpd_threshold",
-                                    "colocated"])
+@pytest.mark.parametrize(
+    "policy", ["round_robin", "least_loaded", "prefix_affinity", "cpd", "cpd_threshold", "colocated"]
+)
 def test_every_policy_gives_the_offline_tokens(model, cluster, policy):
     workers, matches, model_id = cluster
     router = Router(workers, {policy: make_policy(policy)}, model_id, 8, matches)
@@ -139,11 +140,16 @@ def test_the_router_front_door_over_grpc(model, cluster):
         assert reply.route.pool == FRESH and reply.ttft_ms > 0 and reply.request_id
         # A second router in front of the same workers (or this one restarted) never reuses an id.
         assert reply.request_id not in {RouterService(router).new_request_id() for _ in range(3)}
-        chunks = list(stub.GenerateStream(router_pb2.RouterRequest(
-            prompt_token_ids=[*prompt, 5], sampling=sampling, session_id="s")))
+        chunks = list(
+            stub.GenerateStream(
+                router_pb2.RouterRequest(prompt_token_ids=[*prompt, 5], sampling=sampling, session_id="s")
+            )
+        )
         assert chunks[0].route.decode_worker == "d1" and chunks[-1].usage.cached_tokens >= 80
-        long = router_pb2.RouterRequest(prompt_token_ids=list(range(3, 40)), sampling=sampling_to_proto(
-            SamplingParams(max_tokens=400, **GREEDY)))
+        long = router_pb2.RouterRequest(
+            prompt_token_ids=list(range(3, 40)),
+            sampling=sampling_to_proto(SamplingParams(max_tokens=400, **GREEDY)),
+        )
         stream = stub.GenerateStream(long)
         next(stream)
         stream.cancel()  # the client goes away: the decode worker aborts the request
@@ -157,9 +163,13 @@ def test_the_router_front_door_over_grpc(model, cluster):
         with pytest.raises(grpc.RpcError) as info:
             stub.Generate(router_pb2.RouterRequest(sampling=sampling))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        running = stub.GenerateStream(router_pb2.RouterRequest(
-            request_id="to-abort", prompt_token_ids=list(range(3, 40)),
-            sampling=sampling_to_proto(SamplingParams(max_tokens=400, **GREEDY))))
+        running = stub.GenerateStream(
+            router_pb2.RouterRequest(
+                request_id="to-abort",
+                prompt_token_ids=list(range(3, 40)),
+                sampling=sampling_to_proto(SamplingParams(max_tokens=400, **GREEDY)),
+            )
+        )
         next(running)  # it runs
         assert stub.Abort(router_pb2.RouterAbortRequest(request_id="to-abort")).found
         assert [c.finish_reason for c in running][-1] == "abort"
@@ -256,8 +266,14 @@ def test_the_openai_http_front_with_the_official_client(model, cluster):
         done = client.completions.create(model="tiny", prompt=text, **greedy)
         assert done.choices[0].text == expected and done.choices[0].finish_reason == "length"
         assert done.usage.completion_tokens == 10
-        stream = client.completions.create(model="tiny", prompt=text, stream=True,
-                                           stream_options={"include_usage": True}, user="conv", **greedy)
+        stream = client.completions.create(
+            model="tiny",
+            prompt=text,
+            stream=True,
+            stream_options={"include_usage": True},
+            user="conv",
+            **greedy,
+        )
         events = list(stream)
         assert "".join(e.choices[0].text for e in events if e.choices) == expected
         usage = events[-1].usage
@@ -334,3 +350,38 @@ def test_tenants_keys_and_salted_caches_over_grpc_and_http(model, cluster, tmp_p
     finally:
         front.stop()
         server.stop(0).wait()
+
+
+@pytest.mark.parametrize(
+    "policy", ["round_robin", "colocated"]
+)  # through a prefill pool; on the decode worker
+def test_logprobs_reach_the_sdk_as_the_offline_api_gives_them(model, cluster, policy):
+    from splitserve import Client
+    from splitserve.protos import router_pb2_grpc
+    from splitserve.router.service import RouterService
+    from splitserve.router.text import TextCodec
+
+    workers, matches, model_id = cluster
+    router = Router(workers, {policy: make_policy(policy)}, model_id, 8, matches)
+    server, port = make_server("127.0.0.1:0")
+    router_pb2_grpc.add_RouterServicer_to_server(RouterService(router, TextCodec(model)), server)
+    server.start()
+    prompt = list(range(3, 60))
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            out = client.generate(prompt, max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3)
+            plain = client.generate(prompt, max_tokens=2, temperature=0.0, ignore_eos=True)
+    finally:
+        server.stop(0).wait()
+    want = (
+        LLM(str(model), num_blocks=256, block_size=8)
+        .generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=6, logprobs=3, **GREEDY))[0]
+        .outputs[0]
+    )
+    assert (out.route["pool"] == "decode-local") == (policy == "colocated")
+    assert out.token_ids == want.token_ids and len(out.logprobs) == 6  # the first from the prefill side too
+    for lp, token, entry in zip(out.logprobs, want.token_ids, want.logprobs, strict=True):
+        assert lp.token_id == token and lp.rank == entry[token].rank == 1
+        assert lp.logprob == pytest.approx(entry[token].logprob, abs=1e-5)
+        assert [t for t, _ in lp.top] == [t for t, e in sorted(entry.items(), key=lambda kv: kv[1].rank)][:3]
+    assert plain.logprobs is None
