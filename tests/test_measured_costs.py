@@ -104,8 +104,10 @@ def test_an_engines_prefills_and_host_tier_loads_are_measured_and_published(mode
     # As the router's cost model takes them: a worker's figures in place of the calibration's.
     m = measured_costs(costs)
     assert m.prefill_rate(100) == pytest.approx(rates[0]) and m.prefill_rate(2000) == 0.0
-    assert DEFAULT_COST_MODEL.prefill_seconds(500, 100, m) == pytest.approx(
-        DEFAULT_COST_MODEL.prefill.fixed_s + 500 / rates[0])  # fmt: skip
+    model = DEFAULT_COST_MODEL  # its fixed cost and the measured rate; the calibration's while unmeasured
+    want = model.prefill.fixed_s + 500 / rates[0] if rates[0] else model.prefill.seconds(500, 100)
+    assert model.prefill_seconds(500, 100, m) == pytest.approx(want)
+    assert model.prefill_seconds(500, 2000, m) == pytest.approx(model.prefill.seconds(500, 2000))
     assert DEFAULT_COST_MODEL.host_load_seconds(640, m) == pytest.approx(
         DEFAULT_COST_MODEL.kv_bytes(640) / costs.host_load_bytes_per_s)  # fmt: skip
 
