@@ -6,6 +6,7 @@ Owns validation of user-supplied sampling values; the sampler and the stop check
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from splitserve.engine.errors import InvalidRequest
 
@@ -83,10 +84,11 @@ class SamplingParams:
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise InvalidRequest("stop_token_ids must be non-negative integers")
 
-    @property
+    # Cached: the engine and the sampler read them for every sequence of every step.
+    @cached_property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
+    @cached_property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

@@ -23,7 +23,7 @@ import grpc
 from splitserve.engine.block_hash import BlockHash, HashContext, hash_blocks
 from splitserve.index.table import PrefixMatch
 from splitserve.protos import common_pb2, workers_pb2, workers_pb2_grpc
-from splitserve.router.cost_model import DEFAULT_COST_MODEL, CostModel, Measured
+from splitserve.router.cost_model import DEFAULT_COST_MODEL, UNMEASURED, CostModel, Measured
 from splitserve.router.decision_log import Choice, DecisionLog, DecisionRecord, predicted_cached_tokens
 from splitserve.router.dispatch import Emitted, FailurePolicy, PrefillTarget, run_disaggregated
 from splitserve.router.fetch_plan import with_fetch
@@ -47,6 +47,7 @@ class WorkerHandle:
     load: common_pb2.WorkerLoad = field(default_factory=common_pb2.WorkerLoad)
     healthy: bool = False  # answered its last Load poll
     device: str = ""  # the compute device it registered (workers on one device slow each other)
+    measured: Measured = UNMEASURED  # `load.costs` as the cost model takes them (converted once a poll)
 
 
 class WorkerSet:
@@ -108,6 +109,7 @@ class WorkerSet:
     def _poll_one(self, handle: WorkerHandle) -> None:
         try:
             handle.load = handle.stub.Load(common_pb2.LoadRequest(), timeout=self.timeout_s)
+            handle.measured = measured_costs(handle.load.costs)
             if not handle.healthy:
                 log.info("worker %s (%s) at %s is up", handle.worker_id, handle.role, handle.address)
             handle.healthy = True
@@ -229,6 +231,7 @@ class Router:
         router's own assignments folded in, when it keeps a ledger) and its measured costs."""
         views = []
         for h in self.workers.healthy():
+            # Counts with this router's own assignments; tier stats and measured costs as polled
             load = h.load if self.ledger is None else self.ledger.adjusted(h.worker_id, h.load)
             match = matched.get(h.worker_id, PrefixMatch(0))
             views.append(WorkerView(
@@ -237,8 +240,8 @@ class Router:
                 running_requests=load.running_requests + load.waiting_requests, device=h.device,
                 waiting_prefills=load.waiting_requests, max_running=load.max_running_requests or None,
                 step_s=load.step_ms / 1e3, step_tokens=load.step_tokens or None,
-                fetch_s=load.tiers.fetch_ms / 1e3, fetch_bytes=load.tiers.fetch_mb * 1e6,
-                measured=measured_costs(load.costs),
+                fetch_s=h.load.tiers.fetch_ms / 1e3, fetch_bytes=h.load.tiers.fetch_mb * 1e6,
+                measured=h.measured,
             ))  # fmt: skip
         return views
 

@@ -89,8 +89,8 @@ class Ledger:
         """`load` (as reported) with this router's own assignments folded in (see the module docstring)."""
         with self.lock:
             own = self.counts.get(worker_id)
-            if own is None:
-                return load
+            if own is None or not (own.queued_tokens or own.running_requests or own.blocks or own.waiting):
+                return load  # nothing of ours to fold in
             own = _Counts(own.queued_tokens, own.running_requests, own.blocks, own.waiting)
         running = load.running_requests + load.waiting_requests
         total = _total_blocks(load)
@@ -98,13 +98,13 @@ class Ledger:
         usage = load.kv_usage if total is None else max(load.kv_usage, own.blocks / total)
         # waiting_requests: the reported queue, or at least the requests this router sent whose prefill
         # has not produced a token (the running count already holds both: the two stay comparable).
-        seen = common_pb2.WorkerLoad()
-        seen.CopyFrom(load)  # the rest as reported: its limits, step time, tier stats, measured costs
-        seen.queued_tokens = max(load.queued_tokens, own.queued_tokens)
-        seen.waiting_requests = max(load.waiting_requests, own.waiting)
-        seen.running_requests = max(running, own.running_requests) - seen.waiting_requests
-        seen.kv_usage, seen.free_blocks = usage, free
-        return seen
+        waiting = max(load.waiting_requests, own.waiting)
+        return common_pb2.WorkerLoad(  # what a routing decision reads (tier stats and costs: the polled load)
+            queued_tokens=max(load.queued_tokens, own.queued_tokens), waiting_requests=waiting,
+            running_requests=max(running, own.running_requests) - waiting, kv_usage=usage, free_blocks=free,
+            max_running_requests=load.max_running_requests, step_ms=load.step_ms,
+            step_tokens=load.step_tokens,
+        )  # fmt: skip
 
 
 def _total_blocks(load: common_pb2.WorkerLoad) -> int | None:

@@ -11,7 +11,15 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.index.table import PrefixMatch
 from splitserve.kvtransfer.requests import sampling_to_proto
 from splitserve.protos import common_pb2
-from splitserve.router.core import ArmAssigner, Routed, RoutedRequest, Router, WorkerHandle, WorkerSet
+from splitserve.router.core import (
+    ArmAssigner,
+    Routed,
+    RoutedRequest,
+    Router,
+    WorkerHandle,
+    WorkerSet,
+    measured_costs,
+)
 from splitserve.router.decision_log import DecisionLog, read_decision_log
 from splitserve.router.inflight import Ledger
 from splitserve.router.policies import LOCAL, make_policy
@@ -74,7 +82,13 @@ def test_the_ledger_folds_into_reported_loads_without_counting_twice():
                                      costs=common_pb2.MeasuredCosts(host_load_bytes_per_s=5e9))  # fmt: skip
     seen = ledger.adjusted("d0", reported)  # 100 usable blocks: 90 free by report, 70 after our 30
     assert (seen.max_running_requests, seen.step_ms, seen.step_tokens) == (64, 3.5, 2048)  # as reported
-    assert (seen.tiers, seen.costs) == (reported.tiers, reported.costs)  # what it measured, too
+    # What it measured (tier stats, costs) the views take from the polled load, not from this copy.
+    workers = worker_set({"d0": "decode"})
+    handle = workers.get("d0")
+    handle.load, handle.measured = reported, measured_costs(reported.costs)
+    (view,) = Router(workers, {"cpd": make_policy("cpd")}, "m", 16, lambda h: {}, ledger=ledger).views({})
+    assert (view.fetch_s, view.measured.host_load_bytes_per_s) == (0.012, 5e9)
+    assert (view.queued_tokens, view.free_blocks) == (100, 70)  # the counts with this router's own
     # Its request waits for its prefill there (the local one): counted as waiting, within the running ones.
     assert (seen.queued_tokens, seen.running_requests + seen.waiting_requests, seen.waiting_requests,
             seen.free_blocks) == (100, 1, 1, 70)  # fmt: skip
