@@ -107,7 +107,7 @@ class DecodeService(kvtransfer_pb2_grpc.KVTransferServicer, workers_pb2_grpc.Dec
         context.add_callback(lambda: finished.is_set() or self.loop.abort(rid))  # client went away
         first = True
         while True:
-            out = outputs.get()
+            out = self.loop.take(outputs)
             reason = out.finish_reason.value if out.finished else ""
             tokens, cached = list(out.new_token_ids), out.num_cached_tokens
             chunk = workers_pb2.TokenChunk(token_ids=tokens, finish_reason=reason, num_cached_tokens=cached,

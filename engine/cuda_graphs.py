@@ -109,13 +109,13 @@ class DecodeGraphs:
     def bucket_for(self, num_seqs: int) -> int | None:
         return next((b for b in self.buckets if b >= num_seqs), None)
 
-    def run(self, inputs: HostInputs, pinned: Callable[[np.ndarray], torch.Tensor]) -> torch.Tensor:
+    def run(self, inputs: HostInputs, upload: Callable[..., torch.Tensor]) -> torch.Tensor:
         """Replay the smallest bucket that holds a decode batch; returns logits [num_seqs, vocab_size].
-        Padding rows are empty sequences (length 0) writing into slot 0 of the null block."""
+        Padding rows are empty sequences (length 0) writing into slot 0 of the null block. `upload(values,
+        out=)` copies a host array into a device tensor without waiting for the device."""
         n = len(inputs.seq_lens)
         size = self.bucket_for(n)
         assert size is not None and inputs.num_tokens == n
-        pad = size - n
         longs = np.zeros((4, size), np.int64)
         longs[0, :n] = inputs.token_ids
         longs[1] = np.arange(self.rows, self.rows + size)
@@ -123,9 +123,11 @@ class DecodeGraphs:
         longs[2, :n] = inputs.positions
         longs[3, :n] = inputs.slots
         r = self.rows
-        self.token_buffer[r : r + 4 * size].copy_(pinned(longs.ravel()), non_blocking=True)
-        self.seq_lens[:size].copy_(pinned(np.array(inputs.seq_lens + [0] * pad, np.int32)), non_blocking=True)
+        upload(longs.ravel(), out=self.token_buffer[r : r + 4 * size])
+        seq_lens = np.zeros(size, np.int32)
+        seq_lens[:n] = inputs.seq_lens
+        upload(seq_lens, out=self.seq_lens[:size])
         tables = inputs.block_tables
-        self.block_tables[:n, : tables.shape[1]].copy_(pinned(tables), non_blocking=True)
+        upload(tables, out=self.block_tables[:n, : tables.shape[1]])
         self.graphs[size].replay()
         return self.logits[size][:n]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -81,6 +81,7 @@ class Engine:
             self.dtype,
             self.max_model_len,
             config.scheduler.max_num_seqs,
+            config.scheduler.max_num_batched_tokens,
             ops=select_ops(self.device, config.kernels, config.fused_gemv_max_tokens),
             enforce_eager=config.enforce_eager,
         )
@@ -342,7 +343,7 @@ class Engine:
                     rank[k],
                     tuple(zip(top_ids[k][:n], top[k][:n], strict=True)),
                 )
-                out = replace(out, logprobs=(entry,))
+                out = out._replace(logprobs=(entry,))
             with_lp.append(out)
         return with_lp
 

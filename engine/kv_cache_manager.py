@@ -38,8 +38,11 @@ class KVCacheManager:
         parent = seq.block_hashes[-1] if start else None
         seq.block_hashes.extend(
             hash_blocks(
-                seq.token_ids, self.block_size, self.hash_context(seq.cache_salt),
-                parent=parent, start_block=start,
+                seq.token_ids,
+                self.block_size,
+                self.hash_context(seq.cache_salt),
+                parent=parent,
+                start_block=start,
             )
         )
 
@@ -85,6 +88,9 @@ class KVCacheManager:
 
         Returns False, changing nothing, when the pool cannot supply the blocks.
         """
+        room = len(seq.block_ids) * self.block_size - seq.num_computed_tokens
+        if not cached_block_ids and num_new_tokens <= room:
+            return True  # room in the blocks it holds (most decode steps)
         cached_block_ids = cached_block_ids or []
         assert not cached_block_ids or not seq.block_ids, "cache hits attach only to an empty sequence"
         num_hits = len(cached_block_ids)
@@ -106,7 +112,7 @@ class KVCacheManager:
     def commit(self, seq: Sequence) -> None:
         """Register the sequence's newly computed full blocks whose tokens are known in the prefix cache.
         A block may still be being written by a running step: later steps read it in stream order."""
-        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         if num_full <= seq.num_committed_blocks:
             return
         self.update_hashes(seq)

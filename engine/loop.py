@@ -48,6 +48,23 @@ class EngineLoop:
         self._listeners[request_id] = q
         return q
 
+    @staticmethod
+    def take(outputs: queue.Queue[StepOutput]) -> StepOutput:
+        """A listener's next output, merged with the later ones already queued (their tokens and logprobs
+        in order, the last one's finish): a reader that lags behind the engine sends one message for
+        several tokens instead of falling further behind."""
+        out = outputs.get()
+        while not out.finished:
+            try:
+                later = outputs.get_nowait()
+            except queue.Empty:
+                break
+            logprobs = None if out.logprobs is None and later.logprobs is None else \
+                (*(out.logprobs or ()), *(later.logprobs or ()))  # fmt: skip
+            out = StepOutput(out.request_id, out.new_token_ids + later.new_token_ids, later.finish_reason,
+                             later.num_cached_tokens, logprobs)  # fmt: skip
+        return out
+
     def forget(self, request_id: str) -> None:
         self._listeners.pop(request_id, None)
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from splitserve.engine.attention import AttentionMetadata
-from splitserve.engine.block_pool import NULL_BLOCK_ID
 from splitserve.engine.checkpoint import load_weights
 from splitserve.engine.config import CacheConfig
 from splitserve.engine.cuda_graphs import DecodeGraphs
@@ -24,6 +22,7 @@ from splitserve.engine.model import DecoderLM
 from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.ops import ModelOps
 from splitserve.engine.scheduler import ScheduledBatch
+from splitserve.engine.step_inputs import BlockTables, HostInputs, StagedUploads, prepare
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,25 +77,6 @@ def num_kv_blocks(
     return max(2, min(by_memory, by_need))
 
 
-@dataclass(frozen=True)
-class HostInputs:
-    """One step's inputs, built on the host. Token ids the host does not know yet (sampled by the step
-    still running) are read on the device: input token i is `[sampled rows | token_ids][token_src[i]]`."""
-
-    token_ids: list[int]  # [num_tokens], 0 where the token is pending
-    token_src: list[int]  # [num_tokens]
-    positions: list[int]
-    slots: list[int]
-    logits_indices: list[int]  # [num_sampling_seqs], rows of the hidden states to sample from
-    query_start_loc: list[int]  # [num_seqs + 1]
-    seq_lens: list[int]  # [num_seqs]
-    block_tables: np.ndarray  # [num_seqs, max_blocks] int32, padded with the null block
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-
 class ModelRunner:
     def __init__(
         self,
@@ -107,6 +87,7 @@ class ModelRunner:
         dtype: torch.dtype,
         max_model_len: int,
         max_num_seqs: int,
+        max_num_tokens: int,
         ops: ModelOps,
         enforce_eager: bool = False,
     ) -> None:
@@ -133,49 +114,27 @@ class ModelRunner:
         self.token_buffer = torch.zeros(size, dtype=torch.int64, device=device)
         self.sampled = self.token_buffer[:max_num_seqs]
         self._prev_rows: dict[str, int] = {}  # request id → its row in `sampled`, from the last step
+        max_blocks = -(-max_model_len // cache.block_size)
+        self._tables = BlockTables(2 * max_num_seqs, max_blocks)
+        # A step's uploads at most: the eager path's int64 and int32 inputs, and the sampler's per-row values.
+        int64s, int32s = 4 * max_num_tokens + max_num_seqs, 2 * max_num_seqs + 1 + max_num_seqs * max_blocks
+        self.uploads = StagedUploads(device, 8 * int64s + 4 * int32s + 64 * max_num_seqs + 4096)
+        self._host_tokens = [torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=device.type == "cuda")
+                             for _ in range(2)]  # fmt: skip
+        self._host_turn = 0
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and self.ops.supports_cuda_graphs and not enforce_eager:
-            max_blocks = -(-max_model_len // cache.block_size)
             self.graphs = DecodeGraphs(
                 self.model, self.kv_caches, self.token_buffer, max_num_seqs, max_blocks
             )
             self.graphs.capture()
 
     def prepare(self, batch: ScheduledBatch) -> HostInputs:
-        """The step's flat inputs on the host. A token at or past the end of a sequence's known tokens
-        is the one its previous step sampled: it is read from that step's row of `sampled`."""
-        token_ids: list[int] = []
-        token_src: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        logits_indices: list[int] = []
-        bs, rows = self.block_size, self.max_rows
-        for item in batch.items:
-            seq, start, end = item.seq, item.start, item.start + item.num_new_tokens
-            known_end = min(end, seq.num_tokens)
-            token_src.extend(range(rows + len(token_ids), rows + len(token_ids) + known_end - start))
-            token_ids.extend(seq.token_ids[start:known_end])
-            if end > known_end:  # the pending token: exactly one, the newest
-                token_src.append(self._prev_rows[seq.request_id])
-                token_ids.append(0)
-            positions.extend(range(start, end))
-            for b in range(start // bs, (end - 1) // bs + 1):  # slots, one run per block
-                base = seq.block_ids[b] * bs - b * bs
-                slots.extend(range(base + max(start, b * bs), base + min(end, (b + 1) * bs)))
-            query_start_loc.append(len(token_ids))
-            seq_lens.append(end)
-            if item.samples:
-                logits_indices.append(len(token_ids) - 1)
-        width = max(len(it.seq.block_ids) for it in batch.items)
-        tables = np.full((len(batch.items), width), NULL_BLOCK_ID, np.int32)
-        for row, item in enumerate(batch.items):
-            tables[row, : len(item.seq.block_ids)] = item.seq.block_ids
+        """The step's flat inputs on the host (see `step_inputs.prepare`); remembers which row of `sampled`
+        each sampling sequence's token will be in, for the next step."""
+        inputs = prepare(batch, self._tables, self.block_size, self._prev_rows, self.max_rows)
         self._prev_rows = {item.seq.request_id: k for k, item in enumerate(batch.sampling_items)}
-        return HostInputs(
-            token_ids, token_src, positions, slots, logits_indices, query_start_loc, seq_lens, tables
-        )
+        return inputs
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -185,27 +144,20 @@ class ModelRunner:
         inputs = self.prepare(batch)
         if batch.phase == "decode" and self.graphs is not None:
             # Every decode row samples, so the graph's logits rows are the sampling rows.
-            return self.graphs.run(inputs, self._pinned)
+            return self.graphs.run(inputs, self.uploads.upload)
         n, t = len(inputs.seq_lens), inputs.num_tokens
-        longs = self._upload(
-            np.array(
-                inputs.token_ids + inputs.token_src + inputs.positions + inputs.slots + inputs.logits_indices,
-                np.int64,
-            )
-        )
-        ints = self._upload(
-            np.concatenate(
-                [np.array(inputs.query_start_loc + inputs.seq_lens, np.int32), inputs.block_tables.ravel()]
-            )
-        )
+        upload = self.uploads.upload
+        longs = upload(np.concatenate([inputs.token_ids, inputs.token_src, inputs.positions, inputs.slots,
+                                       inputs.logits_indices]))  # fmt: skip
+        ints = upload(np.concatenate([inputs.query_start_loc, inputs.seq_lens, inputs.block_tables.ravel()]))
         meta = AttentionMetadata(
             phase=batch.phase,
             slot_mapping=longs[3 * t : 4 * t],
             query_start_loc=ints[: n + 1],
             seq_lens=ints[n + 1 : 2 * n + 1],
             block_tables=ints[2 * n + 1 :].view(inputs.block_tables.shape),
-            query_start_loc_host=tuple(inputs.query_start_loc),
-            seq_lens_host=tuple(inputs.seq_lens),
+            query_start_loc_host=tuple(inputs.query_start_loc.tolist()),
+            seq_lens_host=tuple(inputs.seq_lens.tolist()),
         )
         input_ids = torch.cat([self.sampled, longs[:t]])[longs[t : 2 * t]]
         hidden = self.model(input_ids, longs[2 * t : 3 * t], self.kv_caches, meta, layer_done)
@@ -220,21 +172,16 @@ class ModelRunner:
         return host.copy_(tensor, non_blocking=True)
 
     def tokens_to_host(self, num_rows: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """Start copying the first `num_rows` sampled tokens to the host. Returns the host tensor and,
-        on CUDA, the event after which it holds them."""
+        """Start copying the first `num_rows` sampled tokens to the host, and end the step's uploads.
+        Returns the host tensor and, on CUDA, the event after which it holds them. The host tensor is
+        one of two used in turn: read it before the second step after this one is launched (the engine
+        completes each step before launching the next but one)."""
+        self.uploads.end_step()
         if self.device.type != "cuda":
             return self.sampled[:num_rows].clone(), None
-        host = torch.empty(num_rows, dtype=torch.int64, pin_memory=True)
+        host = self._host_tokens[self._host_turn][:num_rows]
+        self._host_turn ^= 1
         host.copy_(self.sampled[:num_rows], non_blocking=True)
         done = torch.cuda.Event()
         done.record()
         return host, done
-
-    def _pinned(self, values: np.ndarray) -> torch.Tensor:
-        """A host array as a tensor, in pinned memory on CUDA so that a non-blocking copy is queued behind
-        the running step instead of waiting for it (the allocator keeps it until the copy is done)."""
-        host = torch.from_numpy(values)
-        return host.pin_memory() if self.device.type == "cuda" else host
-
-    def _upload(self, values: np.ndarray) -> torch.Tensor:
-        return self._pinned(values).to(self.device, non_blocking=True)

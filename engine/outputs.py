@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 
 class FinishReason(StrEnum):
@@ -23,10 +24,10 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...]
 
 
-@dataclass(frozen=True)
-class StepOutput:
+class StepOutput(NamedTuple):
     """What one engine step did to one request. `new_token_ids` may be empty (a mid-prompt chunk).
-    `logprobs`: one per new token, when the request asked for them."""
+    `logprobs`: one per new token, when the request asked for them. A named tuple: one is made per
+    request per step (a frozen dataclass costs ~2.5x as much to make)."""
 
     request_id: str
     new_token_ids: tuple[int, ...]

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from splitserve.engine.config import SchedulerConfig
 from splitserve.engine.kv_cache_manager import KVCacheManager
@@ -32,8 +32,9 @@ from splitserve.engine.sequence import Sequence, SequenceStatus
 Phase = Literal["prefill", "decode"]
 
 
-@dataclass(frozen=True)
-class ScheduledSeq:
+class ScheduledSeq(NamedTuple):
+    """A named tuple: one is made per running sequence per step."""
+
     seq: Sequence
     start: int  # first position computed this step (= num_computed_tokens when scheduled)
     num_new_tokens: int
@@ -43,7 +44,7 @@ class ScheduledSeq:
 def scheduled(seq: Sequence, num_new_tokens: int) -> ScheduledSeq:
     """The work item for the next `num_new_tokens` of a sequence; advances its progress now."""
     start = seq.num_computed_tokens
-    samples = start + num_new_tokens == seq.num_tokens + seq.num_pending
+    samples = start + num_new_tokens == len(seq.token_ids) + seq.num_pending
     seq.num_computed_tokens += num_new_tokens
     seq.num_pending += samples
     return ScheduledSeq(seq, start, num_new_tokens, samples)
@@ -123,13 +124,14 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         items: list[ScheduledSeq] = []
         preempted = False
+        running, allocate = SequenceStatus.RUNNING, self.kv.allocate
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or self._length_stops_pending(seq):
+            if seq.status is not running or (seq.num_pending and self._length_stops_pending(seq)):
                 continue  # preempted earlier in this loop, or finishes when its pending token lands
             num_new = min(_num_uncomputed(seq), budget)
-            while not self.kv.allocate(seq, num_new):
+            while not allocate(seq, num_new):
                 preempted = True
                 self._preempt(self.running[-1])
                 if seq.status is not SequenceStatus.RUNNING:
@@ -186,21 +188,23 @@ class Scheduler:
             raise ValueError(f"{len(sampled)} tokens for {len(batch.sampling_items)} sampling sequences")
         outputs: list[StepOutput] = []
         tokens = iter(sampled)
-        for item in batch.items:
-            seq = item.seq
-            token = next(tokens) if item.samples else None
-            if seq.status is SequenceStatus.FINISHED:
+        commit, stop_reason = self.kv.commit, self.stop_reason
+        running, finished = SequenceStatus.RUNNING, SequenceStatus.FINISHED
+        for seq, _, _, samples in batch.items:
+            token = next(tokens) if samples else None
+            status = seq.status
+            if status is finished:
                 continue
             if token is not None:
                 seq.num_pending -= 1
                 seq.token_ids.append(token)
-            if seq.status is SequenceStatus.RUNNING:
-                self.kv.commit(seq)
+            if status is running:
+                commit(seq)
             if token is None:
                 continue
-            reason = self.stop_reason(seq, token)
+            reason = stop_reason(seq, token)
             if reason is not None:
-                (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
+                (self.running if status is running else self.waiting).remove(seq)
                 self._finish(seq, reason)
             outputs.append(StepOutput(seq.request_id, (token,), reason, seq.num_cached_tokens))
         return outputs
@@ -217,7 +221,8 @@ class Scheduler:
         params = seq.params
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             return FinishReason.STOP
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        num_tokens = len(seq.token_ids)
+        if num_tokens - seq.num_prompt_tokens >= params.max_tokens or num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 
@@ -228,4 +233,4 @@ class Scheduler:
 
 
 def _num_uncomputed(seq: Sequence) -> int:
-    return seq.num_tokens + seq.num_pending - seq.num_computed_tokens
+    return len(seq.token_ids) + seq.num_pending - seq.num_computed_tokens
