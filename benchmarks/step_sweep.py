@@ -13,6 +13,7 @@ median of three runs of `--steps` // 3 steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import copy_bandwidth, kv_bytes, weight_bytes_per_step
+from decode import copy_bandwidth, kv_bytes, matmul_rate, weight_bytes_per_step
 
 from splitserve import LLM, SamplingParams
 from splitserve.engine.sampler import Sampler, SampleRow
@@ -71,6 +72,37 @@ def step_ms(llm: LLM, batch: int, context: int, sampling: dict, steps: int, devi
     return statistics.median(times)
 
 
+def prefill(llm: LLM, num_prompts: int, length: int, device: str, profile: bool = False) -> dict:
+    """Prompts of `length` random tokens, `num_prompts` at once, prefilled to their first token (median of
+    three rounds, new tokens each so nothing is a prefix hit); rate against the decoder layers' linear
+    FLOPs (2 × their weights per token; the LM head runs on one token a prompt and is left out)."""
+    engine = llm.engine
+    vocab = engine.model_config.vocab_size
+    layers = engine.runner.model.layers
+    flops_per_token = 2 * sum(p.numel() for n, p in layers.named_parameters() if p.dim() == 2)
+    gen = torch.Generator().manual_seed(length)
+    seconds = []
+    for round_ in range(4):  # the first warms up (kernels of every chunk shape)
+        prompts = [torch.randint(0, vocab, (length,), generator=gen).tolist() for _ in range(num_prompts)]
+        params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"prefill-{round_}-{i}", prompt, params)
+        sync(device)
+        start = time.perf_counter()
+        with torch.profiler.profile() if profile and round_ == 3 else contextlib.nullcontext() as prof:
+            while engine.has_unfinished_requests():
+                engine.step()
+            sync(device)
+        seconds.append(time.perf_counter() - start)
+    if profile:
+        print(prof.key_averages().table(sort_by="self_device_time_total" if device == "cuda" else
+                                        "self_cpu_time_total", row_limit=15))  # fmt: skip
+    median = statistics.median(seconds[1:])
+    tokens_per_s = num_prompts * length / median
+    return {"prompts": num_prompts, "length": length, "seconds": median, "tokens_per_s": tokens_per_s,
+            "linear_tflops": tokens_per_s * flops_per_token / 1e12}  # fmt: skip
+
+
 def sampler_ms(vocab: int, batch: int, sampling: dict, device: str, repeats: int = 20) -> float:
     """The sampler alone on random bf16 logits of the batch (tokens written on the device)."""
     logits = torch.randn(batch, vocab, device=device).to(torch.bfloat16)
@@ -98,14 +130,18 @@ def main() -> None:
     p.add_argument("--modes", default="greedy,sampled,penalized")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--model", help="a checkpoint instead of one made here")
+    p.add_argument("--prefill", metavar="NxL", help="also time prefilling N prompts of L tokens (16x2048)")
+    p.add_argument("--profile", action="store_true", help="per-kernel times of one prefill round")
     p.add_argument("--json")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     modes = args.modes.split(",")
     cuda = args.device == "cuda"
+    extra = {}
+    n_prefill, prefill_len = (int(x) for x in args.prefill.lower().split("x")) if args.prefill else (0, 0)
     with tempfile.TemporaryDirectory() as tmp:
-        max_len = max(contexts) + 4 * args.steps + 128
+        max_len = max(*contexts, prefill_len) + 4 * args.steps + 128
         eight_b = {"hidden_size": 4096, "intermediate_size": 14336, "num_layers": 32, "head_dim": 128,
                    "tie_word_embeddings": False} if args.shape == "8b" else {}  # fmt: skip
         path = args.model
@@ -113,7 +149,8 @@ def main() -> None:
             spec = (TinyModelSpec.llama_3_2_1b_shape(max_position_embeddings=max(max_len, 8192), **eight_b)
                     if cuda else TinyModelSpec(arch="llama", max_position_embeddings=max_len))  # fmt: skip
             path = make_tiny_model(Path(tmp) / "model", spec)
-        num_blocks = sum(batches[-1:]) * (max(contexts) + 4 * args.steps + 80) // 16 + 64
+        num_blocks = max(batches) * (max(contexts) + 4 * args.steps + 80) // 16 + 64
+        num_blocks = max(num_blocks, n_prefill * (prefill_len // 16 + 2) + 64)
         llm = LLM(str(path), device=args.device, dtype="bfloat16" if cuda else "float32",
                   num_blocks=num_blocks, max_num_seqs=max(batches), max_num_batched_tokens=8192)  # fmt: skip
         bw = copy_bandwidth() if cuda else None
@@ -133,6 +170,16 @@ def main() -> None:
                     row["floor_ms"] = (weights + kv_bytes(llm, batch * context)) / bw * 1e3
                 rows.append(row)
                 print(json.dumps({k: round(v, 3) for k, v in row.items()}), flush=True)
+        if args.prefill:
+            pre = prefill(llm, n_prefill, prefill_len, args.device, args.profile)
+            line = f"\nprefill {n_prefill} x {prefill_len}: {pre['tokens_per_s']:,.0f} tokens/s, " \
+                   f"linear layers {pre['linear_tflops']:.0f} TFLOP/s"  # fmt: skip
+            if cuda:
+                pre["matmul_tflops"] = matmul_rate() / 1e12
+                line += f" = {pre['linear_tflops'] / pre['matmul_tflops']:.2f} of the matmul rate " \
+                        f"({pre['matmul_tflops']:.0f} TFLOP/s, 8192³ bf16)"  # fmt: skip
+            print(line)
+            extra["prefill"] = pre
     head = "| batch | context | " + " | ".join(f"{m} ms" for m in modes) + " | sampled / greedy |"
     head += " floor ms | floor / sampled |" if cuda else ""
     head += " " + " | ".join(f"sampler alone, {m} ms" for m in modes) + " |"
@@ -148,7 +195,7 @@ def main() -> None:
         cells += [f"{r[f'{m}_sampler_ms']:.3f}" for m in modes]
         print("| " + " | ".join(cells) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({"steps": rows, **extra}, indent=1))
 
 
 if __name__ == "__main__":
