@@ -1,6 +1,7 @@
 """Decode-step sweep: `Engine.step()` time by batch and context, greedy against sampled, each row against
 the bytes/bandwidth floor (every weight once + the batch's KV, over the device's measured copy bandwidth),
-and the sampler alone on the batch's logits.
+the sampler alone on the batch's logits, and (CUDA) how long per step the host waited for the device: near
+0 means the host's work per step, not the device, sets the step time.
 
 A Llama-3.2-1B-shape checkpoint (random weights, bf16) on CUDA, or the tiny model on CPU (`--device cpu`,
 where the floor column is left out: a CPU step is not bandwidth-bound). Steps run back to back in steady
@@ -57,19 +58,37 @@ def step_ms(llm: LLM, batch: int, context: int, sampling: dict, steps: int, devi
         engine.step()
     for _ in range(3):
         engine.step()
-    times = []
+    times, waits = [], []
     for _ in range(3):
         sync(device)
+        waited.clear()
         start = time.perf_counter()
         for _ in range(steps // 3):
             engine.step()
         sync(device)
         times.append((time.perf_counter() - start) * 1e3 / (steps // 3))
+        waits.append(sum(waited) * 1e3 / (steps // 3))
     for rid in ids:
         engine.abort_request(rid)
     while engine.has_unfinished_requests():
         engine.step()
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(waits)
+
+
+waited: list[float] = []  # seconds the host spent waiting for a step's tokens (CUDA)
+
+
+def _timed_synchronize(synchronize):
+    def wrapper(event):
+        start = time.perf_counter()
+        synchronize(event)
+        waited.append(time.perf_counter() - start)
+
+    return wrapper
+
+
+if torch.cuda.is_available():
+    torch.cuda.Event.synchronize = _timed_synchronize(torch.cuda.Event.synchronize)
 
 
 def prefill(llm: LLM, num_prompts: int, length: int, device: str, profile: bool = False) -> dict:
@@ -164,7 +183,9 @@ def main() -> None:
             for batch in batches:
                 row = {"batch": batch, "context": context}
                 for mode in modes:
-                    row[f"{mode}_ms"] = step_ms(llm, batch, context, MODES[mode], args.steps, args.device)
+                    row[f"{mode}_ms"], row[f"{mode}_wait_ms"] = step_ms(
+                        llm, batch, context, MODES[mode], args.steps, args.device
+                    )
                     row[f"{mode}_sampler_ms"] = sampler_ms(vocab, batch, MODES[mode], args.device)
                 if bw:
                     row["floor_ms"] = (weights + kv_bytes(llm, batch * context)) / bw * 1e3
@@ -183,6 +204,7 @@ def main() -> None:
     head = "| batch | context | " + " | ".join(f"{m} ms" for m in modes) + " | sampled / greedy |"
     head += " floor ms | floor / sampled |" if cuda else ""
     head += " " + " | ".join(f"sampler alone, {m} ms" for m in modes) + " |"
+    head += " " + " | ".join(f"{m}: host waits ms" for m in modes) + " |" if cuda else ""
     print("\n" + head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
@@ -193,6 +215,7 @@ def main() -> None:
         if cuda:
             cells += [f"{r['floor_ms']:.2f}", f"{r['floor_ms'] / r.get('sampled_ms', r['greedy_ms']):.2f}"]
         cells += [f"{r[f'{m}_sampler_ms']:.3f}" for m in modes]
+        cells += [f"{r[f'{m}_wait_ms']:.2f}" for m in modes] if cuda else []
         print("| " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"steps": rows, **extra}, indent=1))

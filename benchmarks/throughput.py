@@ -68,7 +68,8 @@ class Worker:
     """A decode worker process serving the checkpoint on a free port, and async streams to it."""
 
     def __init__(self, model: str, device: str, dtype: str, max_num_seqs: int, num_blocks: int) -> None:
-        cmd = [sys.executable, "-m", "splitserve.decode_worker", "--model", model, "--port", "0",
+        python = [sys.executable, "-P"] if sys.flags.safe_path else [sys.executable]  # as this one runs
+        cmd = [*python, "-m", "splitserve.decode_worker", "--model", model, "--port", "0",
                "--device", device, "--dtype", dtype, "--max-num-seqs", str(max_num_seqs),
                "--num-blocks", str(num_blocks)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

@@ -11,10 +11,9 @@ statuses); requests and KV never pass through Ray.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 from pathlib import Path
 
+from splitserve.cluster.child import tied_command
 from splitserve.cluster.spec import MemberSpec, is_wildcard
 from splitserve.cluster.supervisor import ProcessSupervisor
 from splitserve.index.redis_server import EmbeddedRedis
@@ -53,7 +52,7 @@ class RedisActor:
     the server with it) the index comes back at the same URL, empty: an outage the index recovers from."""
 
     def __init__(self, bind_host: str, port: int) -> None:
-        tied = (sys.executable, "-m", "splitserve.cluster.child", str(os.getpid()), "--exec")
+        tied = tuple(tied_command("--exec"))
         self.redis = EmbeddedRedis(port, host=bind_host, command_prefix=tied).start()
         self.public_host = node_address() if is_wildcard(bind_host) else bind_host
 

@@ -27,6 +27,15 @@ def _die_with_parent(parent_pid: int) -> None:
         sys.exit(1)
 
 
+def tied_command(*args: str) -> list[str]:
+    """The command that runs `args` (MODULE ARGS... or --exec PROGRAM ARGS...) tied to this process.
+
+    `-P`: the child's working directory is not put on its import path. Run from a checkout, the
+    repository's top-level folders (`kernels/`, `router/`, ...) would otherwise shadow installed
+    distributions of the same name (transformers imports the Hugging Face `kernels` package)."""
+    return [sys.executable, "-P", "-m", "splitserve.cluster.child", str(os.getpid()), *args]
+
+
 def main() -> None:
     if len(sys.argv) < 3:
         sys.exit("usage: python -m splitserve.cluster.child PARENT_PID MODULE [ARGS...]")

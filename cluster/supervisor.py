@@ -17,12 +17,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from splitserve.cluster.child import tied_command
 from splitserve.cluster.spec import MemberSpec, is_wildcard
 
 _ANNOUNCE = re.compile(r"listening on (\S+)(?: http (\S+))?")
@@ -170,8 +170,7 @@ class ProcessSupervisor:
 
     def _run_once(self) -> bool:
         """Run the member until it exits; True if it announced its address (served)."""
-        command = [sys.executable, "-m", "splitserve.cluster.child", str(os.getpid()), self.member.module,
-                   *self.member.args]  # fmt: skip
+        command = tied_command(self.member.module, *self.member.args)
         served = False
         with open(self.log_path, "ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.member.name}\n".encode())

@@ -18,14 +18,17 @@ import torch
 
 from splitserve.engine.attention import AttentionMetadata
 from splitserve.engine.model import DecoderLM
+from splitserve.kernels.sampling import sample
 
 if TYPE_CHECKING:
-    from splitserve.engine.model_runner import HostInputs
+    from splitserve.engine.sampler import SamplingValues
+    from splitserve.engine.step_inputs import HostInputs
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, then steps of 8 up to 64, then of 16: fine where batches are small and common."""
-    sizes = [1, 2, 4, *range(8, 65, 8), *range(80, max(max_num_seqs, 80) + 16, 16)]
+    """1, 2, 4, 8, then steps of 8 up to 64, of 16 up to 256, then of 32: fine where batches are small
+    and common, and at most ~6% padding beyond (512 sequences take 31 graphs)."""
+    sizes = [1, 2, 4, *range(8, 65, 8), *range(80, 257, 16), *range(288, max(max_num_seqs, 288) + 32, 32)]
     return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
 
 
@@ -34,7 +37,11 @@ class DecodeGraphs:
     entries hold the last step's sampled tokens; a bucket of size S reads its inputs from the next 4S
     entries, laid out [token ids | token sources | positions | slots], so one host copy fills them.
     Input token i is `token_buffer[token_source[i]]`: a known id from the inputs, or a sampled token of
-    the previous step (see `ModelRunner.prepare`)."""
+    the previous step (see `ModelRunner.prepare`).
+
+    A graph also samples (`kernels.sampling.sample`, from static per-row values: `SamplingValues`) into
+    the front of `token_buffer`; a step that samples otherwise (penalties) replays it with temperature 0
+    everywhere (greedy, cheap) and overwrites those tokens."""
 
     @staticmethod
     def buffer_size(max_num_seqs: int) -> int:
@@ -58,6 +65,10 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_num_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)
+        # The sampler's per-row values (see `SamplingValues`); padding rows are greedy (temperature 0).
+        self.sample_floats = torch.zeros(3, max_num_seqs, dtype=torch.float32, device=device)
+        self.sample_top_k = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
+        self.sample_ints = torch.zeros(2, max_num_seqs, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
@@ -80,7 +91,11 @@ class DecodeGraphs:
             seq_lens_host=(),
         )
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden)  # [size, vocab_size]
+        logits = self.model.compute_logits(hidden)  # [size, vocab_size]
+        floats, ints = self.sample_floats[:, :size], self.sample_ints[:, :size]
+        sample(logits, floats[0], self.sample_top_k[:size], floats[1], floats[2], ints[0], ints[1],
+               out=self.token_buffer[:size])  # fmt: skip
+        return logits
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -109,10 +124,13 @@ class DecodeGraphs:
     def bucket_for(self, num_seqs: int) -> int | None:
         return next((b for b in self.buckets if b >= num_seqs), None)
 
-    def run(self, inputs: HostInputs, upload: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """Replay the smallest bucket that holds a decode batch; returns logits [num_seqs, vocab_size].
-        Padding rows are empty sequences (length 0) writing into slot 0 of the null block. `upload(values,
-        out=)` copies a host array into a device tensor without waiting for the device."""
+    def run(
+        self, inputs: HostInputs, upload: Callable[..., torch.Tensor], sampling: SamplingValues | None
+    ) -> torch.Tensor:
+        """Replay the smallest bucket that holds a decode batch; returns logits [num_seqs, vocab_size], and
+        the tokens drawn with `sampling` are in the front of `token_buffer` (None: greedy there, for the
+        caller to sample). Padding rows are empty sequences (length 0) writing into slot 0 of the null
+        block. `upload(values, out=)` copies a host array into a device tensor without waiting for it."""
         n = len(inputs.seq_lens)
         size = self.bucket_for(n)
         assert size is not None and inputs.num_tokens == n
@@ -129,5 +147,15 @@ class DecodeGraphs:
         upload(seq_lens, out=self.seq_lens[:size])
         tables = inputs.block_tables
         upload(tables, out=self.block_tables[:n, : tables.shape[1]])
+        floats, top_k, ints = (
+            np.zeros((3, size), np.float32),
+            np.zeros(size, np.int32),
+            np.zeros((2, size), np.int64),
+        )
+        if sampling is not None:
+            floats[:, :n], top_k[:n], ints[:, :n] = sampling
+        upload(floats, out=self.sample_floats[:, :size])
+        upload(top_k, out=self.sample_top_k[:size])
+        upload(ints, out=self.sample_ints[:, :size])
         self.graphs[size].replay()
         return self.logits[size][:n]

@@ -91,7 +91,7 @@ class Engine:
             self.block_pool.spill = HostKVTier(self.runner.kv_caches, host_blocks)
         self.kv = KVCacheManager(self.block_pool, config.cache.block_size, self.model_id)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, cfg.eos_token_ids)
-        self.sampler = Sampler(self.device)
+        self.sampler = Sampler(self.device, self.runner.uploads.upload)
         self._seeds = random.Random(config.seed)  # the draws' keys of requests without a seed
         self._sequences: dict[str, Sequence] = {}
         self._in_flight: _InFlight | None = None  # the launched step whose tokens are not read yet
@@ -263,11 +263,17 @@ class Engine:
     def _launch(self, batch: ScheduledBatch) -> _InFlight:
         reports = self._kv_reports(batch)
         timer = DeviceTimer(self.device) if batch.phase == "prefill" else None
-        logits = self.runner.execute(batch, self._layer_hook(reports) if reports else None)
         items = batch.sampling_items
-        _, logprobs = self.sampler(
-            logits, [_sample_row(it) for it in items], out=self.runner.sampled[: len(items)]
-        )
+        rows = [_sample_row(it) for it in items]
+        out = self.runner.sampled[: len(items)]
+        # A decode step's graph samples too, unless penalties need the tokens seen (sampled eagerly then).
+        in_graph = self.runner.samples_in_graph(batch) and not any(r.params.penalized for r in rows)
+        hook = self._layer_hook(reports) if reports else None
+        logits = self.runner.execute(batch, hook, self.sampler.values(rows) if in_graph else None)
+        if in_graph:
+            logprobs = self.sampler.logprobs(logits, out, rows)
+        else:
+            _, logprobs = self.sampler(logits, rows, out=out)
         if timer is not None:
             timer.stop()
         if logprobs is not None:  # queued before the tokens' copy: `done` covers both

@@ -21,6 +21,7 @@ from splitserve.engine.cuda_graphs import DecodeGraphs
 from splitserve.engine.model import DecoderLM
 from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.ops import ModelOps
+from splitserve.engine.sampler import SamplingValues
 from splitserve.engine.scheduler import ScheduledBatch
 from splitserve.engine.step_inputs import BlockTables, HostInputs, StagedUploads, prepare
 
@@ -136,15 +137,25 @@ class ModelRunner:
         self._prev_rows = {item.seq.request_id: k for k, item in enumerate(batch.sampling_items)}
         return inputs
 
+    def samples_in_graph(self, batch: ScheduledBatch) -> bool:
+        """Whether `execute` replays a CUDA graph for the batch, which samples too when given the values."""
+        return batch.phase == "decode" and self.graphs is not None
+
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+    def execute(
+        self,
+        batch: ScheduledBatch,
+        layer_done: Callable[[int], None] | None = None,
+        sampling: SamplingValues | None = None,
+    ) -> torch.Tensor:
         """Launch one step; returns logits [num_sampling_seqs, vocab_size] in the model's dtype, in
         batch order. Never waits for the device. `layer_done(i)` runs after layer i's forward is
-        launched (eager steps only: the caller passes it for prefill steps)."""
+        launched (eager steps only: the caller passes it for prefill steps). With `sampling`, on a step
+        that `samples_in_graph`, the graph also draws the tokens into `sampled`."""
         inputs = self.prepare(batch)
-        if batch.phase == "decode" and self.graphs is not None:
+        if self.samples_in_graph(batch):
             # Every decode row samples, so the graph's logits rows are the sampling rows.
-            return self.graphs.run(inputs, self.uploads.upload)
+            return self.graphs.run(inputs, self.uploads.upload, sampling)
         n, t = len(inputs.seq_lens), inputs.num_tokens
         upload = self.uploads.upload
         longs = upload(np.concatenate([inputs.token_ids, inputs.token_src, inputs.positions, inputs.slots,

@@ -1,24 +1,27 @@
 """Turning a batch of logits into next tokens, in one batched pass: greedy, penalties (repetition, presence,
 frequency), temperature, top-k, top-p, min-p, per-request seeds, and logprobs from the same pass.
 
-Owns only the math of picking a token. Stop conditions live in the scheduler; stop strings with the
-caller that detokenizes. No Python loop over sequences: each step's per-request values travel to the device
-as two small tensors, and every operation is over the whole batch.
+Owns where the per-request values come from and the order of the steps. Stop conditions live in the
+scheduler; stop strings with the caller that detokenizes. No Python loop over sequences on the device side:
+each step's per-request values travel as three small arrays (through the engine's staged uploads), and
+every operation is over the whole batch.
 
-Randomness is counter-based: a request's draw for the token at position p is one uniform number made from
-(its seed, p) by a stateless hash (`uniforms`, SplitMix64 on the host, vectorised), turned into a token by
-inverse-CDF over its filtered distribution in vocabulary order. So a request's tokens do not depend on
-what else is in the batch, nor on which engine samples them: the prefill worker that samples a
-disaggregated request's first token and the decode worker that samples the rest draw what one engine
-would, with no generator state to carry between them. Requests without a seed get one from the engine.
+Filtering and drawing is `kernels.sampling`: sort-free rejection sampling whose kept set and draw are
+defined there (temperature, then top-k and top-p over the whole distribution, then min-p); the Triton
+kernels on CUDA, their plain-torch reference on CPU, which give the same tokens. Randomness is
+counter-based: a request's draw for the token at position p is a pure function of (its seed, p), so its
+tokens do not depend on what else is in the batch, nor on which engine samples them: the prefill worker
+that samples a disaggregated request's first token and the decode worker that samples the rest draw what
+one engine would, with no generator state to carry between them. Requests without a seed get one from
+the engine.
 
-Order, as vLLM applies them: penalties on the raw logits, then temperature, then top-k and top-p (one sort,
-only when some row uses them), then min-p. Logprobs are of the model's raw distribution (log-softmax of the
-logits before any processing), as OpenAI and vLLM report them by default.
+Penalties apply to the raw logits first, as vLLM applies them. Logprobs are of the model's raw
+distribution (log-softmax of the logits before any processing), as OpenAI and vLLM report them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -26,24 +29,7 @@ import numpy as np
 import torch
 
 from splitserve.engine.sampling_params import SamplingParams
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    x = x + _GOLDEN
-    x = (x ^ (x >> np.uint64(30))) * _MIX1
-    x = (x ^ (x >> np.uint64(27))) * _MIX2
-    return x ^ (x >> np.uint64(31))
-
-
-def uniforms(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """One uniform number in [0, 1) per (seed, position): float64, 53 random bits, a pure function of them."""
-    with np.errstate(over="ignore"):  # wrapping uint64 arithmetic is the point
-        h = _splitmix64(_splitmix64(seeds.astype(np.uint64)) ^ positions.astype(np.uint64))
-    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
+from splitserve.kernels.sampling import sample, sample_reference
 
 
 class SampleRow(NamedTuple):
@@ -77,12 +63,26 @@ class Logprobs:
         return iter((self.sampled, self.rank, self.top_ids, self.top_logprobs))
 
 
+class SamplingValues(NamedTuple):
+    """A step's per-request sampling values on the host, one column per row: [temperature, top_p, min_p]
+    float32, top_k int32 (0: off), [seed, position of the token drawn] int64."""
+
+    floats: np.ndarray
+    top_k: np.ndarray
+    ints: np.ndarray
+
+
 class Sampler:
     """Picks tokens on the device without synchronising with the host, so it can run while the previous
-    step is still in flight."""
+    step is still in flight. `upload(values)` puts a host array on the device without waiting for it
+    (the model runner's staged uploads; on CPU the array itself)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(
+        self, device: torch.device, upload: Callable[[np.ndarray], torch.Tensor] | None = None
+    ) -> None:
         self.device = device
+        self._upload = upload or (lambda values: torch.from_numpy(values).to(device))
+        self._draw = sample if device.type == "cuda" else sample_reference
 
     def __call__(
         self,
@@ -93,52 +93,30 @@ class Sampler:
         """Next token per row, written into `out` (or a new tensor), and the logprobs the rows asked for
         (None if none did); no host sync."""
         params = [r.params for r in rows]
-        tokens = torch.argmax(logits, dim=-1, out=out)  # greedy rows are done here
-        if not all(p.greedy for p in params):
-            tokens.copy_(self._sample(logits, rows))
-        elif any(p.penalized for p in params):
-            tokens.copy_(self._penalized(logits.float(), rows).argmax(dim=-1))
-        logprobs = (
-            self._logprobs(logits, tokens, params) if any(p.logprobs is not None for p in params) else None
-        )
-        return tokens, logprobs
+        filtered = self._penalized(logits.float(), rows) if any(p.penalized for p in params) else logits
+        if all(p.greedy for p in params):
+            tokens = torch.argmax(filtered, dim=-1, out=out)
+        else:
+            floats, top_k, ints = self._row_values(rows)
+            tokens = self._draw(filtered, floats[0], top_k, floats[1], floats[2], ints[0], ints[1], out=out)
+        return tokens, self.logprobs(logits, tokens, rows)
 
-    def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-        params = [r.params for r in rows]
-        temperature, top_p, min_p, u, top_k = self._row_values(rows).unbind(0)
-        scaled = logits.float()
-        if any(p.penalized for p in params):
-            scaled = self._penalized(scaled, rows)
-        greedy = temperature == 0.0
-        scaled = scaled / torch.where(greedy, 1.0, temperature).unsqueeze(1)
-        if any(p.top_k is not None or p.top_p < 1.0 for p in params if not p.greedy):
-            scaled = _top_k_top_p(scaled, top_k, top_p)
-        probs = scaled.softmax(dim=-1)
-        if any(p.min_p > 0.0 for p in params if not p.greedy):
-            probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True), 0.0)
-        cdf = probs.cumsum(dim=-1)
-        total = cdf[:, -1:]
-        target = torch.minimum(u.unsqueeze(1) * total, total.nextafter(torch.zeros_like(total)))
-        sampled = (cdf <= target).sum(dim=-1).clamp_(max=logits.shape[-1] - 1)  # first cdf above target
-        # A token of no mass only where a parallel scan's rounding broke monotony: the argmax then.
-        drawn = probs.gather(1, sampled.unsqueeze(1)).squeeze(1) > 0
-        sampled = torch.where(drawn, sampled, probs.argmax(dim=-1))
-        return torch.where(greedy, scaled.argmax(dim=-1), sampled)
+    @staticmethod
+    def values(rows: list[SampleRow]) -> SamplingValues:
+        """The rows' per-request values, on the host."""
+        n = len(rows)
+        floats = np.empty((3, n), np.float32)
+        floats[0] = [r.params.temperature for r in rows]
+        floats[1] = [r.params.top_p for r in rows]
+        floats[2] = [r.params.min_p for r in rows]
+        top_k = np.fromiter((r.params.top_k or 0 for r in rows), np.int32, n)
+        ints = np.empty((2, n), np.int64)
+        ints[0] = [r.seed for r in rows]
+        ints[1] = [r.position for r in rows]
+        return SamplingValues(floats, top_k, ints)
 
-    def _row_values(self, rows: list[SampleRow]) -> torch.Tensor:
-        """[temperature, top_p, min_p, uniform draw, top_k] × rows, float32 on the device (one copy)."""
-        seeds = np.fromiter((r.seed for r in rows), dtype=np.uint64, count=len(rows))
-        positions = np.fromiter((r.position for r in rows), dtype=np.uint64, count=len(rows))
-        values = np.empty((5, len(rows)), dtype=np.float32)
-        values[0] = [r.params.temperature for r in rows]
-        values[1] = [r.params.top_p for r in rows]
-        values[2] = [r.params.min_p for r in rows]
-        values[3] = np.minimum(uniforms(seeds, positions), np.nextafter(np.float32(1), np.float32(0)))
-        values[4] = [r.params.top_k or 0 for r in rows]  # 0: no top-k (vocabularies < 2^24: exact)
-        host = torch.from_numpy(values)
-        if self.device.type == "cuda":
-            return host.pin_memory().to(self.device, non_blocking=True)
-        return host
+    def _row_values(self, rows: list[SampleRow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self._upload(values) for values in self.values(rows))
 
     def _penalized(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """Repetition penalty on every token of prompt and output (a positive logit divided by it, a
@@ -158,8 +136,8 @@ class Sampler:
             seen_ids.append(np.asarray(r.prompt or (), dtype=np.int64))
             rep[i], presence[i], frequency[i] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
 
-        def on_device(parts: list[np.ndarray], dtype=torch.int64) -> torch.Tensor:
-            return torch.from_numpy(np.concatenate(parts)).to(device=device, dtype=dtype)
+        def on_device(parts: list[np.ndarray], dtype=np.int64) -> torch.Tensor:
+            return self._upload(np.concatenate(parts).astype(dtype, copy=False))
 
         # Counts built on the device from the token ids alone (one small copy, not a [rows, vocab] one).
         counts = torch.zeros((num_rows, vocab), dtype=torch.float32, device=device)
@@ -168,32 +146,19 @@ class Sampler:
         seen = counts > 0
         seen[on_device(seen_rows), on_device(seen_ids)] = True
         rep, presence, frequency = (
-            on_device([x], torch.float32).unsqueeze(1) for x in (rep, presence, frequency)
+            on_device([x], np.float32).unsqueeze(1) for x in (rep, presence, frequency)
         )
         logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
         return logits - frequency * counts - presence * (counts > 0).float()
 
     @staticmethod
-    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> Logprobs:
+    def logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SampleRow]) -> Logprobs | None:
+        """The logprobs of `tokens` (sampled from `logits`) that the rows asked for; None if none did."""
+        params = [r.params for r in rows]
+        if all(p.logprobs is None for p in params):
+            return None
         raw = logits.float().log_softmax(dim=-1)
         sampled = raw.gather(1, tokens.unsqueeze(1)).squeeze(1)
         rank = (raw > sampled.unsqueeze(1)).sum(dim=-1) + 1
         top_logprobs, top_ids = raw.topk(max(p.logprobs or 0 for p in params), dim=-1)
         return Logprobs(sampled, rank, top_ids, top_logprobs)
-
-
-def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask (to -inf) each row's tokens outside its top k (0: all) and outside the smallest set of its most
-    likely tokens whose mass reaches top_p; the most likely token always stays. One descending sort finds
-    each row's cutoff logit; the mask is applied in vocabulary order (tokens tied with the cutoff stay)."""
-    vocab = logits.shape[-1]
-    ordered = logits.sort(dim=-1, descending=True).values
-    probs = ordered.softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # mass strictly before each rank
-    rank = torch.arange(vocab, device=logits.device)
-    k = torch.where(top_k > 0, top_k, float(vocab)).unsqueeze(1)
-    # A row without top-p keeps every token (rounding can bring the mass before the tail to 1).
-    keep = (rank < k) & ((before < top_p.unsqueeze(1)) | (top_p >= 1.0).unsqueeze(1))
-    num_kept = keep.sum(dim=-1, keepdim=True).clamp_(min=1)
-    cutoff = ordered.gather(1, num_kept - 1)
-    return logits.masked_fill(logits < cutoff, float("-inf"))

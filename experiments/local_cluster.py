@@ -14,13 +14,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitserve.client import Client, SplitserveError
+from splitserve.cluster.child import tied_command
 from splitserve.cluster.supervisor import parse_announcement
 from splitserve.index.redis_server import EmbeddedRedis
 
@@ -101,7 +101,7 @@ class LocalCluster:
         log_path = self.spec.log_dir / f"{name}.log"
         log = open(log_path, "a")  # noqa: SIM115 - the child holds it; closed here once the child started
         # Through cluster.child: the process dies with this one, however this one ends (a kill -9 too).
-        command = [sys.executable, "-m", "splitserve.cluster.child", str(os.getpid()), *args]
+        command = tied_command(*args)
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
                                 env={**os.environ, **env})  # fmt: skip
         log.close()

@@ -82,22 +82,42 @@ def test_batch_buckets_cover_every_batch_size():
     assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert batch_buckets(5) == [1, 2, 4, 5]
     assert batch_buckets(100)[-3:] == [80, 96, 100]
+    assert batch_buckets(512)[-4:] == [416, 448, 480, 512] and len(batch_buckets(512)) == 31
+    assert 256 in batch_buckets(512) and batch_buckets(300)[-3:] == [256, 288, 300]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_cuda_graph_decode_equals_eager(tiny_model, dtype):
+@pytest.mark.parametrize("sampling", ["greedy", "mixed"])
+def test_cuda_graph_decode_equals_eager(tiny_model, dtype, sampling):
+    """Graphs equal eager steps, greedy and with the graph sampling: seeded filters of every kind, a
+    penalized request (sampled eagerly after the replay) and logprobs in one batch."""
     path = str(tiny_model("llama", hidden_size=256, intermediate_size=512, num_heads=8, num_kv_heads=2))
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    common = {"max_tokens": 24, "ignore_eos": True}
+    mix = [SamplingParams(temperature=0.0, **common), SamplingParams(temperature=0.9, seed=1, **common),
+           SamplingParams(temperature=0.8, top_p=0.9, seed=2, logprobs=2, **common),
+           SamplingParams(temperature=1.2, top_k=5, min_p=0.05, seed=3, **common),
+           SamplingParams(temperature=0.7, repetition_penalty=1.3, seed=4, **common)]  # fmt: skip
+    if sampling == "greedy":
+        mix = mix[:1]
+
+    def params(n):
+        return [mix[i % len(mix)] for i in range(n)]
+
     eager = LLM(path, dtype=dtype, device="cuda", num_blocks=512, max_num_seqs=16, enforce_eager=True)
     graphs = LLM(path, dtype=dtype, device="cuda", num_blocks=512, max_num_seqs=16)
     assert graphs.engine.runner.graphs is not None and eager.engine.runner.graphs is None
     # 1, 3, 11 sequences: exact and padded buckets; lengths that cross block boundaries mid-decode.
     for lengths in ([5], [1, 30, 64], [7 * i + 1 for i in range(11)]):
         batch = prompts(lengths, eager.engine.model_config.vocab_size, seed=len(lengths))
-        want = [o.outputs[0].token_ids for o in eager.generate(batch, params)]
-        got = [o.outputs[0].token_ids for o in graphs.generate(batch, params)]
-        assert got == want
+        want = eager.generate(batch, params(len(batch)))
+        got = graphs.generate(batch, params(len(batch)))
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+        for g, w in zip(got, want, strict=True):  # logits may differ in the last bits (other GEMM shapes)
+            assert (g.outputs[0].logprobs is None) == (w.outputs[0].logprobs is None)
+            for g_lp, w_lp in zip(g.outputs[0].logprobs or (), w.outputs[0].logprobs or (), strict=True):
+                assert g_lp.keys() == w_lp.keys()
+                assert all(abs(g_lp[t].logprob - w_lp[t].logprob) < 1e-3 for t in g_lp)
     pool = graphs.engine.block_pool
     assert pool.num_free_blocks == pool.num_usable_blocks
 

@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "cluster": {"router", "index", "client", "worker.options"},
     # Experiments drive a cluster from outside: through the client SDK, with the router's policy and
     # decision-log records, plain processes started like the supervisor starts them, an embedded Redis.
-    "experiments": {"client", "router", "cluster.supervisor", "index.redis_server"},
+    "experiments": {"client", "router", "cluster.supervisor", "cluster.child", "index.redis_server"},
     # The simulator runs the router's policies over the experiments' traces and reports; its workers
     # report their step time as the engine loop does (engine.config's torch-free average).
     "simulator": {"router", "experiments.trace", "experiments.sessions", "experiments.results",

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from splitserve.engine.errors import InvalidRequest
-from splitserve.engine.sampler import Sampler, SampleRow, uniforms
+from splitserve.engine.sampler import Sampler, SampleRow
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kernels.sampling import uniforms
 
 
 def rows(params, seeds=None, positions=None, outputs=None, prompts=None):

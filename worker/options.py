@@ -21,7 +21,7 @@ class EngineOptions:
     device: str = "auto"
     block_size: int = 16
     num_blocks: int | None = None
-    max_num_seqs: int = 64
+    max_num_seqs: int = 256  # a decode worker exists to run large batches (CUDA graphs up to it)
     max_model_len: int | None = None
     cpu_kv_gb: float = 0.0  # GiB of host memory for blocks evicted from KV memory (the host tier)
 
@@ -42,7 +42,8 @@ class EngineOptions:
         parser.add_argument("--device", default="auto", choices=DEVICES)
         parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
         parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: from memory)")
-        parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences one step runs at most")
+        parser.add_argument("--max-num-seqs", type=int, default=256,
+                            help="sequences a step runs at most (CUDA graphs captured up to it)")  # fmt: skip
         parser.add_argument("--max-model-len", type=int, default=None, help="default: the checkpoint's")
         parser.add_argument("--cpu-kv-gb", type=float, default=0.0,
                             help="GiB of host memory (pinned, on a GPU) keeping prefix-cache blocks "
